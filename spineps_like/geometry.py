@@ -1,0 +1,115 @@
+"""Geometry on :class:`~spineps_like.io.Scan`: reorientation, resampling, crops.
+
+Reorientation is an exact axis permutation/flip (nibabel.orientations); resampling goes through
+nibabel.processing (scipy spline interpolation for images, nearest neighbour for masks). Where the target
+grid equals the source grid, arrays are returned untouched, so a round trip is bit-exact.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import nibabel as nib
+import nibabel.orientations as nio
+import nibabel.processing as nip
+import numpy as np
+
+from spineps_like.io import Scan
+
+
+def reorient(scan: Scan, axcodes: str = "PIR") -> Scan:
+    """Permute/flip the array so its axes point to ``axcodes`` (nibabel codes, e.g. 'PIR', 'RAS')."""
+    src = nio.io_orientation(scan.affine)
+    dst = nio.axcodes2ornt(tuple(axcodes))
+    if np.array_equal(src, dst):
+        return scan
+    transform = nio.ornt_transform(src, dst)
+    arr = nio.apply_orientation(scan.array, transform)
+    affine = scan.affine @ nio.inv_ornt_aff(transform, scan.array.shape)
+    return Scan(np.ascontiguousarray(arr), affine, scan.path)
+
+
+def same_grid(a_shape: Sequence[int], a_affine: np.ndarray, b_shape: Sequence[int], b_affine: np.ndarray,
+              atol: float = 1e-4) -> bool:
+    """True when two grids (shape + affine) coincide."""
+    return tuple(a_shape) == tuple(b_shape) and np.allclose(a_affine, b_affine, atol=atol)
+
+
+def resample_to(scan: Scan, shape: Sequence[int], affine: np.ndarray, *, order: int = 3, mode: str = "nearest") -> Scan:
+    """Resample onto the grid (shape, affine). ``order`` 0 for masks (nearest), 1 linear, 3 cubic spline.
+
+    Returns ``scan`` itself when the grids coincide.
+    """
+    if same_grid(scan.shape, scan.affine, shape, affine):
+        return scan
+    src = nib.Nifti1Image(scan.array if order > 0 else scan.array.astype(np.float32), scan.affine)
+    out = nip.resample_from_to(src, (tuple(int(s) for s in shape), affine), order=order, mode=mode, cval=0.0)
+    arr = np.asarray(out.dataobj)
+    if order == 0:
+        arr = np.rint(arr).astype(scan.array.dtype)
+    else:
+        arr = arr.astype(np.float32, copy=False)
+    return Scan(arr, np.asarray(out.affine, dtype=float), scan.path)
+
+
+def rescale_grid(shape: Sequence[int], affine: np.ndarray, spacing: Sequence[float]) -> tuple[tuple[int, ...], np.ndarray]:
+    """The grid covering the same field of view as (shape, affine) with voxel size ``spacing`` (array-axis order)."""
+    zooms = np.asarray(nib.affines.voxel_sizes(affine), dtype=float)
+    spacing = np.asarray(spacing, dtype=float)
+    new_shape = tuple(max(1, int(round(s * z / n))) for s, z, n in zip(shape, zooms, spacing))
+    if np.allclose(zooms, spacing, atol=1e-6):
+        return tuple(int(s) for s in shape), np.asarray(affine, dtype=float)
+    new_affine = nib.affines.rescale_affine(affine, shape, spacing, new_shape)
+    return new_shape, new_affine
+
+
+def rescale(scan: Scan, spacing: Sequence[float], *, order: int = 3) -> Scan:
+    """Resample to voxel size ``spacing`` (mm, array-axis order) over the same field of view."""
+    shape, affine = rescale_grid(scan.shape, scan.affine, spacing)
+    return resample_to(scan, shape, affine, order=order)
+
+
+def clamp_spacing(spacing: Sequence[float], resolution_range: Sequence | None) -> tuple[float, ...]:
+    """Clamp each axis' spacing into the model's ``resolution_range``.
+
+    ``resolution_range`` is either a single spacing per axis ``[a, b, c]`` (fixed) or ``[[lo...], [hi...]]``
+    (SPINEPS' inference_config form: lower and upper bound per axis).
+    """
+    sp = np.asarray(spacing, dtype=float)
+    if resolution_range is None:
+        return tuple(sp)
+    rr = np.asarray(resolution_range, dtype=float)
+    if rr.ndim == 1:
+        return tuple(rr)
+    lo, hi = rr[0], rr[1]
+    return tuple(np.clip(sp, lo, hi))
+
+
+def to_model_grid(scan: Scan, orientation: str, resolution_range: Sequence | None, *, order: int = 3) -> Scan:
+    """Reorient to the model's orientation and resample into its resolution range."""
+    oriented = reorient(scan, orientation)
+    target = clamp_spacing(oriented.spacing, resolution_range)
+    return rescale(oriented, target, order=order)
+
+
+def to_input_grid(mask: Scan, reference: Scan) -> Scan:
+    """Bring a mask on a model grid back onto the reference scan's grid (nearest neighbour).
+
+    When only the orientation differs, this is an exact reorientation (no interpolation).
+    """
+    ref_codes = reference.orientation
+    oriented = reorient(mask, ref_codes)
+    out = resample_to(oriented, reference.shape, reference.affine, order=0)
+    return Scan(out.array, reference.affine.copy(), reference.path)
+
+
+def bbox(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...] | None:
+    """Bounding box of the non-zero voxels as slices, grown by ``margin`` and clipped; None when empty."""
+    if not mask.any():
+        return None
+    out = []
+    for ax in range(mask.ndim):
+        other = tuple(a for a in range(mask.ndim) if a != ax)
+        nz = np.flatnonzero(mask.any(axis=other))
+        out.append(slice(max(0, int(nz[0]) - margin), min(mask.shape[ax], int(nz[-1]) + 1 + margin)))
+    return tuple(out)
