@@ -26,6 +26,16 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_info(args: argparse.Namespace) -> int:
+    from spineps_like.io import load_scan
+
+    scan = load_scan(args.scan, kind="mask" if args.mask else "image")
+    a = scan.array
+    print(f"{scan.path}: shape {a.shape}, spacing {tuple(round(s, 4) for s in scan.spacing)} mm, "
+          f"orientation {scan.orientation}, dtype {a.dtype}, range [{a.min()}, {a.max()}]")
+    return 0
+
+
 def _cmd_labels(args: argparse.Namespace) -> int:
     from spineps_like.labels import export_colour_table
 
@@ -59,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     ph.add_argument("--no-snapshot", action="store_true", help="do not write the PNG snapshot")
     ph.set_defaults(func=_cmd_phantom)
 
+    inf = sub.add_parser("info", help="check that a scan loads and print its geometry")
+    inf.add_argument("scan", type=Path)
+    inf.add_argument("--mask", action="store_true", help="load as an integer mask")
+    inf.set_defaults(func=_cmd_info)
+
     lb = sub.add_parser("labels", help="export the label colour table for ITK-SNAP (.txt) or 3D Slicer (.ctbl)")
     lb.add_argument("--out", required=True, type=Path)
     lb.add_argument("--kind", default="semantic", choices=["semantic", "instance"])
@@ -84,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    if extra and args.command in ("phantom", "labels"):
+    if extra and args.command in ("phantom", "labels", "info"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args) or 0)

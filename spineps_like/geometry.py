@@ -59,8 +59,11 @@ def rescale_grid(shape: Sequence[int], affine: np.ndarray, spacing: Sequence[flo
     new_shape = tuple(max(1, int(round(s * z / n))) for s, z, n in zip(shape, zooms, spacing))
     if np.allclose(zooms, spacing, atol=1e-6):
         return tuple(int(s) for s in shape), np.asarray(affine, dtype=float)
-    new_affine = nib.affines.rescale_affine(affine, shape, spacing, new_shape)
-    return new_shape, new_affine
+    # new voxel j sits at old index (j - (m-1)/2) * f + (n-1)/2: the centres of both fields of view coincide
+    f = spacing / zooms
+    offset = (np.asarray(shape, float) - 1) / 2 - f * (np.asarray(new_shape, float) - 1) / 2
+    index_map = nib.affines.from_matvec(np.diag(f), offset)
+    return new_shape, np.asarray(affine, dtype=float) @ index_map
 
 
 def rescale(scan: Scan, spacing: Sequence[float], *, order: int = 3) -> Scan:

@@ -98,7 +98,9 @@ def load_scan(path: str | os.PathLike, *, kind: str = "image") -> Scan:
     try:
         if suffix in NIFTI_SUFFIXES:
             img = nib.load(str(p))
-            shape = img.shape
+            shape = tuple(img.shape)
+            if 0 in shape:
+                raise ScanError(f"{p}: image has a zero-sized axis, shape {shape}")
             if len(shape) == 4 and shape[3] == 1:
                 arr = np.asarray(img.dataobj)[..., 0]
             else:

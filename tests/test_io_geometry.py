@@ -1,0 +1,214 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from spineps_like.geometry import bbox, rescale, reorient, resample_to, to_input_grid, to_model_grid
+from spineps_like.io import (Scan, ScanError, atomic_path, derivative_name, derivatives_dir, load_scan, save_mask,
+                             save_scan)
+
+
+def _oblique_scan(shape=(20, 30, 12), seed=0) -> Scan:
+    rng = np.random.default_rng(seed)
+    aff = np.array([[0.0, 0.0, -3.3, 40.0], [-0.8, 0.0, 0.0, 10.0], [0.0, -0.9, 0.0, 55.0], [0, 0, 0, 1]])
+    return Scan(rng.random(shape).astype(np.float32), aff)
+
+
+@pytest.mark.parametrize("codes", ["PIR", "RAS", "LPS", "SAL", "IRP"])
+def test_reorient_round_trip_is_bit_exact(codes):
+    scan = _oblique_scan()
+    there = reorient(scan, codes)
+    assert there.orientation == codes
+    back = reorient(there, scan.orientation)
+    assert back.shape == scan.shape
+    np.testing.assert_array_equal(back.array, scan.array)
+    np.testing.assert_allclose(back.affine, scan.affine, atol=1e-9)
+    # world position of every voxel is kept: compare the world coordinate of one voxel both ways
+    ijk = np.array([3, 7, 5, 1.0])
+    world = scan.affine @ ijk
+    idx = np.linalg.solve(there.affine, world)
+    assert np.allclose(idx, np.round(idx))
+    assert there.array[tuple(np.round(idx[:3]).astype(int))] == scan.array[3, 7, 5]
+
+
+def test_model_grid_round_trip_returns_original_grid_and_mask():
+    scan = _oblique_scan()
+    mask = Scan((scan.array > 0.5).astype(np.int16) * 49, scan.affine)
+    # resolution range that contains the spacing: only a reorientation, so the round trip is exact
+    on_model = to_model_grid(mask, "PIR", [[0.5, 0.5, 0.5], [4.0, 4.0, 4.0]], order=0)
+    assert on_model.orientation == "PIR"
+    back = to_input_grid(on_model, mask)
+    np.testing.assert_array_equal(back.array, mask.array)
+    np.testing.assert_array_equal(back.affine, mask.affine)
+    # a real resampling (to 0.4 mm, an exact subdivision for nearest neighbour) still lands on the input grid
+    fine = to_model_grid(mask, "PIR", [[0.4, 0.4, 0.4], [0.4, 0.4, 0.4]], order=0)
+    assert fine.spacing == pytest.approx((0.4, 0.4, 0.4))
+    back = to_input_grid(fine, mask)
+    assert back.shape == mask.shape
+    assert np.mean(back.array == mask.array) > 0.97
+
+
+def test_resample_to_same_grid_returns_input_untouched():
+    scan = _oblique_scan()
+    assert resample_to(scan, scan.shape, scan.affine) is scan
+    assert rescale(scan, scan.spacing) is scan
+
+
+def test_rescale_keeps_field_of_view_and_mask_labels():
+    m = np.zeros((40, 40, 10), np.int16)
+    m[10:30, 5:20, 2:8] = 49
+    m[10:30, 22:30, 2:8] = 100
+    scan = Scan(m, np.diag([1.0, 1.0, 3.0, 1.0]))
+    half = rescale(scan, (2.0, 2.0, 3.0), order=0)
+    assert half.shape == (20, 20, 10)
+    assert set(np.unique(half.array)) == {0, 49, 100}
+    c_full = nib.affines.apply_affine(scan.affine, (np.array(scan.shape) - 1) / 2)
+    c_half = nib.affines.apply_affine(half.affine, (np.array(half.shape) - 1) / 2)
+    np.testing.assert_allclose(c_full, c_half, atol=1e-6)
+
+
+def test_mha_and_nifti_load_to_same_array_and_geometry(tmp_path):
+    scan = _oblique_scan()
+    save_scan(scan, tmp_path / "a.nii.gz")
+    save_scan(scan, tmp_path / "a.mha")
+    a = load_scan(tmp_path / "a.nii.gz")
+    b = load_scan(tmp_path / "a.mha")
+    np.testing.assert_array_equal(a.array, b.array)
+    np.testing.assert_allclose(a.affine, b.affine, atol=1e-5)
+    assert a.spacing == pytest.approx(b.spacing)
+    assert a.orientation == b.orientation
+
+
+def test_mha_written_by_simpleitk_matches_nifti_written_by_simpleitk(tmp_path, sample_ct):
+    """Cross-check the LPS->RAS conversion against ITK itself: ITK writes both formats of one image."""
+    import SimpleITK as sitk
+
+    img = sitk.ReadImage(str(sample_ct["image"]))
+    sitk.WriteImage(img, str(tmp_path / "ct.mha"))
+    a = load_scan(sample_ct["image"])
+    b = load_scan(tmp_path / "ct.mha")
+    np.testing.assert_array_equal(a.array, b.array)
+    np.testing.assert_allclose(a.affine, b.affine, atol=1e-4)
+
+
+def test_mask_dtype_and_round_trip(tmp_path, sample_mri):
+    m = load_scan(sample_mri["instance"], kind="mask")
+    assert np.issubdtype(m.array.dtype, np.integer)
+    save_mask(m, tmp_path / "m.nii.gz")
+    back = load_scan(tmp_path / "m.nii.gz", kind="mask")
+    np.testing.assert_array_equal(back.array, m.array)
+    assert set(np.unique(back.array)) >= {5, 6, 7, 105, 205}
+
+
+def _write(tmp_path, name, arr, affine=None):
+    p = tmp_path / name
+    nib.save(nib.Nifti1Image(arr, np.eye(4) if affine is None else affine), str(p))
+    return p
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "no such file"),
+        ("text", "not a readable image"),
+        ("2d", "expected a 3D image"),
+        ("4d", "expected a 3D image"),
+        ("nan", "NaN/inf"),
+        ("inf", "NaN/inf"),
+        ("zero", "zero-sized axis"),
+        ("suffix", "unsupported file type"),
+    ],
+)
+def test_bad_input_is_one_clear_line(tmp_path, case, message):
+    if case == "missing":
+        p = tmp_path / "nope.nii.gz"
+    elif case == "text":
+        p = tmp_path / "notes.nii.gz"
+        p.write_text("this is not an image\n")
+    elif case == "2d":
+        p = _write(tmp_path, "flat.nii.gz", np.zeros((5, 5), np.float32))
+    elif case == "4d":
+        p = _write(tmp_path, "dwi.nii.gz", np.zeros((5, 5, 5, 3), np.float32))
+    elif case in ("nan", "inf"):
+        a = np.ones((5, 5, 5), np.float32)
+        a[1, 2, 3] = np.nan if case == "nan" else np.inf
+        p = _write(tmp_path, f"{case}.nii.gz", a)
+    elif case == "zero":
+        p = _write(tmp_path, "empty.nii.gz", np.zeros((5, 0, 5), np.float32))
+    else:
+        p = tmp_path / "scan.png"
+        p.write_bytes(b"\x89PNG")
+    with pytest.raises(ScanError, match=message) as err:
+        load_scan(p)
+    text = str(err.value)
+    assert "\n" not in text and str(p) in text
+    # the CLI prints it as one line with a non-zero exit
+    proc = subprocess.run([sys.executable, "-m", "spineps_like.cli", "info", str(p)], capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and str(p) in lines[0]
+
+
+def test_atomic_write_removes_temporary_on_error(tmp_path):
+    target = tmp_path / "out.nii.gz"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("disk full")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_write_killed_midway_leaves_no_file_under_the_final_name(tmp_path):
+    target = tmp_path / "big.nii"
+    code = (
+        "import sys, time, numpy as np\n"
+        "from spineps_like.io import atomic_path\n"
+        "with atomic_path(sys.argv[1]) as tmp:\n"
+        "    with open(tmp, 'wb') as f:\n"
+        "        f.write(b'x' * 1000)\n"
+        "        f.flush()\n"
+        "        print('writing', flush=True)\n"
+        "        time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, str(target)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    assert not target.exists()
+    leftovers = list(tmp_path.iterdir())
+    assert all(p.name.startswith(".big.nii.") and ".part" in p.name for p in leftovers)
+
+
+def test_atomic_replace_keeps_old_file_until_done(tmp_path):
+    target = tmp_path / "a.json"
+    target.write_text("old")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(target) as tmp:
+            tmp.write_text("new but unfinished")
+            raise KeyboardInterrupt
+    assert target.read_text() == "old"
+
+
+def test_bids_derivative_names(tmp_path):
+    assert (derivative_name("sub-0001_acq-sag_T2w.nii.gz", "spine", "msk", ".nii.gz")
+            == "sub-0001_acq-sag_mod-T2w_seg-spine_msk.nii.gz")
+    assert (derivative_name("sub-01_ses-2_acq-ax_ct.nii.gz", "vert", "msk", ".nii.gz")
+            == "sub-01_ses-2_acq-ax_mod-ct_seg-vert_msk.nii.gz")
+    assert derivative_name("patient 7.mha", "spine", "ctd", ".json") == "sub-patient7_mod-img_seg-spine_ctd.json"
+    raw = tmp_path / "ds" / "rawdata" / "sub-01" / "ses-1" / "anat" / "sub-01_ses-1_T2w.nii.gz"
+    assert derivatives_dir(raw) == (tmp_path / "ds" / "derivatives_seg" / "sub-01" / "ses-1").resolve()
+    assert derivatives_dir(tmp_path / "x.nii.gz") == (tmp_path / "derivatives_seg").resolve()
+
+
+def test_bbox():
+    m = np.zeros((10, 10, 10), bool)
+    assert bbox(m) is None
+    m[2:4, 5, 7:9] = True
+    assert bbox(m) == (slice(2, 4), slice(5, 6), slice(7, 9))
+    assert bbox(m, margin=3) == (slice(0, 7), slice(2, 9), slice(4, 10))

@@ -1,0 +1,67 @@
+import numpy as np
+import pytest
+
+from spineps_like import labels as L
+
+
+def test_instance_ids_follow_tptbox():
+    assert [L.VERTEBRA_NAME_TO_ID[f"C{i}"] for i in range(1, 8)] == list(range(1, 8))
+    assert [L.VERTEBRA_NAME_TO_ID[f"T{i}"] for i in range(1, 13)] == list(range(8, 20))
+    assert L.VERTEBRA_NAME_TO_ID["T13"] == 28
+    assert [L.VERTEBRA_NAME_TO_ID[f"L{i}"] for i in range(1, 7)] == list(range(20, 26))
+    assert L.VERTEBRA_NAME_TO_ID["S1"] == L.SACRUM_ID == 26
+
+
+def test_tptbox_agrees_with_our_ids():
+    from TPTBox.core.vert_constants import v_idx2name
+
+    for i, name in L.VERTEBRA_ID_TO_NAME.items():
+        assert v_idx2name[i] == name
+
+
+def test_instance_name_round_trip():
+    for i in L.all_instance_ids():
+        assert L.instance_id(L.instance_name(i)) == i
+    assert L.instance_name(120) == "IVD L1" and L.instance_name(228) == "Endplate T13"
+    with pytest.raises(ValueError):
+        L.instance_name(99)
+
+
+def test_anatomical_order_places_transitional_vertebrae():
+    order = L.ANATOMICAL_ORDER
+    assert order.index(28) == order.index(19) + 1 == order.index(20) - 1  # T12 < T13 < L1
+    assert order.index(25) + 1 == order.index(26)  # L6 directly above the sacrum
+    assert L.next_vertebra(19) == 20 and L.next_vertebra(19, include_transitional=True) == 28
+    assert L.next_vertebra(24) == 26
+
+
+def test_semantic_scheme_matches_tptbox_locations():
+    from TPTBox.core.vert_constants import Location
+
+    for lab in L.Semantic:
+        if lab != L.Semantic.SACRUM:
+            assert Location(int(lab)).value == int(lab)
+
+
+def test_check_semantic_rejects_foreign_labels():
+    m = np.zeros((4, 4, 4), np.int16)
+    m[0, 0, 0] = 49
+    L.check_semantic(m)
+    m[1, 1, 1] = 7
+    with pytest.raises(ValueError, match=r"\[7\]"):
+        L.check_semantic(m)
+
+
+@pytest.mark.parametrize("kind", ["semantic", "instance"])
+@pytest.mark.parametrize("suffix", [".txt", ".ctbl"])
+def test_colour_table_round_trip(tmp_path, kind, suffix):
+    path = L.export_colour_table(tmp_path / f"lut{suffix}", kind=kind)
+    back = L.parse_colour_table(path)
+    rows = L.colour_table(kind)
+    assert sorted(back) == [r[0] for r in rows]
+    for idx, name, rgb in rows:
+        assert back[idx][1] == rgb
+        assert back[idx][0] == name
+    # distinct colours per semantic label so structures can be told apart in a viewer
+    if kind == "semantic":
+        assert len({rgb for _, _, rgb in rows}) == len(rows)
