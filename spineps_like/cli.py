@@ -36,6 +36,14 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from spineps_like.evaluation import run_evaluate_cli
+
+    return run_evaluate_cli(args.pred, args.gt, args.protocol, args.out, semantic_pred=args.semantic_pred,
+                            semantic_gt=args.semantic_gt, paired=args.paired, workers=args.workers,
+                            pred_scheme=args.pred_scheme, gt_scheme=args.gt_scheme)
+
+
 def _cmd_labels(args: argparse.Namespace) -> int:
     from spineps_like.labels import export_colour_table
 
@@ -80,9 +88,21 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--format", default=None, choices=["itksnap", "slicer"])
     lb.set_defaults(func=_cmd_labels)
 
+    ev = sub.add_parser("evaluate", help="evaluate predictions against ground truth (two files or two folders)")
+    ev.add_argument("pred", type=Path, help="prediction mask file or folder")
+    ev.add_argument("gt", type=Path, help="reference mask file or folder")
+    ev.add_argument("--protocol", default="spineps", choices=["spineps", "spider", "endplate3d"])
+    ev.add_argument("--out", type=Path, default=None, help="report folder (folders: default PRED/evaluation-<protocol>)")
+    ev.add_argument("--semantic-pred", type=Path, default=None, help="semantic mask of the prediction (single files)")
+    ev.add_argument("--semantic-gt", type=Path, default=None, help="semantic mask of the reference (single files)")
+    ev.add_argument("--paired", type=Path, default=None, help="second prediction set B: paired Wilcoxon comparison")
+    ev.add_argument("--pred-scheme", default="spineps", choices=["spineps", "spider"])
+    ev.add_argument("--gt-scheme", default="spineps", choices=["spineps", "spider"])
+    ev.add_argument("--workers", type=int, default=1)
+    ev.set_defaults(func=_cmd_evaluate)
+
     for name, issue, hlp in [
         ("segment", 4, "segment a scan (semantic + instance)"),
-        ("evaluate", 5, "evaluate predictions against ground truth"),
         ("cohort", 6, "process a cohort with a resumable manifest"),
         ("models", 7, "list / export models"),
         ("train", 3, "train the bundled models"),
@@ -99,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    if extra and args.command in ("phantom", "labels", "info"):
+    if extra and args.command in ("phantom", "labels", "info", "evaluate"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args) or 0)
