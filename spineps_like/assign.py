@@ -1,0 +1,219 @@
+"""IVD, endplate and sacrum instance ids from the vertebra instances (TPTBox scheme).
+
+Arrays are PIR (axis 0 posterior, axis 1 inferior, axis 2 right); ``spacing`` is mm per array axis.
+
+- IVD voxels get ``100 + v`` with v the vertebra above the disc. Each IVD voxel finds its nearest corpus voxel
+  (:func:`scipy.ndimage.distance_transform_edt` with ``return_indices`` on the bounding box of the discs and
+  endplates, in mm); if it lies below that corpus' centre along the local spine axis, that vertebra is above it,
+  else the vertebra before it in spine order is. This holds on a curved spine (the axis is local) and splits an IVD
+  component that merges two discs; pieces of a component under ``split_min_fraction`` of it join its majority.
+  A disc above the topmost vertebra gets ``100 + (top id - 1)`` (a vertebra out of view; with the instance phase's
+  ids 1..K that is 100, which :func:`spineps_like.labeling.label_vertebrae` turns into the IVD above the top one).
+- Endplate voxels (52, 53 and the unsplit 62) get ``200 + v`` with v the vertebra whose corpus they lie on (the
+  nearest corpus: their own, not the one above, which SPINEPS 2.1.3 assigns to both endplates of a disc);
+  62 is split into superior (52: above its corpus' centre) and inferior (53: below it). 52/53 given as input stay.
+- Sacrum voxels (26) get 26; the sacrum counts as the vertebra below the last disc.
+- The aliases 50/51 (dense corpus, dens) become 49 in the returned semantic mask.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import cc3d
+import numpy as np
+from scipy import ndimage as ndi
+
+from spineps_like.geometry import bbox
+from spineps_like.instance.centres import check_mask, check_spacing, spine_axes
+from spineps_like.labels import ENDPLATE_OFFSET, IVD_OFFSET, SACRUM_ID, SEMANTIC_ALIASES
+
+IVD = 100
+ENDPLATE_LIKE: tuple[int, ...] = (52, 53, 62)
+CORPUS_BONE: tuple[int, ...] = (49, 50, 51)
+
+
+def map_aliases(semantic: np.ndarray) -> np.ndarray:
+    """Semantic mask with the aliases (50 dense corpus, 51 dens) mapped to 49; a copy only when needed."""
+    sem = np.asarray(semantic)
+    if not np.isin(sem, list(SEMANTIC_ALIASES)).any():
+        return sem
+    out = sem.copy()
+    for a, b in SEMANTIC_ALIASES.items():
+        out[sem == a] = b
+    return out
+
+
+def vertebra_order(vertebrae: np.ndarray, semantic: np.ndarray, spacing: Sequence[float] = (1.0, 1.0, 1.0)
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Vertebra ids present (sacrum included) in spine order, their corpus centres (voxel coords) and axes.
+
+    The centre is that of the vertebra's corpus voxels (semantic 49-51), or of all its voxels when it has no corpus.
+    The sacrum comes last; the others are ordered by centre along axis 1. Axes are unit vectors in mm space.
+    """
+    sp = check_spacing(spacing)
+    v = np.asarray(vertebrae)
+    corpus = np.isin(semantic, CORPUS_BONE)
+    ids_all = np.unique(v)
+    ids_all = ids_all[(ids_all > 0) & (ids_all < IVD_OFFSET)]
+    if len(ids_all) == 0:
+        return np.zeros(0, np.int64), np.zeros((0, 3)), np.zeros((0, 3))
+    # one pass for corpus centres, one for all-voxel centres (fallback)
+    n = int(ids_all.max()) + 1
+
+    def centres_of(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        idx = np.nonzero(mask)
+        lab = v[idx].astype(np.int64)
+        cnt = np.bincount(lab, minlength=n)
+        cen = np.stack([np.bincount(lab, weights=idx[a], minlength=n) for a in range(3)], axis=1)
+        return cnt, cen / np.maximum(cnt, 1)[:, None]
+
+    c_cnt, c_cen = centres_of(corpus & (v > 0) & (v < IVD_OFFSET))
+    a_cnt, a_cen = centres_of((v > 0) & (v < IVD_OFFSET))
+    cen = np.where((c_cnt > 0)[:, None], c_cen, a_cen)[ids_all]
+    sac = ids_all == SACRUM_ID
+    order = np.lexsort((cen[:, 1], sac))
+    ids, cen = ids_all[order], cen[order]
+    axes = spine_axes(cen * sp)
+    return ids.astype(np.int64), cen, axes
+
+
+def _previous_ids(ids: np.ndarray) -> np.ndarray:
+    """The id above each vertebra in ``ids`` (spine order); the topmost gets ``id - 1`` (out of view)."""
+    prev = np.empty_like(ids)
+    if len(ids):
+        prev[1:] = ids[:-1]
+        prev[0] = ids[0] - 1
+    return prev
+
+
+def _nearest_corpus(corpus_seed: np.ndarray, targets: np.ndarray, sp: np.ndarray,
+                    margin_mm: float = 20.0) -> tuple[np.ndarray, np.ndarray, tuple[slice, ...] | None]:
+    """Nearest seed label (and its voxel coords) for each target voxel, on the targets' bounding box + margin."""
+    margin = int(np.ceil(margin_mm / sp.min()))
+    box = bbox(targets, margin=margin)
+    if box is None:
+        return np.zeros(0, np.int64), np.zeros((0, 3), np.int64), None
+    seeds = corpus_seed[box]
+    if not (seeds > 0).any():
+        # no corpus near: widen to the whole corpus bounding box
+        box = bbox(targets | (corpus_seed > 0), margin=1)
+        seeds = corpus_seed[box]
+    idx = ndi.distance_transform_edt(seeds == 0, sampling=sp, return_distances=False, return_indices=True)
+    t = np.nonzero(targets[box])
+    near = idx[(slice(None),) + t]  # (3, N) crop coords of the nearest seed voxel
+    lab = seeds[tuple(near)]
+    origin = np.array([s.start for s in box])
+    return lab.astype(np.int64), near.T + origin, box
+
+
+def _smooth_components(comp: np.ndarray, lab: np.ndarray, min_fraction: float) -> np.ndarray:
+    """Within each component, labels holding under ``min_fraction`` of it join the component's majority label."""
+    if len(lab) == 0:
+        return lab
+    pairs, inv = np.unique(np.stack([comp, lab], axis=1), axis=0, return_inverse=True)
+    inv = inv.reshape(-1)
+    cnt = np.bincount(inv)
+    comp_tot = np.bincount(comp, minlength=int(comp.max()) + 1)
+    order = np.lexsort((-cnt, pairs[:, 0]))
+    majority = np.zeros(int(comp.max()) + 1, dtype=lab.dtype)
+    first = np.r_[True, pairs[order][1:, 0] != pairs[order][:-1, 0]]
+    majority[pairs[order][first, 0]] = pairs[order][first, 1]
+    small = cnt < min_fraction * comp_tot[pairs[:, 0]]
+    out = lab.copy()
+    bad = small[inv]
+    out[bad] = majority[comp[bad]]
+    return out
+
+
+def assign_ivds_endplates(
+    semantic: np.ndarray,
+    vertebrae: np.ndarray,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    *,
+    split_min_fraction: float = 0.2,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Full instance mask (vertebrae + IVDs + endplates + sacrum) and the semantic mask with 62 split.
+
+    Parameters
+    ----------
+    semantic : (X, Y, Z) int array, PIR
+        Semantic mask.
+    vertebrae : (X, Y, Z) int array
+        Vertebra instances (ids 1..K top to bottom from the instance phase, or anatomical ids); other ids are
+        ignored. Its ids are kept on vertebra bone (41-49).
+    spacing : 3 floats
+        Voxel size in mm (distances and the spine axis are measured in mm).
+    split_min_fraction : float
+        Within one IVD or endplate component, a vertebra holding less than this fraction joins the majority.
+
+    Returns
+    -------
+    instance : int32 array
+        Vertebra ids on 41-49 (from ``vertebrae``), 100 + v on IVDs, 200 + v on endplates, 26 on the sacrum.
+    semantic : array
+        ``semantic`` with 62 split into 52/53 and 50/51 mapped to 49.
+
+    Examples
+    --------
+    >>> inst, sem = assign_ivds_endplates(semantic, vert, (1.5, 1.5, 1.5))   # doctest: +SKIP
+    """
+    sem = check_mask(semantic)
+    vert = check_mask(vertebrae, "vertebra instance")
+    if vert.shape != sem.shape:
+        raise ValueError(f"vertebra instance mask shape {vert.shape} differs from the semantic mask {sem.shape}")
+    sp = check_spacing(spacing)
+    if not 0 <= split_min_fraction < 0.5:
+        raise ValueError(f"split_min_fraction must be in [0, 0.5), got {split_min_fraction}")
+    sem = map_aliases(sem).copy()
+    vert = np.where((vert > 0) & (vert < IVD_OFFSET) & (vert != SACRUM_ID) & np.isin(sem, range(41, 50)), vert, 0)
+    vert = vert.astype(np.int32)
+    sacrum = sem == SACRUM_ID
+    vert[sacrum] = SACRUM_ID
+    instance = vert.copy()
+    ids, centres, axes = vertebra_order(vert, sem, sp)
+    if len(ids) == 0:
+        return instance, sem
+    pos = np.full(int(ids.max()) + 1, -1, dtype=np.int64)
+    pos[ids] = np.arange(len(ids))
+    prev = _previous_ids(ids)
+    # corpus seeds for the nearest-corpus rule: corpus voxels of a vertebra, the sacrum, else all its bone
+    has_corpus = np.zeros(int(ids.max()) + 1, bool)
+    corpus_seed = np.where((sem == 49) | sacrum, vert, 0)
+    has_corpus[np.unique(corpus_seed)] = True
+    no_corpus = ids[~has_corpus[ids]]
+    if len(no_corpus):
+        extra = np.isin(vert, no_corpus)
+        corpus_seed[extra] = vert[extra]
+
+    targets = np.isin(sem, (IVD,) + ENDPLATE_LIKE)
+    near, _, box = _nearest_corpus(corpus_seed, targets, sp)
+    if box is None:
+        return instance, sem
+    t_sem = sem[box][targets[box]]
+    t_xyz = np.argwhere(targets[box]) + np.array([s.start for s in box])
+    p = pos[near]
+    along = np.einsum("ij,ij->i", (t_xyz - centres[p]) * sp, axes[p])  # > 0: below the nearest corpus' centre
+    is_ivd = t_sem == IVD
+    # IVDs: the vertebra above
+    ivd_owner = np.where(along > 0, ids[p], prev[p])
+    # endplates: their own corpus; 62 split by the side of the centre it lies on
+    ep_owner = ids[p]
+    new_sem = t_sem.copy()
+    split = t_sem == 62
+    new_sem[split] = np.where(along[split] < 0, 52, 53)
+    # one decision per component for minor pieces (merged discs keep their split)
+    comp_img = cc3d.connected_components(np.where(targets[box], np.where(sem[box] == IVD, 1, 2), 0),
+                                         connectivity=26)
+    comp = comp_img[targets[box]].astype(np.int64)
+    owner = np.where(is_ivd, ivd_owner, ep_owner)
+    owner = _smooth_components(comp, owner, split_min_fraction)
+    ids_out = np.where(is_ivd, IVD_OFFSET + owner, ENDPLATE_OFFSET + owner)
+    sub_inst = instance[box]
+    sub_sem = sem[box]
+    m = targets[box]
+    sub_inst[m] = ids_out
+    sub_sem[m] = new_sem
+    instance[box] = sub_inst
+    sem[box] = sub_sem
+    return instance, sem

@@ -1,0 +1,520 @@
+"""Anatomical vertebra ids, completeness flags, centroid (POI) json and per-vertebra summary.
+
+Arrays are PIR (axis 0 posterior, axis 1 inferior, axis 2 right); ``spacing`` is mm per array axis.
+
+Numbering (:func:`label_vertebrae`), by the anchors in view:
+
+- **sacrum (26) in view**: anchored from below: the vertebra above the sacrum is the last lumbar (L5, or L6 with six
+  lumbar vertebrae), then upwards L4 ... L1, T12 ... (T13 when the count between C2 and the sacrum asks for it).
+  ``lumbar_count`` fixes the number of lumbar vertebrae; ``None`` (default) decides between 5 and 6: a sixth vertebra
+  above the sacrum counts as lumbar (L6) when it is fully in view and its costal processes are of lumbar size (a
+  left-right span, relative to its corpus width, of at least 0.85 x the median of the five below; T12 has only
+  rudimentary transverse processes). An L6 decision is reported as ambiguous: ribs are not in the mask.
+- **C2 in view** (the topmost vertebra holds the dens label 51, or its corpus has a narrow part reaching far above its
+  body), anchored from above: C2, C3, ...; a vertebra above C2 is C1.
+- **both**: anchored from below; the count from C2 down to the sacrum checks it (24 instead of 23 -> T13 or L6,
+  22 -> 11 thoracic or 4 lumbar) and disagreements are reported.
+- **none**: a top-to-bottom count starting at ``first_id`` (default 2, "C2", as SPINEPS does without its labelling
+  model): these ids are a count, not anatomy, and the result says so (``anchor == "none"``).
+
+IVD ids (100 + v) and endplate ids (200 + v) follow their vertebra; the disc above the topmost vertebra (100 + an
+id not in view) becomes the IVD of the vertebra before the top one.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import cc3d
+import nibabel as nib
+import numpy as np
+
+from spineps_like.assign import map_aliases, vertebra_order
+from spineps_like.instance.centres import check_mask, check_spacing
+from spineps_like.io import atomic_write_json
+from spineps_like.labels import (
+    ANATOMICAL_ORDER,
+    ENDPLATE_OFFSET,
+    IVD_OFFSET,
+    SACRUM_ID,
+    VERTEBRA_ID_TO_NAME,
+    VERTEBRA_NAME_TO_ID,
+    instance_name,
+)
+
+_C = [VERTEBRA_NAME_TO_ID[f"C{i}"] for i in range(1, 8)]
+_T = [VERTEBRA_NAME_TO_ID[f"T{i}"] for i in range(1, 13)]
+_L = [VERTEBRA_NAME_TO_ID[f"L{i}"] for i in range(1, 7)]
+T13 = VERTEBRA_NAME_TO_ID["T13"]
+
+
+@dataclass
+class LabelingResult:
+    """How :func:`label_vertebrae` numbered the vertebrae.
+
+    Attributes
+    ----------
+    mapping : {old id: new id} for every vertebra (IVD and endplate ids follow).
+    anchor : "sacrum", "C2", "sacrum+C2" or "none" (a count from ``first_id``, not anatomy).
+    order : new ids top to bottom (sacrum excluded).
+    names : {new id: name}.
+    complete : {new id: bool}: False when the vertebra is cut by the field of view.
+    truncated_by : {new id: reasons}: "top" / "bottom" (touches the array's first / last row along axis 1),
+        "corpus at border" (its corpus touches any array border), "no corpus".
+    ambiguous : True when the numbering rests on a guess (T13/L6, counts that disagree, an unjudgeable candidate).
+    notes : human-readable lines on every decision.
+    """
+
+    mapping: dict[int, int] = field(default_factory=dict)
+    anchor: str = "none"
+    order: list[int] = field(default_factory=list)
+    names: dict[int, str] = field(default_factory=dict)
+    complete: dict[int, bool] = field(default_factory=dict)
+    truncated_by: dict[int, list[str]] = field(default_factory=dict)
+    ambiguous: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for k in ("mapping", "names", "complete", "truncated_by"):
+            d[k] = {str(a): b for a, b in d[k].items()}
+        return d
+
+
+@dataclass
+class _Features:
+    ids: np.ndarray  # vertebra ids in spine order (sacrum excluded)
+    corpus: np.ndarray  # corpus voxels
+    bone: np.ndarray  # all voxels of the vertebra
+    costal: np.ndarray  # costal-process voxels (43/44)
+    costal_span: np.ndarray  # left-right extent of the costal processes / that of the corpus (0 without costal)
+    dens: np.ndarray  # voxels of label 51
+    protrusion_mm: np.ndarray  # corpus extent above its body (rows narrower than half the widest), mm
+    body_mm: np.ndarray  # body height along axis 1, mm
+    top: np.ndarray  # touches axis-1 first row
+    bottom: np.ndarray  # touches axis-1 last row
+    corpus_border: np.ndarray  # corpus touches any array border
+
+
+def _features(inst: np.ndarray, sem_raw: np.ndarray, sem: np.ndarray, ids: np.ndarray, sp: np.ndarray) -> _Features:
+    n = int(ids.max(initial=0)) + 1
+    vmask = np.where((inst > 0) & (inst < IVD_OFFSET) & (inst != SACRUM_ID), inst, 0)
+    nz = np.nonzero(vmask)
+    lab = vmask[nz].astype(np.int64)
+    s = sem[nz]
+    bone = np.bincount(lab, minlength=n)
+    corpus_sel = s == 49
+    corpus = np.bincount(lab[corpus_sel], minlength=n)
+    costal = np.bincount(lab[np.isin(s, (43, 44))], minlength=n)
+    dens = np.bincount(lab[sem_raw[nz] == 51], minlength=n)
+    # left-right extents (axis 2) of the costal processes and of the corpus
+    def lr_extent(sel: np.ndarray) -> np.ndarray:
+        lo = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)
+        hi = np.full(n, -1, dtype=np.int64)
+        np.minimum.at(lo, lab[sel], nz[2][sel])
+        np.maximum.at(hi, lab[sel], nz[2][sel])
+        return np.where(hi >= 0, (hi - lo + 1) * sp[2], 0.0)
+
+    costal_span = lr_extent(np.isin(s, (43, 44))) / np.maximum(lr_extent(s == 49), 1e-6)
+    # axis-1 row profile of each corpus: protrusion above the body (dens) and body height
+    rows = nz[1][corpus_sel]
+    clab = lab[corpus_sel]
+    ny = inst.shape[1]
+    prof = np.bincount(clab * ny + rows, minlength=n * ny).reshape(n, ny)
+    has = prof.max(axis=1) > 0
+    strong = prof >= 0.5 * prof.max(axis=1, keepdims=True)
+    first_any = np.argmax(prof > 0, axis=1)
+    first_body = np.argmax(strong & has[:, None], axis=1)
+    last_body = ny - 1 - np.argmax(strong[:, ::-1], axis=1)
+    protrusion = np.where(has, (first_body - first_any) * sp[1], 0.0)
+    body = np.where(has, (last_body - first_body + 1) * sp[1], 0.0)
+    # borders
+    ymin = np.full(n, ny, dtype=np.int64)
+    ymax = np.full(n, -1, dtype=np.int64)
+    np.minimum.at(ymin, lab, nz[1])
+    np.maximum.at(ymax, lab, nz[1])
+    top = ymin == 0
+    bottom = ymax == ny - 1
+    on_border = np.zeros(len(lab), bool)
+    for a in range(3):
+        on_border |= (nz[a] == 0) | (nz[a] == inst.shape[a] - 1)
+    corpus_border = np.bincount(lab[corpus_sel & on_border], minlength=n) > 0
+    take = ids
+    return _Features(ids, corpus[take], bone[take], costal[take], costal_span[take], dens[take], protrusion[take],
+                     body[take], top[take], bottom[take], corpus_border[take])
+
+
+def _looks_lumbar(f: _Features, k: int, below: np.ndarray, ratio: float = 0.85) -> bool | None:
+    """Whether the vertebra at order index ``k`` has lumbar-size costal processes: their left-right span (relative
+    to its corpus width) reaches ``ratio`` x the median of the vertebrae at order indices ``below`` (lumbar
+    candidates). T12 has only rudimentary transverse processes, a sixth lumbar vertebra full ones. None when it
+    cannot be judged (cut by the field of view, or no untruncated reference)."""
+    if f.top[k] or f.bottom[k] or f.corpus_border[k] or f.corpus[k] == 0:
+        return None
+    ref = below[~(f.top[below] | f.bottom[below] | f.corpus_border[below]) & (f.costal_span[below] > 0)]
+    if len(ref) == 0:
+        return None
+    return bool(f.costal_span[k] >= ratio * np.median(f.costal_span[ref]))
+
+
+def _find_c2(f: _Features, dens_ratio: float) -> tuple[int | None, str]:
+    """Order index of C2 (0 or 1) and why, or (None, reason)."""
+    n = len(f.ids)
+    if n == 0:
+        return None, "no vertebra"
+    for k in range(min(2, n)):
+        if f.dens[k] > 0:
+            return k, f"dens label (51) in the vertebra at position {k + 1}"
+    ok = ~(f.top | f.bottom) & (f.corpus > 0)
+    for k in range(min(2, n)):
+        if f.top[k] or f.corpus[k] == 0:
+            continue
+        others = np.flatnonzero(ok)
+        others = others[others != k]
+        if len(others) == 0:
+            continue
+        ref = float(np.median(f.body_mm[others]))
+        if f.protrusion_mm[k] >= dens_ratio * ref:
+            if k == 1 and f.corpus[0] > 0.3 * f.corpus[1]:
+                continue  # a real corpus above: not C1/C2
+            return k, (f"corpus of the vertebra at position {k + 1} reaches {f.protrusion_mm[k]:.0f} mm above its "
+                       f"body (dens; >= {dens_ratio:g} x the median body height {ref:.0f} mm)")
+    return None, "no dens found"
+
+
+def _anatomical_sequence(n_cervical_from: int, thoracic: int, lumbar: int) -> list[int]:
+    """Ids from C<n_cervical_from> down to the last lumbar, with ``thoracic`` (11-13) and ``lumbar`` (4-6)."""
+    th = _T[:min(thoracic, 12)] + ([T13] if thoracic == 13 else [])
+    return _C[n_cervical_from - 1:] + th + _L[:lumbar]
+
+
+def label_vertebrae(
+    instance: np.ndarray,
+    semantic: np.ndarray,
+    spacing: Sequence[float],
+    *,
+    lumbar_count: int | None = None,
+    first_id: int = 2,
+    use_sacrum: bool = True,
+    use_dens: bool = True,
+    dens_ratio: float = 0.6,
+) -> tuple[np.ndarray, LabelingResult]:
+    """Give the vertebrae anatomical ids (where an anchor is in view) and flag the incomplete ones.
+
+    Parameters
+    ----------
+    instance : (X, Y, Z) int array, PIR
+        Full instance mask (vertebra ids in any numbering, IVD 100 + v, endplate 200 + v, sacrum 26).
+    semantic : (X, Y, Z) int array
+        Semantic mask (for corpus, costal processes, dens and sacrum).
+    spacing : 3 floats
+        Voxel size in mm.
+    lumbar_count : int, optional
+        Number of lumbar vertebrae (4, 5 or 6) when the sacrum anchors the numbering; None decides 5 or 6.
+    first_id : int
+        Id of the topmost vertebra when no anchor is in view (2 = C2, SPINEPS' convention).
+    use_sacrum, use_dens : bool
+        Allow the sacrum / C2 anchors.
+    dens_ratio : float
+        The top vertebra is C2 when its corpus reaches at least this x the median body height above its body.
+
+    Returns
+    -------
+    instance : int32 array
+        Relabelled instance mask.
+    result : LabelingResult
+    """
+    inst = check_mask(instance, "instance")
+    sem_raw = check_mask(semantic)
+    if inst.shape != sem_raw.shape:
+        raise ValueError(f"instance mask shape {inst.shape} differs from the semantic mask {sem_raw.shape}")
+    sp = check_spacing(spacing)
+    if lumbar_count is not None and lumbar_count not in (4, 5, 6):
+        raise ValueError(f"lumbar_count must be 4, 5, 6 or None, got {lumbar_count}")
+    if first_id not in ANATOMICAL_ORDER or first_id in (SACRUM_ID, 27):
+        raise ValueError(f"first_id must be a vertebra id (1-25, 28), got {first_id}")
+    sem = map_aliases(sem_raw)
+    res = LabelingResult()
+    vert = np.where((inst > 0) & (inst < IVD_OFFSET) & (inst != SACRUM_ID), inst, 0)
+    ids, _, _ = vertebra_order(vert, sem, sp)
+    n = len(ids)
+    if n == 0:
+        res.notes.append("no vertebra in the instance mask")
+        return inst.astype(np.int32, copy=True), res
+    f = _features(inst, sem_raw, sem, ids, sp)
+    sacrum = use_sacrum and bool((sem == SACRUM_ID).any() or (inst == SACRUM_ID).any())
+    c2_k, c2_why = _find_c2(f, dens_ratio) if use_dens else (None, "dens anchor disabled")
+    new: list[int] | None = None
+
+    if sacrum:
+        lc, thoracic = 5, 12
+        m = n - c2_k if c2_k is not None else None  # vertebrae from C2 down to the one above the sacrum
+        res.anchor = "sacrum+C2" if m is not None else "sacrum"
+        if lumbar_count is not None:
+            lc = lumbar_count
+            if m is not None:
+                th = m - 6 - lc
+                if 11 <= th <= 13:
+                    thoracic = th
+                    if th != 12:
+                        res.ambiguous = True
+                        res.notes.append(f"{m} vertebrae from C2 to the sacrum with {lc} lumbar: {th} thoracic")
+                else:
+                    res.ambiguous = True
+                    res.notes.append(f"{m} vertebrae from C2 to the sacrum do not fit {lc} lumbar vertebrae: "
+                                     "numbered from the sacrum")
+        elif m is not None and m == 23:
+            res.notes.append("23 vertebrae from C2 to the sacrum: C2-C7, 12 thoracic, 5 lumbar")
+        elif m is not None and m in (22, 24):
+            # one vertebra too many / too few: lumbar or thoracic? the costal processes decide
+            k = n - 6 if m == 24 else n - 5
+            verdict = _looks_lumbar(f, k, np.arange(k + 1, n))
+            res.ambiguous = True
+            if m == 24:
+                if verdict:
+                    lc = 6
+                    res.notes.append("24 vertebrae from C2 to the sacrum and the 6th above the sacrum has "
+                                     "lumbar-size costal processes: L6")
+                else:
+                    thoracic = 13
+                    res.notes.append("24 vertebrae from C2 to the sacrum and the 6th above the sacrum has small "
+                                     "costal processes (or cannot be judged): T13")
+            else:
+                if verdict is False:
+                    lc = 4
+                    res.notes.append("22 vertebrae from C2 to the sacrum and the 5th above the sacrum has small "
+                                     "costal processes: 4 lumbar vertebrae")
+                else:
+                    thoracic = 11
+                    res.notes.append("22 vertebrae from C2 to the sacrum: 11 thoracic vertebrae assumed")
+        else:
+            if m is not None:
+                res.ambiguous = True
+                res.notes.append(f"{m} vertebrae from C2 to the sacrum, expected 23: numbered from the sacrum "
+                                 "(a vertebra may be missing, merged or out of view)")
+            if n >= 6:
+                verdict = _looks_lumbar(f, n - 6, np.arange(n - 5, n))
+                if verdict is None:
+                    res.ambiguous = True
+                    res.notes.append("the 6th vertebra above the sacrum cannot be judged (cut by the field of "
+                                     "view): T12 assumed (5 lumbar); pass lumbar_count=6 for L6")
+                elif verdict:
+                    lc = 6
+                    res.ambiguous = True
+                    res.notes.append("the 6th vertebra above the sacrum has lumbar-size costal processes: L6 "
+                                     "(6 lumbar vertebrae; ribs are not in the mask, so T13 cannot be excluded)")
+                else:
+                    res.notes.append("the 6th vertebra above the sacrum has small costal processes: T12 "
+                                     "(5 lumbar vertebrae)")
+        seq = [_C[0]] + _anatomical_sequence(2, thoracic, lc)  # C1 .. last lumbar
+        if n > len(seq):
+            res.ambiguous = True
+            res.notes.append(f"{n} vertebrae above the sacrum exceed the anatomical sequence; the topmost "
+                             f"{n - len(seq)} are left unnumbered (0)")
+            new = [0] * (n - len(seq)) + seq
+        else:
+            new = seq[len(seq) - n:]
+        res.notes.append(f"anchored by the sacrum: the vertebra above it is {VERTEBRA_ID_TO_NAME[new[-1]]}")
+    elif c2_k is not None:
+        res.anchor = "C2"
+        res.notes.append(f"anchored by C2: {c2_why}")
+        seq = _anatomical_sequence(2, 12, lumbar_count or 5)
+        if c2_k == 1:
+            seq = [_C[0]] + seq
+        if n > len(seq):
+            res.ambiguous = True
+            res.notes.append("more vertebrae below C2 than the anatomical sequence holds: the lowest left 0")
+            seq = seq + [0] * (n - len(seq))
+        new = seq[:n]
+    else:
+        res.anchor = "none"
+        seq = [i for i in ANATOMICAL_ORDER if i not in (T13, SACRUM_ID, 27)]
+        start = seq.index(first_id)
+        seq = seq[start:]
+        if n > len(seq):
+            raise ValueError(f"{n} vertebrae do not fit a count starting at "
+                             f"{VERTEBRA_ID_TO_NAME[first_id]} (at most {len(seq)})")
+        new = seq[:n]
+        res.notes.append(f"no anchor in view (no sacrum, no dens): ids count top to bottom from "
+                         f"{VERTEBRA_ID_TO_NAME[first_id]}; they are not anatomical")
+
+    mapping = {int(o): int(v) for o, v in zip(ids, new)}
+    res.mapping = mapping
+    res.order = [v for v in new if v > 0]
+    res.names = {v: VERTEBRA_ID_TO_NAME[v] for v in res.order}
+    # completeness
+    for k, v in enumerate(new):
+        if v == 0:
+            continue
+        why = []
+        if f.top[k]:
+            why.append("top")
+        if f.bottom[k]:
+            why.append("bottom")
+        if f.corpus[k] == 0:
+            why.append("no corpus")
+        elif f.corpus_border[k]:
+            why.append("corpus at border")
+        res.truncated_by[v] = why
+        res.complete[v] = not why
+
+    out = remap_instance(inst, mapping, ids)
+    return out, res
+
+
+def _anatomical_previous(v: int, present: set[int]) -> int:
+    """The vertebra id above ``v`` anatomically (T13 above L1 only when present; 0 above C1)."""
+    order = [i for i in ANATOMICAL_ORDER if i not in (SACRUM_ID, 27)]
+    if v == SACRUM_ID:
+        lumbar = [i for i in _L if i in present]
+        return max(lumbar) if lumbar else _L[4]
+    k = order.index(v)
+    for j in range(k - 1, -1, -1):
+        if order[j] == T13 and T13 not in present:
+            continue
+        if order[j] == _L[5]:
+            continue
+        return order[j]
+    return 0
+
+
+def remap_instance(instance: np.ndarray, mapping: dict[int, int], order: Sequence[int] | None = None) -> np.ndarray:
+    """Apply a vertebra id ``mapping`` to a full instance mask: vertebrae, IVDs (100 + v) and endplates (200 + v).
+
+    An IVD whose vertebra is not in ``mapping`` (the disc above the topmost vertebra, see
+    :func:`spineps_like.assign.assign_ivds_endplates`) becomes the IVD of the anatomical predecessor of the topmost
+    vertebra (``order``: old ids, top to bottom).
+    """
+    inst = np.asarray(instance)
+    top = int(inst.max(initial=0))
+    lut = np.arange(max(top + 1, 300), dtype=np.int32)
+    present_new = set(mapping.values())
+    order = list(order) if order is not None else sorted(mapping)
+    for o, v in mapping.items():
+        lut[o] = v
+        lut[IVD_OFFSET + o] = IVD_OFFSET + v if v else 0
+        lut[ENDPLATE_OFFSET + o] = ENDPLATE_OFFSET + v if v else 0
+    ivds = np.unique(inst[(inst >= IVD_OFFSET) & (inst < ENDPLATE_OFFSET)]) - IVD_OFFSET
+    top_new = mapping.get(order[0], 0) if order else 0
+    for o in ivds:
+        if int(o) in mapping or int(o) == SACRUM_ID or not top_new:
+            continue
+        # assign_ivds_endplates gives the disc above the topmost vertebra the id of a vertebra out of view
+        prev = _anatomical_previous(top_new, present_new)
+        if prev:
+            lut[IVD_OFFSET + o] = IVD_OFFSET + prev
+    return lut[inst]
+
+
+# ---------------------------------------------------------------- outputs
+def centroids(instance: np.ndarray, ids: Sequence[int] | None = None) -> dict[int, np.ndarray]:
+    """Centre of mass (voxel coords) of each instance id (all ids > 0, or ``ids``)."""
+    inst = np.asarray(instance)
+    if inst.max(initial=0) <= 0:
+        return {}
+    st = cc3d.statistics(inst.astype(np.uint32, copy=False))
+    cnt = st["voxel_counts"]
+    want = np.flatnonzero(cnt) if ids is None else np.asarray([i for i in ids if i < len(cnt)], dtype=np.int64)
+    return {int(i): np.asarray(st["centroids"][i], dtype=float) for i in want if i > 0 and cnt[i] > 0}
+
+
+def poi_header(affine: np.ndarray, shape: Sequence[int]) -> dict:
+    """The TPTBox POI header (format 'POI', local voxel coordinates) of a grid."""
+    aff = np.asarray(affine, dtype=float)
+    zoom = nib.affines.voxel_sizes(aff)
+    rot = aff[:3, :3] / zoom[None, :]
+    return {
+        "direction": list(nib.aff2axcodes(aff)),
+        "zoom": [float(z) for z in zoom],
+        "origin": [float(o) for o in aff[:3, 3]],
+        "rotation": [[float(x) for x in row] for row in rot],
+        "shape": [int(s) for s in shape],
+        "format": "POI",
+        "level_one_info": "Vertebra_Instance",
+        "level_two_info": "Location",
+    }
+
+
+def write_centroids_json(
+    path: str | os.PathLike,
+    instance: np.ndarray,
+    affine: np.ndarray,
+    *,
+    which: str = "vertebrae",
+    subregion: int = 50,
+    decimals: int = 3,
+) -> dict:
+    """Write the instance centroids as a TPTBox POI json (what SPINEPS writes as ``*_ctd.json``).
+
+    The file is a list: a header (``direction``, ``zoom``, ``origin``, ``rotation``, ``shape``, ``format`` 'POI')
+    and ``{instance id: {subregion: [x, y, z]}}`` in voxel coordinates of ``instance``'s grid; TPTBox's
+    ``POI.load`` reads it. ``which``: 'vertebrae' (ids < 100, sacrum included) or 'all' (IVDs and endplates too).
+    Written atomically; returns the json object.
+    """
+    if which not in ("vertebrae", "all"):
+        raise ValueError(f"which must be 'vertebrae' or 'all', got {which!r}")
+    inst = check_mask(instance, "instance")
+    aff = np.asarray(affine, dtype=float)
+    if aff.shape != (4, 4) or not np.all(np.isfinite(aff)):
+        raise ValueError(f"affine must be a finite 4x4 matrix, got shape {aff.shape}")
+    cents = centroids(inst)
+    body = {
+        str(i): {str(subregion): [round(float(x), decimals) for x in c]}
+        for i, c in sorted(cents.items())
+        if which == "all" or i < IVD_OFFSET
+    }
+    obj = [poi_header(aff, inst.shape), body]
+    atomic_write_json(path, obj)
+    return {"header": obj[0], "centroids": body}
+
+
+def summary_json(
+    instance: np.ndarray,
+    affine: np.ndarray,
+    result: LabelingResult | None = None,
+    path: str | os.PathLike | None = None,
+) -> dict:
+    """Per-structure summary: id, name, completeness, voxels, volume (mm^3), centroid (voxel and world mm).
+
+    Vertebrae (sacrum included) come under ``"vertebrae"``, discs under ``"ivds"``, endplates under
+    ``"endplates"``; the labelling (anchor, ambiguity, notes) under ``"labeling"`` when ``result`` is given.
+    Written atomically when ``path`` is given.
+    """
+    inst = check_mask(instance, "instance")
+    aff = np.asarray(affine, dtype=float)
+    vox_mm3 = float(abs(np.linalg.det(aff[:3, :3])))
+    cnt = np.bincount(inst.ravel().astype(np.int64))
+    cents = centroids(inst)
+    out: dict = {"vertebrae": [], "ivds": [], "endplates": []}
+    for i, c in sorted(cents.items()):
+        try:
+            name = instance_name(i)
+        except ValueError:
+            name = str(i)
+        world = aff[:3, :3] @ c + aff[:3, 3]
+        row = {
+            "id": int(i),
+            "name": name,
+            "voxels": int(cnt[i]),
+            "volume_mm3": round(float(cnt[i]) * vox_mm3, 2),
+            "centroid_voxel": [round(float(x), 3) for x in c],
+            "centroid_mm": [round(float(x), 3) for x in world],
+        }
+        if i < IVD_OFFSET:
+            if result is not None and i in result.complete:
+                row["complete"] = bool(result.complete[i])
+                row["truncated_by"] = list(result.truncated_by.get(i, []))
+            else:
+                row["complete"] = None
+            out["vertebrae"].append(row)
+        elif i < ENDPLATE_OFFSET:
+            out["ivds"].append(row)
+        else:
+            out["endplates"].append(row)
+    if result is not None:
+        out["labeling"] = {"anchor": result.anchor, "ambiguous": result.ambiguous, "notes": list(result.notes)}
+    if path is not None:
+        atomic_write_json(path, out)
+    return out

@@ -1,0 +1,317 @@
+"""Post-processing: make the semantic and instance masks agree voxel for voxel.
+
+Arrays are PIR (axis 0 posterior, axis 1 inferior, axis 2 right); ``spacing`` is mm per array axis.
+
+After :func:`postprocess`:
+
+- instance > 0 exactly where the semantic mask holds a structure other than canal (61) / cord (60);
+- vertebra ids (1-25, 27, 28) only on 41-49, IVD ids (100-199) only on 100, endplate ids (200-299) only on 52/53,
+  26 exactly on the sacrum; no 62 and no 50/51 remain in the semantic mask.
+
+Steps, in order (each counted in the report):
+
+1. aliases 50/51 -> 49; an unsplit 62 is split and assigned by :func:`spineps_like.assign.assign_ivds_endplates`;
+2. class mismatches (an IVD id on bone, a vertebra id on a disc ...) are converted where the meaning is clear
+   (a vertebra id v on an endplate -> 200 + v, an endplate id on corpus -> v) and cleared otherwise;
+3. holes of each instance are filled (:func:`fill_voids.fill` on its bounding box) where the semantic mask agrees;
+4. instance voxels where the semantic mask is background (or canal/cord) are cleared;
+5. articular components (45-48) split between instances go to the one holding > ``dominance`` x the runner-up;
+6. stray pieces: a piece of a vertebra instance not connected to its main body but touching another vertebra goes to
+   the vertebra it touches most (contacts across facet joints, 47/48 against 45/46, do not count: an arch cut off
+   from its corpus by the field of view rests on the vertebra below through its facets and stays itself);
+7. every semantic component still without an instance goes to the touching instance (of a compatible class) with the
+   most contact; isolated ones are dropped from both masks (a large one with corpus becomes a new vertebra when
+   ``keep_isolated_vertebrae``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import cc3d
+import fill_voids
+import numpy as np
+
+from spineps_like.assign import assign_ivds_endplates, map_aliases
+from spineps_like.geometry import bbox
+from spineps_like.instance.centres import check_mask, check_spacing
+from spineps_like.instance.geometric import dominant_partner, facet_free_contacts
+from spineps_like.labels import ENDPLATE_OFFSET, IVD_OFFSET, SACRUM_ID
+
+VERTEBRA_BONE: tuple[int, ...] = tuple(range(41, 50))
+ARTICULAR: tuple[int, ...] = (45, 46, 47, 48)
+#: Semantic labels that must carry an instance id (canal 61 and cord 60 carry none).
+INSTANCE_LABELS: tuple[int, ...] = VERTEBRA_BONE + (52, 53, 100, SACRUM_ID)
+
+# instance classes: 1 vertebra, 2 IVD, 3 endplate, 4 sacrum
+_V, _I, _E, _S = 1, 2, 3, 4
+
+
+def semantic_class(semantic: np.ndarray) -> np.ndarray:
+    """Instance class each semantic voxel calls for (0 none, 1 vertebra, 2 IVD, 3 endplate, 4 sacrum)."""
+    lut = np.zeros(max(int(semantic.max(initial=0)) + 1, 101), dtype=np.uint8)
+    lut[list(VERTEBRA_BONE)] = _V
+    lut[100] = _I
+    lut[[52, 53]] = _E
+    lut[SACRUM_ID] = _S
+    return lut[semantic]
+
+
+def instance_class(instance: np.ndarray) -> np.ndarray:
+    """Class of each instance id (0 none, 1 vertebra, 2 IVD, 3 endplate, 4 sacrum)."""
+    inst = np.asarray(instance)
+    out = np.zeros(inst.shape, dtype=np.uint8)
+    out[(inst > 0) & (inst < IVD_OFFSET)] = _V
+    out[(inst >= IVD_OFFSET) & (inst < ENDPLATE_OFFSET)] = _I
+    out[(inst >= ENDPLATE_OFFSET) & (inst < 300)] = _E
+    out[inst == SACRUM_ID] = _S
+    return out
+
+
+def check_consistency(semantic: np.ndarray, instance: np.ndarray) -> list[str]:
+    """Problems that break the voxel-for-voxel agreement of the two masks (empty list: consistent)."""
+    sem = np.asarray(semantic)
+    inst = np.asarray(instance)
+    problems = []
+    if sem.shape != inst.shape:
+        return [f"shapes differ: semantic {sem.shape}, instance {inst.shape}"]
+    left = sorted(set(np.unique(sem).tolist()) & {50, 51, 62})
+    if left:
+        problems.append(f"semantic labels {left} remain (aliases / unsplit endplates)")
+    need = semantic_class(sem)
+    have = instance_class(inst)
+    n = int(np.count_nonzero((need > 0) & (inst == 0)))
+    if n:
+        problems.append(f"{n} labelled semantic voxels without an instance id")
+    n = int(np.count_nonzero((need == 0) & (inst > 0)))
+    if n:
+        problems.append(f"{n} instance voxels on semantic background / canal / cord")
+    n = int(np.count_nonzero((need > 0) & (inst > 0) & (need != have)))
+    if n:
+        problems.append(f"{n} voxels whose instance id class does not match the semantic label")
+    bad = sorted(set(np.unique(inst).tolist()) - {0} - set(range(1, 300)))
+    if bad:
+        problems.append(f"instance ids outside the scheme: {bad}")
+    return problems
+
+
+@dataclass
+class PostprocessReport:
+    """What :func:`postprocess` changed, in voxels or components."""
+
+    aliases_mapped: int = 0
+    endplates_split: int = 0
+    class_converted: int = 0
+    class_cleared: int = 0
+    holes_filled: int = 0
+    cleared_on_background: int = 0
+    articular_relabelled: int = 0
+    stray_relabelled: int = 0
+    missing_assigned: int = 0
+    dropped_components: int = 0
+    dropped_voxels: int = 0
+    added_instances: list[int] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _relabel_components(comp: np.ndarray, targets: dict[int, int], inst: np.ndarray) -> int:
+    """Write ``targets[c]`` into ``inst`` wherever ``comp == c``; returns the voxels written."""
+    if not targets:
+        return 0
+    lut = np.zeros(int(comp.max(initial=0)) + 1, dtype=np.int64)
+    for c, v in targets.items():
+        lut[c] = v
+    new = lut[comp]
+    sel = new > 0
+    changed = int(np.count_nonzero(sel & (inst != new)))
+    inst[sel] = new[sel]
+    return changed
+
+
+def postprocess(
+    semantic: np.ndarray,
+    instance: np.ndarray,
+    spacing: Sequence[float],
+    *,
+    dominance: float = 2.0,
+    keep_isolated_vertebrae: bool = True,
+    min_vertebra_mm3: float = 1000.0,
+    min_piece_mm3: float = 30.0,
+) -> tuple[np.ndarray, np.ndarray, PostprocessReport]:
+    """Make semantic and instance masks consistent voxel for voxel (see the module docstring).
+
+    Parameters
+    ----------
+    semantic, instance : (X, Y, Z) int arrays, PIR, same shape
+        Semantic mask and full instance mask (vertebrae, IVD 100 + v, endplate 200 + v, sacrum 26).
+    spacing : 3 floats
+        Voxel size in mm.
+    dominance : float
+        An articular component split between instances goes to the one holding more than ``dominance`` x the
+        runner-up's voxels.
+    keep_isolated_vertebrae : bool
+        A semantic component that touches no instance but holds corpus and at least ``min_vertebra_mm3`` becomes a
+        new vertebra (a vertebra the instance phase missed) instead of being deleted.
+    min_piece_mm3 : float
+        Stray pieces smaller than this join whatever vertebra surrounds them before the larger ones are judged.
+
+    Returns
+    -------
+    semantic, instance, report
+        New arrays (inputs untouched) and a :class:`PostprocessReport`; ``report.problems`` is empty when the
+        invariants hold (they always should; it is checked, not assumed).
+    """
+    sem0 = check_mask(semantic)
+    inst0 = check_mask(instance, "instance")
+    if sem0.shape != inst0.shape:
+        raise ValueError(f"instance mask shape {inst0.shape} differs from the semantic mask {sem0.shape}")
+    sp = check_spacing(spacing)
+    rep = PostprocessReport()
+    sem = map_aliases(sem0)
+    rep.aliases_mapped = int(np.count_nonzero(sem != sem0))
+    sem = sem.astype(sem0.dtype, copy=True)
+    inst = inst0.astype(np.int32, copy=True)
+    vox_mm3 = float(np.prod(sp))
+
+    # 1: unsplit endplates
+    if (sem == 62).any():
+        rep.endplates_split = int(np.count_nonzero(sem == 62))
+        vert = np.where(instance_class(inst) == _V, inst, 0)
+        full, sem_split = assign_ivds_endplates(sem, vert, sp)
+        ep = sem == 62
+        sem[ep] = sem_split[ep]
+        inst[ep] = full[ep]
+
+    box = bbox((sem > 0) | (inst > 0), margin=1)
+    if box is None:
+        return sem, inst, rep
+    s = sem[box]
+    ins = inst[box]
+    need = semantic_class(s)
+    have = instance_class(ins)
+
+    # 2: class mismatches
+    mism = (need > 0) & (have > 0) & (need != have)
+    conv = np.zeros(ins.shape, dtype=np.int64)
+    conv[mism & (need == _E) & (have == _V)] = ENDPLATE_OFFSET + ins[mism & (need == _E) & (have == _V)]
+    conv[mism & (need == _V) & (have == _E)] = ins[mism & (need == _V) & (have == _E)] - ENDPLATE_OFFSET
+    conv[need == _S] = SACRUM_ID
+    rep.class_converted = int(np.count_nonzero(mism & (conv > 0)))
+    rep.class_cleared = int(np.count_nonzero(mism & (conv == 0)))
+    ins[mism] = conv[mism]
+    ins[(need == _S)] = SACRUM_ID
+    have = instance_class(ins)
+
+    # 3: fill holes per instance, only where the semantic mask calls for that class and nothing else is there
+    ids = np.unique(ins)
+    ids = ids[ids > 0]
+    if len(ids):
+        stats = cc3d.statistics(ins) if int(ins.max()) < ins.size else None
+        for i in ids:
+            if stats is None:
+                sl = bbox(ins == i)
+            else:
+                sl = stats["bounding_boxes"][int(i)]
+            m = ins[sl] == i
+            filled = fill_voids.fill(m, in_place=False)
+            cls = instance_class(np.array([i]))[0]
+            add = filled & ~m & (ins[sl] == 0) & (need[sl] == cls)
+            if add.any():
+                ins[sl][add] = i
+                rep.holes_filled += int(add.sum())
+
+    # 4: nothing on background / canal / cord
+    off = (need == 0) & (ins > 0)
+    rep.cleared_on_background = int(off.sum())
+    ins[off] = 0
+
+    # 5: articular components split between vertebrae -> the dominant one
+    art = np.isin(s, ARTICULAR)
+    if art.any():
+        art_cc = cc3d.connected_components(np.where(art, s, 0), connectivity=26)
+        sel = (art_cc > 0) & (ins > 0)
+        pairs, counts = np.unique(np.stack([art_cc[sel], ins[sel]], axis=1), axis=0, return_counts=True)
+        multi = np.bincount(pairs[:, 0]) > 1 if len(pairs) else np.zeros(0, bool)
+        keep = multi[pairs[:, 0]] if len(pairs) else np.zeros(0, bool)
+        owner = dominant_partner(pairs[keep, 0], pairs[keep, 1], counts[keep], dominance)
+        rep.articular_relabelled = _relabel_components(art_cc, owner, ins)
+
+    # 6: stray pieces of vertebra instances (not the main body): small crumbs first join whatever surrounds them,
+    # then larger pieces join the main body of another vertebra they touch (never through a facet joint)
+    min_crumb = max(1, int(np.ceil(min_piece_mm3 / vox_mm3)))
+    for crumbs in (True, False):
+        vmask = np.where(instance_class(ins) == _V, ins, 0)
+        pieces = cc3d.connected_components(vmask, connectivity=26)
+        if pieces.max() == 0:
+            break
+        counts = np.bincount(pieces.ravel())
+        piece_ids = np.arange(len(counts))
+        piece_inst = np.zeros(len(counts), dtype=np.int64)
+        nz = np.nonzero(pieces)
+        piece_inst[pieces[nz]] = vmask[nz]
+        main = np.zeros(int(vmask.max()) + 1, dtype=np.int64)
+        order = np.lexsort((counts[1:], piece_inst[1:]))  # per instance, largest last
+        main[piece_inst[1:][order]] = piece_ids[1:][order]
+        is_stray = np.zeros(len(counts), bool)
+        is_stray[1:] = main[piece_inst[1:]] != piece_ids[1:]
+        if crumbs:
+            is_stray &= counts < min_crumb
+            partner = vmask
+        else:
+            partner = np.where(np.isin(pieces, main[main > 0]), vmask, 0)
+        stray = np.flatnonzero(is_stray)
+        if len(stray) == 0:
+            continue
+        stray_img = np.where(np.isin(pieces, stray), pieces, 0)
+        a_ids, b_ids, n = facet_free_contacts(stray_img, partner, s)
+        other = b_ids != piece_inst[a_ids]
+        owner = dominant_partner(a_ids[other], b_ids[other], n[other], 1.0)
+        rep.stray_relabelled += _relabel_components(stray_img, owner, ins)
+
+    # 7: labelled semantic components without an instance
+    missing = (need > 0) & (ins == 0)
+    if missing.any():
+        comp = cc3d.connected_components(np.where(missing, need, 0), connectivity=26)
+        comp_cls = np.zeros(int(comp.max()) + 1, dtype=np.uint8)
+        nzm = np.nonzero(comp)
+        comp_cls[comp[nzm]] = need[nzm]
+        # contacts with instances, converted to the component's class where the meaning is clear
+        a_ids, b_ids, n = facet_free_contacts(comp, ins, s)
+        b_cls = instance_class(b_ids)
+        want = comp_cls[a_ids]
+        cand = np.where(b_cls == want, b_ids, 0)
+        cand = np.where((want == _V) & (b_cls == _E), b_ids - ENDPLATE_OFFSET, cand)
+        cand = np.where((want == _E) & (b_cls == _V), ENDPLATE_OFFSET + b_ids, cand)
+        ok = cand > 0
+        owner = dominant_partner(a_ids[ok], cand[ok], n[ok], 1.0)
+        rep.missing_assigned = _relabel_components(comp, owner, ins)
+        left = np.setdiff1d(np.unique(comp[comp > 0]), np.fromiter(owner, dtype=np.int64, count=len(owner)))
+        if len(left):
+            sizes = np.bincount(comp[comp > 0], minlength=int(comp.max()) + 1)
+            has_corpus = np.zeros(len(sizes), bool)
+            has_corpus[np.unique(comp[(comp > 0) & (s == 49)])] = True
+            new_ids = []
+            for c in left:
+                if (keep_isolated_vertebrae and comp_cls[c] == _V and has_corpus[c]
+                        and sizes[c] * vox_mm3 >= min_vertebra_mm3):
+                    used = set(np.unique(ins).tolist())
+                    free = [v for v in range(1, 26) if v not in used and v != SACRUM_ID]
+                    if free:
+                        new_ids.append((int(c), free[0]))
+                        ins[comp == c] = free[0]
+                        continue
+                rep.dropped_components += 1
+                rep.dropped_voxels += int(sizes[c])
+            rep.added_instances = [v for _, v in new_ids]
+            drop = missing & (ins == 0)
+            s[drop] = 0
+            ins[drop] = 0
+
+    sem[box] = s
+    inst[box] = ins
+    rep.problems = check_consistency(sem, inst)
+    return sem, inst, rep

@@ -1,0 +1,143 @@
+"""Post-processing: voxel-for-voxel consistency of the semantic and instance masks and each repair."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import pytest
+
+from spineps_like.assign import assign_ivds_endplates
+from spineps_like.instance.geometric import geometric_instances
+from spineps_like.io import load_scan
+from spineps_like.postprocess import INSTANCE_LABELS, check_consistency, postprocess
+from synthetic_spine import make_spine
+
+
+@lru_cache(maxsize=None)
+def _crop(kind: str):
+    from conftest import tptbox_sample
+
+    paths = tptbox_sample(kind)
+    sem = load_scan(paths["semantic"], kind="mask")
+    inst = load_scan(paths["instance"], kind="mask")
+    return sem.array, inst.array, sem.spacing
+
+
+@lru_cache(maxsize=None)
+def _pipeline(kind: str):
+    sem, gt, sp = _crop(kind)
+    vert = geometric_instances(sem, sp)
+    inst, sem2 = assign_ivds_endplates(sem, vert, sp)
+    return sem2, inst, sp
+
+
+def _assert_invariants(sem: np.ndarray, inst: np.ndarray) -> None:
+    labelled = np.isin(sem, INSTANCE_LABELS)
+    assert np.array_equal(inst > 0, labelled)
+    assert not np.isin(sem, (50, 51, 62)).any()
+    v = (inst > 0) & (inst < 100) & (inst != 26)
+    assert np.all(np.isin(sem[v], range(41, 50)))
+    assert np.all(sem[(inst >= 100) & (inst < 200)] == 100)
+    assert np.all(np.isin(sem[inst >= 200], (52, 53)))
+    assert np.array_equal(inst == 26, sem == 26)
+    assert check_consistency(sem, inst) == []
+
+
+@pytest.mark.parametrize("kind", ["mri", "ct"])
+def test_pipeline_output_is_consistent_and_unchanged(kind):
+    sem, inst, sp = _pipeline(kind)
+    sem_in, inst_in = sem.copy(), inst.copy()
+    s, i, rep = postprocess(sem, inst, sp)
+    _assert_invariants(s, i)
+    assert rep.problems == [] and rep.dropped_components == 0
+    assert np.array_equal(sem, sem_in) and np.array_equal(inst, inst_in)  # inputs untouched
+    # a clean result needs (almost) no change: at most a few crumbs; the MRI crop's C5 arch, cut off from its
+    # corpus and resting on C6 through its facets, must stay C5
+    assert np.count_nonzero(i != inst) == rep.stray_relabelled + rep.articular_relabelled <= 10
+    if kind == "mri":
+        assert np.array_equal(i, inst)
+
+
+def test_raw_semantic_with_aliases_and_unsplit_endplates():
+    sem, gt, sp = _crop("mri")
+    vert = geometric_instances(sem, sp)
+    s, i, rep = postprocess(sem, vert, sp)  # no assign step: postprocess splits 62 and assigns itself
+    _assert_invariants(s, i)
+    assert rep.endplates_split == np.count_nonzero(sem == 62)
+    sem_ct, gt_ct, sp_ct = _crop("ct")
+    s, i, rep = postprocess(sem_ct, np.where(gt_ct < 100, gt_ct, 0), sp_ct)
+    assert rep.aliases_mapped == np.count_nonzero(sem_ct == 50)
+    _assert_invariants(s, i)
+
+
+def test_isolated_component_is_dropped_from_both_masks():
+    sem, inst, sp = _pipeline("mri")
+    sem = sem.copy()
+    sem[60:64, 45:49, 2:6] = 42  # a floating 'spinous process' far from every vertebra
+    s, i, rep = postprocess(sem, inst, sp)
+    assert rep.dropped_components == 1 and rep.dropped_voxels == 64
+    assert s[60:64, 45:49, 2:6].max() == 0 and i[60:64, 45:49, 2:6].max() == 0
+    _assert_invariants(s, i)
+
+
+def test_missed_vertebra_is_added_or_dropped():
+    sy = make_spine(ids=[20, 21, 22])
+    vert = np.where(sy.instance < 100, sy.instance, 0)
+    inst, sem = assign_ivds_endplates(sy.semantic, vert, sy.spacing)
+    missed = inst == 22
+    inst[missed] = 0  # the instance phase missed L3; the discs keep it from touching anything else by bone
+    s, i, rep = postprocess(sem, inst, sy.spacing)
+    assert len(rep.added_instances) == 1 and np.all(i[missed] == rep.added_instances[0])
+    _assert_invariants(s, i)
+    s, i, rep = postprocess(sem, inst, sy.spacing, keep_isolated_vertebrae=False)
+    assert rep.added_instances == [] and s[missed].max() == 0 and i[missed].max() == 0
+    _assert_invariants(s, i)
+
+
+def test_holes_missing_pieces_and_stray_labels_are_repaired():
+    sem, inst, sp = _pipeline("mri")
+    bad = inst.copy()
+    # a hole inside the C6 corpus
+    corpus6 = np.argwhere((inst == 2) & (sem == 49))
+    c = np.round(corpus6.mean(0)).astype(int)
+    hole = np.zeros(inst.shape, bool)
+    hole[c[0] - 2:c[0] + 3, c[1] - 2:c[1] + 3, c[2] - 2:c[2] + 3] = True
+    hole &= inst == 2
+    bad[hole] = 0
+    # a chunk of C6's arcus labelled C7, not connected to C7's body
+    arc6 = np.argwhere((inst == 2) & (sem == 41))
+    top = arc6[arc6[:, 1] <= np.percentile(arc6[:, 1], 15)]
+    bad[tuple(top.T)] = 3
+    # a vertebra id on an endplate, an IVD id on corpus
+    ep = np.argwhere(sem == 53)[:5]
+    bad[tuple(ep.T)] = 2
+    cor = np.argwhere((inst == 3) & (sem == 49))[:5]
+    bad[tuple(cor.T)] = 106
+    s, i, rep = postprocess(sem, bad, sp)
+    _assert_invariants(s, i)
+    assert rep.holes_filled >= hole.sum() - 1
+    assert rep.stray_relabelled >= len(top)
+    assert rep.class_converted == 5 and rep.class_cleared == 5
+    agree = np.mean(i[inst > 0] == inst[inst > 0])
+    assert agree > 0.999
+
+
+def test_split_articular_component_goes_to_the_dominant_vertebra():
+    sem, inst, sp = _pipeline("ct")
+    art = np.argwhere((sem == 47) & (inst == 2))
+    part = art[: len(art) // 5]  # a fifth of L3's left inferior articular labelled L4
+    bad = inst.copy()
+    bad[tuple(part.T)] = 3
+    s, i, rep = postprocess(sem, bad, sp)
+    assert rep.articular_relabelled >= len(part)
+    assert np.all(i[tuple(part.T)] == 2)
+
+
+def test_postprocess_bad_input():
+    with pytest.raises(ValueError, match="shape"):
+        postprocess(np.zeros((4, 4, 4), np.int16), np.zeros((4, 5, 4), np.int16), (1, 1, 1))
+    with pytest.raises(ValueError, match="spacing"):
+        postprocess(np.zeros((4, 4, 4), np.int16), np.zeros((4, 4, 4), np.int16), (1, 1))
+    assert check_consistency(np.full((2, 2, 2), 49), np.zeros((2, 2, 2), int)) == [
+        "8 labelled semantic voxels without an instance id"]
