@@ -71,8 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     ph.add_argument("--mode", default="t2w", choices=["t2w", "ct", "random"])
     ph.add_argument("--variant", default=None,
                     choices=["block", "collapsed", "l6", "t13", "sacralised_l5", "narrow_discs"])
-    ph.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"),
-                    help="output voxel size in mm (default: sagittal 3.3 x 0.8 x 0.8 style, random)")
+    ph.add_argument("--spacing", type=float, nargs=3, metavar=("P", "I", "R"),
+                    help="output voxel size in mm along P, I, R (default: in-plane 0.6-1.0, left-right 3.0-4.0, "
+                         "random by seed)")
     ph.add_argument("--orientation", default="random", help="axis codes like PIR or RAS, or 'random'")
     ph.add_argument("--no-snapshot", action="store_true", help="do not write the PNG snapshot")
     ph.set_defaults(func=_cmd_phantom)

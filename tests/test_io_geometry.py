@@ -212,3 +212,15 @@ def test_bbox():
     m[2:4, 5, 7:9] = True
     assert bbox(m) == (slice(2, 4), slice(5, 6), slice(7, 9))
     assert bbox(m, margin=3) == (slice(0, 7), slice(2, 9), slice(4, 10))
+
+
+def test_atomic_write_gives_usual_permissions(tmp_path):
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "x.json") as tmp:
+            tmp.write_text("{}")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "x.json").stat().st_mode) == 0o644
