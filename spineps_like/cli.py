@@ -44,6 +44,42 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                             pred_scheme=args.pred_scheme, gt_scheme=args.gt_scheme)
 
 
+def _cmd_segment(args: argparse.Namespace) -> int:
+    from spineps_like.io import load_scan
+    from spineps_like.pipeline import segment
+
+    scan = load_scan(args.scan)  # bad input fails here, before any model loads or any file is written
+    result = segment(scan, semantic_model=args.semantic_model, instance_model=args.instance_model,
+                     instance_method=args.instance_method, semantic_mask=args.semantic_mask,
+                     semantic_only=args.semantic_only, device=args.device, amp=args.amp, mirroring=args.mirroring,
+                     step_size=args.step_size, n4=args.n4, batch_size=args.batch_size, lumbar_count=args.lumbar_count)
+    paths = result.save(args.out, snapshot=not args.no_snapshot)
+    if not args.quiet:
+        for kind, path in paths.items():
+            print(f"{kind}: {path}")
+        if result.labeling is not None:
+            from spineps_like.labels import instance_name
+
+            ids = result.vertebra_ids
+            print(f"vertebrae ({result.labeling.anchor}): " + " ".join(instance_name(i) for i in ids))
+        print("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in result.timings.items()))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from spineps_like.demo import run_demo
+
+    return run_demo(args.out, seed=args.seed, instance_method=args.instance_method)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    if args.what == "semantic":
+        from spineps_like.training.semantic import main as train_main
+    else:
+        from spineps_like.training.instance import main as train_main
+    return int(train_main(args.extra) or 0)
+
+
 def _cmd_labels(args: argparse.Namespace) -> int:
     from spineps_like.labels import export_colour_table
 
@@ -102,12 +138,44 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--workers", type=int, default=1)
     ev.set_defaults(func=_cmd_evaluate)
 
+    sg = sub.add_parser("segment", help="segment a scan: semantic + instance masks, centroids, snapshot, summary")
+    sg.add_argument("scan", type=Path, help="NIfTI (.nii/.nii.gz) or MetaImage (.mha) scan")
+    sg.add_argument("--out", type=Path, default=None, help="output folder (default: SPINEPS' derivatives_seg)")
+    sg.add_argument("--semantic-only", action="store_true", help="stop after the semantic phase")
+    sg.add_argument("--semantic-model", default=None, help="model name or folder (default: bundled semantic model)")
+    sg.add_argument("--instance-model", default=None, help="model name or folder (default: bundled instance model)")
+    sg.add_argument("--instance-method", default="network", choices=["network", "geometric"],
+                    help="network: cutouts + 3D UNet + fusion; geometric: weights-free baseline")
+    sg.add_argument("--semantic-mask", type=Path, default=None, help="use this semantic mask, skip the semantic phase")
+    sg.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
+    sg.add_argument("--amp", action="store_true", help="mixed precision")
+    mirror = sg.add_mutually_exclusive_group()
+    mirror.add_argument("--mirror", dest="mirroring", action="store_true", default=None,
+                        help="test-time mirroring (default: the model config's)")
+    mirror.add_argument("--no-mirror", dest="mirroring", action="store_false")
+    sg.add_argument("--step-size", type=float, default=None, help="sliding-window step as a fraction of the patch")
+    sg.add_argument("--n4", action="store_true", help="N4 bias-field correction before the semantic phase (MRI)")
+    sg.add_argument("--batch-size", type=int, default=4, help="instance cutouts per forward pass")
+    sg.add_argument("--lumbar-count", type=int, default=None, choices=[4, 5, 6],
+                    help="expected lumbar vertebrae when known (transitional anatomy)")
+    sg.add_argument("--no-snapshot", action="store_true")
+    sg.add_argument("-q", "--quiet", action="store_true")
+    sg.set_defaults(func=_cmd_segment)
+
+    dm = sub.add_parser("demo", help="make a phantom, segment it with the bundled models, score it")
+    dm.add_argument("--out", type=Path, default=Path("demo_output"))
+    dm.add_argument("--seed", type=int, default=900001)
+    dm.add_argument("--instance-method", default="network", choices=["network", "geometric"])
+    dm.set_defaults(func=_cmd_demo)
+
+    tr = sub.add_parser("train", help="train the bundled models on phantoms (semantic | instance; --help for each)",
+                        add_help=False)
+    tr.add_argument("what", choices=["semantic", "instance"])
+    tr.set_defaults(func=_cmd_train)
+
     for name, issue, hlp in [
-        ("segment", 4, "segment a scan (semantic + instance)"),
         ("cohort", 6, "process a cohort with a resumable manifest"),
         ("models", 7, "list / export models"),
-        ("train", 3, "train the bundled models"),
-        ("demo", 2, "run the pipeline on a bundled phantom"),
     ]:
         sp = sub.add_parser(name, help=hlp)
         sp.set_defaults(func=_not_yet(name, issue))
@@ -117,10 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    args.extra = extra
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    if extra and args.command in ("phantom", "labels", "info", "evaluate"):
+    if extra and args.command not in ("cohort", "models", "train"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args) or 0)

@@ -1,0 +1,256 @@
+"""The whole road, in order: scan -> semantic -> cutouts -> instance -> fusion -> assignment -> postprocess -> outputs.
+
+Each step is a pure function of another module; this module only chains them, carries geometry between them
+(:class:`~spineps_like.io.Scan`) and records seconds per phase.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from spineps_like.geometry import clamp_spacing, reorient, rescale, resample_to
+from spineps_like.io import Scan, atomic_write_json, derivative_name, derivatives_dir, load_scan
+from spineps_like.labels import VERTEBRA_LABELS
+
+#: Bundled model names (folders in models/) used when the caller names none.
+DEFAULT_SEMANTIC_MODEL = "semantic-phantom"
+DEFAULT_INSTANCE_MODEL = "instance-phantom"
+INSTANCE_METHODS = ("network", "geometric")
+#: Bone labels an instance (vertebra) may cover before assignment: the vertebra labels plus CT aliases.
+_BONE = np.array(sorted(set(VERTEBRA_LABELS) | {50, 51}), dtype=np.int64)
+
+
+class Timings(dict):
+    """Seconds per phase, in the order the phases ran."""
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[name] = self.get(name, 0.0) + time.perf_counter() - t0
+
+
+@dataclass
+class SegmentResult:
+    """What :func:`segment` found: masks on the input grid, ids, per-vertebra flags and timings."""
+
+    image: Scan
+    semantic: Scan
+    instance: Scan | None = None
+    labeling: Any = None  # spineps_like.labeling.LabelingResult
+    timings: Timings = field(default_factory=Timings)
+    notes: list[str] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def vertebra_ids(self) -> list[int]:
+        """Vertebra ids present in the instance mask, top to bottom (sacrum last)."""
+        if self.labeling is not None:
+            return list(self.labeling.order) + ([26] if self.instance is not None and (self.instance.array == 26).any() else [])
+        return []
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON summary written beside the masks."""
+        from spineps_like import __version__
+
+        out: dict[str, Any] = {"spineps_like_version": __version__, "input": str(self.image.path or ""),
+                               "shape": list(self.image.shape), "spacing": list(self.image.spacing),
+                               "orientation": self.image.orientation, "settings": self.settings}
+        if self.instance is not None:
+            from spineps_like.labeling import summary_json
+
+            out.update(summary_json(self.instance.array, self.instance.affine, self.labeling))
+        out["notes"] = list(self.notes)
+        out["timings_s"] = {k: round(v, 4) for k, v in self.timings.items()}
+        return out
+
+    def save(self, out_dir: str | os.PathLike | None = None, *, name_from: str | os.PathLike | None = None,
+             snapshot: bool = True) -> dict[str, Path]:
+        """Write SPINEPS-compatible outputs; returns {kind: path}.
+
+        ``out_dir`` defaults to SPINEPS' ``derivatives_seg`` folder for the scan; file names follow
+        :func:`~spineps_like.io.derivative_name` (``..._seg-spine_msk.nii.gz``, ``..._seg-vert_msk.nii.gz``,
+        ``..._seg-spine_ctd.json``, ``..._seg-spine_snp.png``, ``..._seg-spine_summary.json``). Every file is written
+        atomically.
+        """
+        from contextlib import ExitStack
+
+        from spineps_like.io import atomic_path, save_scan
+
+        src = Path(name_from or self.image.path or "scan.nii.gz")
+        folder = Path(out_dir) if out_dir is not None else derivatives_dir(src)
+        paths: dict[str, Path] = {"semantic": folder / derivative_name(src, "spine", "msk", ".nii.gz")}
+        if self.instance is not None:
+            paths["instance"] = folder / derivative_name(src, "vert", "msk", ".nii.gz")
+            paths["centroids"] = folder / derivative_name(src, "spine", "ctd", ".json")
+        if snapshot:
+            paths["snapshot"] = folder / derivative_name(src, "spine", "snp", ".png")
+        paths["summary"] = folder / derivative_name(src, "spine", "summary", ".json")
+        # all files go to temporary names first and are renamed together at the end: an error (or a kill) on the
+        # way leaves none of them under its final name
+        with self.timings.phase("write"), ExitStack() as stack:
+            tmp = {k: stack.enter_context(atomic_path(p)) for k, p in paths.items()}
+            save_scan(self.semantic, tmp["semantic"], dtype=np.uint8)
+            if self.instance is not None:
+                from spineps_like.labeling import write_centroids_json
+
+                save_scan(self.instance, tmp["instance"], dtype=np.uint16 if self.instance.array.max() > 255
+                          else np.uint8)
+                write_centroids_json(tmp["centroids"], self.instance.array, self.instance.affine)
+            if snapshot:
+                from spineps_like.snapshot import save_snapshot
+
+                save_snapshot(tmp["snapshot"], self.image, self.semantic, self.instance, title=src.name)
+            atomic_write_json(tmp["summary"], self.summary())
+        return paths
+
+
+# ---------------------------------------------------------------- phases
+def instance_phase(semantic: Scan, *, method: str = "network", model: Any = None, device: str = "cpu",
+                   amp: bool = False, batch_size: int = 4, lumbar_count: int | None = None,
+                   timings: Timings | None = None, notes: list[str] | None = None) -> tuple[Scan, Scan, Any]:
+    """Semantic mask -> (semantic, instance, labeling) on the semantic mask's grid.
+
+    ``method='network'``: the mask goes to PIR at the instance model's resolution; corpus centres give cutouts,
+    the network predicts vertebra above/centre/below per cutout, fusion commits vertebrae, which come back to the
+    input grid. ``method='geometric'``: vertebrae from corpus components separated by IVDs, no weights.
+    Then, on the input grid in PIR: IVD/endplate assignment, post-processing, anatomical labelling.
+    """
+    from spineps_like.assign import assign_ivds_endplates
+    from spineps_like.labeling import label_vertebrae
+    from spineps_like.postprocess import postprocess
+
+    timings = timings if timings is not None else Timings()
+    notes = notes if notes is not None else []
+    if method not in INSTANCE_METHODS:
+        raise ValueError(f"unknown instance method {method!r}: use one of {', '.join(INSTANCE_METHODS)}")
+    sem_pir = reorient(semantic, "PIR")
+    spacing = sem_pir.spacing
+    if method == "network":
+        vertebrae = _network_vertebrae(sem_pir, model, device=device, amp=amp, batch_size=batch_size,
+                                       timings=timings, notes=notes)
+    else:
+        from spineps_like.instance.geometric import geometric_instances
+
+        with timings.phase("instance"):
+            vertebrae = geometric_instances(sem_pir.array, spacing)
+    with timings.phase("assign"):
+        instance, sem_arr = assign_ivds_endplates(sem_pir.array, vertebrae, spacing)
+    with timings.phase("postprocess"):
+        sem_arr, instance, report = postprocess(sem_arr, instance, spacing)
+        notes.extend(getattr(report, "notes", []) or [])
+    with timings.phase("labeling"):
+        instance, labeling = label_vertebrae(instance, sem_arr, spacing, lumbar_count=lumbar_count)
+    with timings.phase("restore"):
+        sem_out = reorient(Scan(sem_arr, sem_pir.affine, semantic.path), semantic.orientation)
+        ins_out = reorient(Scan(instance, sem_pir.affine, semantic.path), semantic.orientation)
+    return sem_out, ins_out, labeling
+
+
+def _network_vertebrae(sem_pir: Scan, model: Any, *, device: str, amp: bool, batch_size: int,
+                       timings: Timings, notes: list[str]) -> np.ndarray:
+    """Vertebra ids 1..K top to bottom on ``sem_pir``'s grid (bone voxels only), by cutouts + network + fusion."""
+    from spineps_like.instance.centres import corpus_centres
+    from spineps_like.instance.cutouts import extract_cutouts
+    from spineps_like.instance.fusion import fuse_predictions
+    from spineps_like.instance.network import load_instance_model, predict_cutouts
+
+    if model is None or isinstance(model, (str, os.PathLike)):
+        with timings.phase("load_instance_model"):
+            from spineps_like.models import find_model
+
+            model = load_instance_model(find_model(model or DEFAULT_INSTANCE_MODEL).path, device=device)
+    with timings.phase("instance_resample"):
+        target = clamp_spacing(sem_pir.spacing, model.resolution_range)
+        grid = rescale(sem_pir, target, order=0)
+    with timings.phase("centres"):
+        centres = corpus_centres(grid.array, grid.spacing)
+        notes.extend(centres.repairs)
+    if len(centres) == 0:
+        notes.append("no vertebral corpus found in the semantic mask: no vertebra instances")
+        return np.zeros(sem_pir.shape, np.uint16)
+    with timings.phase("cutouts"):
+        batch = extract_cutouts(grid.array, centres.centres, model.cutout_size, mapping=model.mapping)
+    with timings.phase("network"):
+        predictions = predict_cutouts(model, batch, batch_size=batch_size, device=device, amp=amp)
+    with timings.phase("fusion"):
+        fused = fuse_predictions(predictions, grid.shape, spacing=grid.spacing)
+        notes.extend(fused.warnings)
+    with timings.phase("instance_restore"):
+        back = resample_to(Scan(fused.instance, grid.affine), sem_pir.shape, sem_pir.affine, order=0).array
+        back = np.where(np.isin(sem_pir.array, _BONE), back, 0).astype(np.uint16)
+    return back
+
+
+def segment(scan: str | os.PathLike | Scan | np.ndarray, *, affine: np.ndarray | None = None,
+            semantic_model: Any = None, instance_model: Any = None, instance_method: str = "network",
+            semantic_mask: Scan | str | os.PathLike | None = None, semantic_only: bool = False,
+            device: str = "cpu", amp: bool = False, mirroring: bool | None = None, step_size: float | None = None,
+            n4: bool = False, batch_size: int = 4, lumbar_count: int | None = None) -> SegmentResult:
+    """Segment the spine in one scan.
+
+    Parameters
+    ----------
+    scan : a file path (NIfTI / MHA), a :class:`Scan`, or a 3D array with ``affine``.
+    semantic_model, instance_model : model name (bundled or in ``$SPINEPS_LIKE_MODELS``), folder path, or a loaded
+        model; default: the bundled phantom-trained models.
+    instance_method : 'network' (cutouts + 3D UNet + fusion) or 'geometric' (weights-free baseline).
+    semantic_mask : skip the semantic phase and use this mask (same grid as the scan).
+    semantic_only : stop after the semantic phase.
+    device, amp, mirroring, step_size, n4 : semantic/instance inference settings (see :mod:`spineps_like.semantic`).
+    lumbar_count : expected number of lumbar vertebrae (4, 5 or 6) when the anatomy says otherwise.
+
+    Returns
+    -------
+    SegmentResult with ``semantic`` and ``instance`` Scans on the input grid, ``labeling`` and ``timings``.
+    """
+    timings = Timings()
+    notes: list[str] = []
+    with timings.phase("load"):
+        if isinstance(scan, Scan):
+            image = scan
+        elif isinstance(scan, np.ndarray):
+            if affine is None:
+                raise ValueError("an array scan needs its affine (voxel-to-world, RAS)")
+            if scan.ndim != 3 or 0 in scan.shape:
+                raise ValueError(f"expected a non-empty 3D array, got shape {scan.shape}")
+            image = Scan(np.asarray(scan, dtype=np.float32), np.asarray(affine, dtype=float))
+        else:
+            image = load_scan(scan)
+    settings = {"instance_method": instance_method, "device": device, "amp": amp, "mirroring": mirroring,
+                "step_size": step_size, "n4": n4}
+    if semantic_mask is not None:
+        with timings.phase("load"):
+            sem = semantic_mask if isinstance(semantic_mask, Scan) else load_scan(semantic_mask, kind="mask")
+            if sem.shape != image.shape or not np.allclose(sem.affine, image.affine, atol=1e-3):
+                raise ValueError(f"{sem.path or 'semantic mask'}: grid differs from the scan's "
+                                 f"({sem.shape} vs {image.shape})")
+        settings["semantic"] = "given"
+    else:
+        from spineps_like.semantic import predict_semantic
+
+        sem_timings: dict[str, float] = {}
+        with timings.phase("semantic"):
+            sem = predict_semantic(image, semantic_model or DEFAULT_SEMANTIC_MODEL, step_size=step_size,
+                                   mirroring=mirroring, n4=n4, device=device, amp=amp, timings=sem_timings)
+        settings["semantic"] = str(getattr(getattr(semantic_model, "folder", None), "path", semantic_model
+                                           or DEFAULT_SEMANTIC_MODEL))
+        settings["semantic_timings_s"] = {k: round(v, 4) for k, v in sem_timings.items()}
+    result = SegmentResult(image=image, semantic=sem, timings=timings, notes=notes, settings=settings)
+    if semantic_only:
+        return result
+    if instance_method == "network":
+        settings["instance_model"] = str(instance_model or DEFAULT_INSTANCE_MODEL)
+    result.semantic, result.instance, result.labeling = instance_phase(
+        sem, method=instance_method, model=instance_model, device=device, amp=amp, batch_size=batch_size,
+        lumbar_count=lumbar_count, timings=timings, notes=notes)
+    return result
