@@ -1393,6 +1393,20 @@ def _parse_spacing(spacing, rng: np.random.Generator) -> np.ndarray:
     return sp
 
 
+def visible_variants(fov: str) -> tuple[str, ...]:
+    """The variants a field of view ``fov`` can show (e.g. no L6 in a cervical phantom)."""
+    out = []
+    for v in VARIANTS:
+        if not v:
+            continue
+        try:
+            _check_args(fov, "t2w", v)
+        except ValueError:
+            continue
+        out.append(v)
+    return tuple(out)
+
+
 def _check_args(fov: str, mode: str, variant: str | None) -> None:
     if fov not in FOVS:
         raise ValueError(f"fov {fov!r} is unknown; use one of {', '.join(FOVS)}")

@@ -1,0 +1,221 @@
+"""Model folders: discovery by name, sha256 manifests, SPINEPS inference configs, nnU-Net semantic models.
+
+>>> from spineps_like.models import find_model, load_semantic_model
+>>> model = load_semantic_model("spineps_like_semantic")      # doctest: +SKIP
+>>> model.config.orientation, model.labels                     # doctest: +SKIP
+('PIR', {0: 0, 1: 41, ...})
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+from spineps_like.labels import SEMANTIC_ALIASES, Semantic
+from spineps_like.models.config import CONFIG_NAME, InferenceConfig, label_value
+from spineps_like.models.folders import (
+    MODELS_ENV,
+    ModelFolder,
+    bundled_models_dir,
+    discover_models,
+    find_model,
+    model_roots,
+    open_model_folder,
+)
+from spineps_like.models.manifest import (
+    MANIFEST_NAME,
+    ModelError,
+    read_manifest,
+    require_listed,
+    sha256_file,
+    verify_manifest,
+    write_manifest,
+)
+
+__all__ = [
+    "CONFIG_NAME", "MANIFEST_NAME", "MODELS_ENV", "InferenceConfig", "ModelError", "ModelFolder", "SemanticModel",
+    "bundled_models_dir", "discover_models", "find_model", "label_value", "load_semantic_model", "model_roots",
+    "open_model_folder", "read_manifest", "sha256_file", "verify_manifest", "write_manifest",
+]
+
+if TYPE_CHECKING:
+    from spineps_like.models.nnunet import NnUNetModel
+
+#: What a plain nnU-Net folder (no inference_config.json) is assumed to expect: SPINEPS' PIR convention, and no
+#: resampling before nnU-Net (which resamples to its plans spacing itself).
+DEFAULT_ORIENTATION = "PIR"
+
+
+def _semantic_lut(index_to_label: dict[int, int], where: str) -> np.ndarray:
+    """Lookup table output index -> scheme label (aliases such as 50 dense corpus -> 49 applied)."""
+    scheme = {int(s) for s in Semantic} | {0}
+    lut = np.zeros(max(index_to_label) + 1, dtype=np.uint8)
+    for idx, lab in index_to_label.items():
+        lab = SEMANTIC_ALIASES.get(lab, lab)
+        if lab not in scheme:
+            raise ModelError(f"{where}: output index {idx} maps to label {lab}, which is outside the semantic scheme")
+        lut[idx] = lab
+    return lut
+
+
+@dataclass
+class SemanticModel:
+    """A loaded semantic nnU-Net model: its folder, config (synthesised for plain nnU-Net folders), the nnU-Net
+    network/folds, and the lookup table from output index to semantic label."""
+
+    folder: ModelFolder
+    config: InferenceConfig
+    nnunet: "NnUNetModel"
+    lut: np.ndarray
+    verified: bool
+
+    @property
+    def name(self) -> str:
+        return self.folder.name
+
+    @property
+    def labels(self) -> dict[int, int]:
+        """{output index: semantic label}."""
+        return {i: int(v) for i, v in enumerate(self.lut)}
+
+    @property
+    def mirror_axes(self) -> tuple[int, ...]:
+        """Network axes test-time mirroring may flip: the checkpoint's, minus left-right when the model has sided
+        labels (43-48) and minus cranio-caudal when it has superior/inferior endplates (52, 53)."""
+        from spineps_like.models.nnunet import label_safe_mirror_axes
+
+        return label_safe_mirror_axes(self.config.orientation, self.nnunet.plans_manager.transpose_forward,
+                                      [int(v) for v in self.lut], self.nnunet.allowed_mirroring_axes)
+
+    @property
+    def default_folds(self) -> tuple[str, ...]:
+        have = set(self.nnunet.folds)
+        folds = tuple(f for f in self.config.available_folds if f in have)
+        return folds or (self.nnunet.folds[0],)
+
+    def predict_labels(
+        self,
+        array: np.ndarray,
+        spacing: Sequence[float],
+        *,
+        folds: Sequence[str | int] | None = None,
+        step_size: float | None = None,
+        mirroring: bool | None = None,
+        amp: bool = False,
+    ) -> np.ndarray:
+        """Sliding-window prediction on an array already on the model grid (model orientation).
+
+        The array is handed to nnU-Net the way SimpleITK would have read a NIfTI of it during training (axes and
+        spacing reversed), as SPINEPS does; nnU-Net then crops, normalises and resamples as its plans say.
+        Returns the semantic labels (uint8) on the same grid.
+        """
+        import torch
+
+        if array.ndim != 3:
+            raise ValueError(f"expected a 3D array, got shape {array.shape}")
+        folds = tuple(str(f) for f in folds) if folds is not None else self.default_folds
+        predictor = self.nnunet.predictor(
+            folds,
+            step_size=self.config.default_step_size if step_size is None else step_size,
+            mirroring=self.config.inference_augmentation if mirroring is None else mirroring,
+            mirror_axes=self.mirror_axes,
+        )
+        img = np.ascontiguousarray(np.asarray(array, dtype=np.float32).transpose(2, 1, 0))[None]
+        props = {"spacing": [float(s) for s in tuple(spacing)[::-1]]}
+        cpu_amp = amp and self.nnunet.device.type == "cpu"
+        with torch.autocast("cpu", dtype=torch.bfloat16) if cpu_amp else nullcontext():
+            seg = predictor.predict_single_npy_array(img, props)
+        seg = np.asarray(seg).transpose(2, 1, 0)
+        if seg.max(initial=0) >= len(self.lut):
+            raise ModelError(f"{self.folder.path}: network predicted index {int(seg.max())} without a label")
+        return self.lut[seg]
+
+
+def load_semantic_model(
+    name_or_path: str | os.PathLike | ModelFolder,
+    *,
+    device: str = "cpu",
+    checkpoint: str | None = None,
+    verify: bool = True,
+    orientation: str | None = None,
+    resolution_range: Sequence | None = None,
+) -> SemanticModel:
+    """Load a semantic nnU-Net model by name (see :func:`find_model`) or path.
+
+    Parameters
+    ----------
+    name_or_path
+        Model name, folder path, or a :class:`ModelFolder`.
+    device
+        'cpu', 'cuda' or 'mps'.
+    checkpoint
+        'final', 'best' or a file name; default: checkpoint_final.pth, else checkpoint_best.pth.
+    verify
+        Check ``MANIFEST.sha256`` before loading; a folder without one loads with a warning.
+    orientation, resolution_range
+        Override the config (needed for plain nnU-Net folders trained on something other than PIR).
+    """
+    from spineps_like.models.config import _check_resolution_range, check_orientation
+    from spineps_like.models.nnunet import NnUNetModel, available_folds, checkpoint_path, read_json
+
+    folder = name_or_path if isinstance(name_or_path, ModelFolder) else find_model(name_or_path)
+    verified = verify_manifest(folder.path) if verify else False  # before anything of the folder is read
+    if verify and not verified:
+        warnings.warn(f"{folder.path}: no {MANIFEST_NAME}; loading unverified model files", stacklevel=2)
+    if folder.nnunet_dir is None:
+        raise ModelError(f"{folder.path}: no nnU-Net results folder (plans.json, dataset.json, fold_*) inside")
+    if verified:  # every file that may be read must be covered (all folds: others can be requested later)
+        required = [folder.nnunet_dir / "plans.json", folder.nnunet_dir / "dataset.json"]
+        required += [checkpoint_path(folder.nnunet_dir, f, checkpoint) for f in available_folds(folder.nnunet_dir)]
+        if folder.config_path:
+            required.append(folder.config_path)
+        require_listed(folder.path, required)
+    cfg = folder.config()
+    dataset_json = read_json(folder.nnunet_dir / "dataset.json")
+    if cfg is not None:
+        if cfg.modeltype != "nnunet" or "SEG" in cfg.modalities:
+            raise ModelError(f"{cfg.path}: not a semantic nnU-Net model (modeltype {cfg.modeltype}, "
+                             f"modality {list(cfg.modalities)})")
+        index_to_label = dict(cfg.labels)
+        index_to_label.setdefault(0, 0)
+    else:
+        index_to_label = {}
+        for name, idx in dataset_json.get("labels", {}).items():
+            if name == "ignore":
+                continue
+            if not isinstance(idx, int):
+                raise ModelError(f"{folder.nnunet_dir / 'dataset.json'}: region-based label {name!r} is not supported")
+            try:
+                index_to_label[idx] = label_value(name)
+            except ValueError as e:
+                raise ModelError(f"{folder.nnunet_dir / 'dataset.json'}: {e}; add an {CONFIG_NAME}") from None
+        cfg = InferenceConfig(
+            log_name=folder.name, modalities=("T2w",), acquisition="sag", modeltype="nnunet",
+            orientation=DEFAULT_ORIENTATION, available_folds=tuple(available_folds(folder.nnunet_dir)),
+            inference_augmentation=False, resolution_range=None, default_step_size=0.5, labels=index_to_label,
+        )
+    n_out = [v for k, v in dataset_json.get("labels", {}).items() if k != "ignore"]
+    unmapped = sorted(set(v for v in n_out if isinstance(v, int)) - set(index_to_label))
+    if unmapped:
+        raise ModelError(f"{cfg.path or folder.path}: output indices {unmapped} of dataset.json have no label")
+    if orientation is not None or resolution_range is not None:
+        from dataclasses import replace
+
+        cfg = replace(
+            cfg,
+            orientation=check_orientation(orientation, "orientation") if orientation else cfg.orientation,
+            resolution_range=(_check_resolution_range(resolution_range, "resolution_range")
+                              if resolution_range is not None else cfg.resolution_range),
+        )
+    lut = _semantic_lut(index_to_label, str(cfg.path or folder.path))
+    n_in = len(dataset_json.get("channel_names", dataset_json.get("modality", {"0": ""})))
+    if n_in != 1:
+        raise ModelError(f"{folder.nnunet_dir / 'dataset.json'}: {n_in} input channels; only single-image models "
+                         "are supported")
+    nn = NnUNetModel(folder.nnunet_dir, device=device, checkpoint=checkpoint)
+    return SemanticModel(folder, cfg, nn, lut, verified)

@@ -1,0 +1,221 @@
+"""nnU-Net v2 results folders without trainer-name lookup.
+
+nnU-Net's own ``initialize_from_trained_model_folder`` imports every trainer module to find the class named in the
+checkpoint (and with it optional packages such as timm/torchvision). Here the network is built from ``plans.json``
+alone (``PlansManager`` -> ``ConfigurationManager`` -> ``get_network_from_plans``), the checkpoint's
+``network_weights`` are loaded with ``torch.load(weights_only=True)``, and the predictor is set up with
+``nnUNetPredictor.manual_initialization``. That is what any trainer that does not override
+``build_network_architecture`` would build — true for nnUNetTrainer and for SPINEPS' models.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import pickle
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+from spineps_like.models.manifest import ModelError
+
+CHECKPOINT_NAMES = ("checkpoint_final.pth", "checkpoint_best.pth")
+#: Labels that name a side (costal/articular processes left/right) or an end (superior/inferior endplate): a flip
+#: along that axis turns one into the other, so neither test-time mirroring nor training augmentation may flip it.
+SIDED_LABELS = (43, 44, 45, 46, 47, 48)
+ENDED_LABELS = (52, 53)
+
+
+def label_safe_mirror_axes(orientation: str, transpose_forward: Sequence[int], labels: Sequence[int],
+                           allowed: Sequence[int] = (0, 1, 2)) -> tuple[int, ...]:
+    """The network axes (nnU-Net's, after ``transpose_forward``) that may be mirrored without swapping labels.
+
+    ``orientation`` is that of the arrays given to nnU-Net before their axes are reversed (SimpleITK order), e.g.
+    'PIR' -> nnU-Net axes R, I, P. Left-right flips are excluded when ``labels`` hold sided labels (43-48),
+    cranio-caudal flips when they hold superior/inferior endplates (52, 53).
+    """
+    codes = orientation[::-1]
+    banned = set()
+    if set(labels) & set(SIDED_LABELS):
+        banned |= set("LR")
+    if set(labels) & set(ENDED_LABELS):
+        banned |= set("IS")
+    return tuple(int(a) for a in allowed if codes[transpose_forward[a]] not in banned)
+
+
+def available_folds(nnunet_dir: str | os.PathLike) -> list[str]:
+    """Fold names ('0', '1', ..., 'all') that hold a checkpoint."""
+    d = Path(nnunet_dir)
+    out = []
+    for f in sorted(d.glob("fold_*")):
+        if any((f / c).is_file() for c in CHECKPOINT_NAMES):
+            out.append(f.name[len("fold_"):])
+    return out
+
+
+def checkpoint_path(nnunet_dir: str | os.PathLike, fold: str, checkpoint: str | None = None) -> Path:
+    """The checkpoint file of ``fold``: ``checkpoint`` ('final', 'best' or a file name), else final, else best."""
+    d = Path(nnunet_dir) / f"fold_{fold}"
+    if checkpoint is not None:
+        name = f"checkpoint_{checkpoint}.pth" if checkpoint in ("final", "best", "latest") else checkpoint
+        p = d / name
+        if not p.is_file():
+            raise ModelError(f"{p}: no such checkpoint")
+        return p
+    for name in CHECKPOINT_NAMES:
+        if (d / name).is_file():
+            return d / name
+    have = ", ".join(available_folds(nnunet_dir)) or "none"
+    raise ModelError(f"{d}: no {' or '.join(CHECKPOINT_NAMES)} (folds with checkpoints: {have})")
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """``torch.load`` a checkpoint with ``weights_only=True``; checkpoints that need full unpickling (older nnU-Net
+    versions stored numpy scalars in their logs) are loaded with a warning, since unpickling runs code from the file."""
+    import torch
+
+    p = Path(path)
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        warnings.warn(f"{p}: not loadable with weights_only=True; unpickling it fully (only load files you trust)",
+                      stacklevel=2)
+        ckpt = torch.load(p, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"{p}: not a readable checkpoint ({msg})") from None
+    if not isinstance(ckpt, dict) or "network_weights" not in ckpt:
+        raise ModelError(f"{p}: not an nnU-Net checkpoint (no 'network_weights')")
+    return ckpt
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelError(f"{path}: no such file") from None
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def configuration_name(nnunet_dir: Path, checkpoint: dict, plans: dict) -> str:
+    """The plans configuration a checkpoint was trained with: from its init_args, else the folder name
+    (``Trainer__Plans__configuration``), else the only 3D configuration of the plans."""
+    conf = (checkpoint.get("init_args") or {}).get("configuration")
+    if conf:
+        return str(conf)
+    parts = nnunet_dir.name.split("__")
+    if len(parts) >= 3 and parts[-1] in plans.get("configurations", {}):
+        return parts[-1]
+    confs = [c for c in plans.get("configurations", {}) if c.startswith("3d")]
+    if len(confs) == 1:
+        return confs[0]
+    raise ModelError(f"{nnunet_dir}: cannot tell which plans configuration the checkpoint uses ({confs})")
+
+
+def build_network(plans_manager, configuration_manager, dataset_json: dict):
+    """The inference network (no deep supervision) of a plans configuration, weights not loaded."""
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+
+    n_in = determine_num_input_channels(plans_manager, configuration_manager, dataset_json)
+    n_out = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
+    return get_network_from_plans(
+        configuration_manager.network_arch_class_name,
+        configuration_manager.network_arch_init_kwargs,
+        configuration_manager.network_arch_init_kwargs_req_import,
+        n_in,
+        n_out,
+        allow_init=False,
+        deep_supervision=False,
+    )
+
+
+class NnUNetModel:
+    """An nnU-Net results folder ready for sliding-window prediction.
+
+    Folds are loaded lazily and cached; :meth:`predictor` returns an ``nnUNetPredictor`` set to the requested
+    folds, tile step size and mirroring.
+    """
+
+    def __init__(self, nnunet_dir: str | os.PathLike, *, device: str = "cpu", checkpoint: str | None = None):
+        import torch
+        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+        self.dir = Path(nnunet_dir)
+        self.checkpoint = checkpoint
+        self.dataset_json = read_json(self.dir / "dataset.json")
+        self.plans = read_json(self.dir / "plans.json")
+        self.folds = available_folds(self.dir)
+        if not self.folds:
+            raise ModelError(f"{self.dir}: no fold_*/checkpoint_final.pth or checkpoint_best.pth")
+        self._weights: dict[str, dict] = {}
+        first = load_checkpoint(checkpoint_path(self.dir, self.folds[0], checkpoint))
+        self._weights[self.folds[0]] = first["network_weights"]
+        self.trainer_name = str(first.get("trainer_name", "nnUNetTrainer"))
+        mirror = first.get("inference_allowed_mirroring_axes")
+        try:
+            self.plans_manager = PlansManager(self.plans)
+            self.configuration = configuration_name(self.dir, first, self.plans)
+            self.configuration_manager = self.plans_manager.get_configuration(self.configuration)
+            self.label_manager = self.plans_manager.get_label_manager(self.dataset_json)
+            self.network = build_network(self.plans_manager, self.configuration_manager, self.dataset_json)
+        except (KeyError, RuntimeError, ImportError, TypeError, AssertionError) as e:
+            raise ModelError(f"{self.dir / 'plans.json'}: cannot build the network ({type(e).__name__}: {e})") from None
+        self._check_weights(self.folds[0], first["network_weights"])
+        ndim = len(self.configuration_manager.patch_size)
+        self.allowed_mirroring_axes = tuple(mirror) if mirror is not None else tuple(range(ndim))
+        self.device = torch.device(device)
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints a notice for every CPU predictor
+            self._predictor = nnUNetPredictor(
+                tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
+                perform_everything_on_device=self.device.type != "cpu", device=self.device,
+                verbose=False, verbose_preprocessing=False, allow_tqdm=False,
+            )
+        self._predictor.manual_initialization(
+            self.network, self.plans_manager, self.configuration_manager, [first["network_weights"]],
+            self.dataset_json, self.trainer_name, self.allowed_mirroring_axes,
+        )
+
+    def _check_weights(self, fold: str, weights: dict) -> None:
+        expected = self.network.state_dict()
+        missing = sorted(set(expected) - set(weights))
+        unexpected = sorted(set(weights) - set(expected))
+        bad = [k for k in expected if k in weights and tuple(weights[k].shape) != tuple(expected[k].shape)]
+        if missing or unexpected or bad:
+            what = (f"missing {missing[:2]}" if missing else f"unexpected {unexpected[:2]}" if unexpected
+                    else f"shape mismatch at {bad[:2]}")
+            raise ModelError(
+                f"{self.dir}/fold_{fold}: checkpoint does not fit the network of plans.json ({what}); "
+                f"was it trained with a custom architecture (trainer {self.trainer_name})?"
+            )
+
+    def weights(self, fold: str) -> dict:
+        """The state dict of ``fold`` (loaded once, then cached)."""
+        if fold not in self.folds:
+            raise ModelError(f"{self.dir}: fold {fold!r} has no checkpoint (available: {', '.join(self.folds)})")
+        if fold not in self._weights:
+            w = load_checkpoint(checkpoint_path(self.dir, fold, self.checkpoint))["network_weights"]
+            self._check_weights(fold, w)
+            self._weights[fold] = w
+        return self._weights[fold]
+
+    def checkpoint_files(self, folds: Sequence[str]) -> list[Path]:
+        return [checkpoint_path(self.dir, f, self.checkpoint) for f in folds]
+
+    def predictor(self, folds: Sequence[str], *, step_size: float, mirroring: bool,
+                  mirror_axes: Sequence[int] | None = None):
+        """The nnUNetPredictor set to ``folds`` (an ensemble when several), ``step_size`` and ``mirroring``
+        (over ``mirror_axes`` when given, else the checkpoint's allowed axes)."""
+        if not 0 < step_size <= 1:
+            raise ValueError(f"step_size must be in (0, 1], got {step_size}")
+        p = self._predictor
+        p.list_of_parameters = [self.weights(str(f)) for f in folds]
+        p.tile_step_size = float(step_size)
+        axes = self.allowed_mirroring_axes if mirror_axes is None else tuple(mirror_axes)
+        p.allowed_mirroring_axes = axes
+        p.use_mirroring = bool(mirroring) and len(axes) > 0
+        return p

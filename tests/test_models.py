@@ -1,0 +1,199 @@
+"""Model folders: discovery, SPINEPS/nnU-Net layouts, manifests, config validation, network loading."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from spineps_like.models import (
+    MANIFEST_NAME,
+    MODELS_ENV,
+    InferenceConfig,
+    ModelError,
+    find_model,
+    load_semantic_model,
+    read_manifest,
+    verify_manifest,
+    write_manifest,
+)
+from spineps_like.training.semantic import write_random_model
+
+LABELS = (41, 49, 60, 61, 100)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return write_random_model(tmp_path_factory.mktemp("models") / "tiny_semantic", labels=LABELS)
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_discovery_by_name_both_layouts_and_error_lists_names(tmp_path, monkeypatch):
+    r1, r2 = tmp_path / "root1", tmp_path / "root2"
+    write_random_model(r1 / "Alpha_Model", labels=(49, 100))
+    write_random_model(r2 / "Dataset001_Beta" / "nnUNetTrainer__nnUNetPlans__3d_fullres", labels=(49,), layout="nnunet")
+    # a SPINEPS release zip: the config sits inside the nnU-Net folder, the model is named after its parent
+    zipped = write_random_model(r2 / "gamma" / "x", labels=(61,), layout="nnunet")
+    shutil.move(str(zipped), str(r2 / "gamma" / "nnUNetTrainer__nnUNetPlans__3d_fullres"))
+    cfg = json.loads((r1 / "Alpha_Model" / "inference_config.json").read_text())
+    cfg["labels"] = {"1": "Spinal_Canal"}
+    (r2 / "gamma" / "nnUNetTrainer__nnUNetPlans__3d_fullres" / "inference_config.json").write_text(json.dumps(cfg))
+    shutil.rmtree(r2 / "gamma" / "x", ignore_errors=True)
+    monkeypatch.setenv(MODELS_ENV, os.pathsep.join([str(r1), str(r2)]))
+
+    a = find_model("alpha_model")  # case-insensitive
+    assert a.layout == "spineps" and a.path == r1 / "Alpha_Model"
+    assert a.nnunet_dir == r1 / "Alpha_Model" / "nnUNetTrainer__SmallCPUPlans__3d_fullres"
+    b = find_model("Dataset001_Beta")
+    assert b.layout == "nnunet" and b.nnunet_dir == b.path
+    g = find_model("gamma")
+    assert g.layout == "spineps" and g.nnunet_dir == g.path
+    with pytest.warns(UserWarning, match="no MANIFEST"):
+        assert load_semantic_model(g).labels == {0: 0, 1: 61}
+
+    with pytest.raises(ModelError) as e:
+        find_model("does_not_exist")
+    msg = str(e.value)
+    assert "\n" not in msg and "does_not_exist" in msg
+    for name in ("Alpha_Model", "Dataset001_Beta", "gamma"):
+        assert name in msg
+
+
+def test_find_model_by_path_and_missing_path(model_dir, tmp_path):
+    m = find_model(str(model_dir))
+    assert m.name == "tiny_semantic" and m.config_path is not None
+    with pytest.raises(ModelError, match="no such model folder"):
+        find_model(str(tmp_path / "nowhere" / "x"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="no inference_config.json"):
+        find_model(str(tmp_path / "empty"))
+
+
+def test_manifest_is_sha256sum_format_and_verifies(model_dir):
+    entries = read_manifest(model_dir)
+    assert "inference_config.json" in entries
+    assert any(k.endswith("fold_0/checkpoint_final.pth") for k in entries)
+    assert verify_manifest(model_dir) is True
+    if shutil.which("sha256sum"):
+        r = subprocess.run(["sha256sum", "--quiet", "-c", MANIFEST_NAME], cwd=model_dir, capture_output=True)
+        assert r.returncode == 0, r.stderr
+
+
+def test_tampered_missing_or_unlisted_file_is_refused(model_dir, tmp_path):
+    m = _copy(model_dir, tmp_path / "tampered")
+    ck = next(m.rglob("checkpoint_final.pth"))
+    data = bytearray(ck.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    ck.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="sha256 mismatch") as e:
+        load_semantic_model(m)
+    assert "checkpoint_final.pth" in str(e.value) and "\n" not in str(e.value)
+
+    m2 = _copy(model_dir, tmp_path / "missing")
+    next(m2.rglob("plans.json")).unlink()
+    with pytest.raises(ModelError, match=r"plans.json: listed in MANIFEST.sha256 but missing"):
+        load_semantic_model(m2)
+
+    m3 = _copy(model_dir, tmp_path / "unlisted")
+    fold0 = next(m3.rglob("fold_0"))
+    shutil.copytree(fold0, fold0.parent / "fold_1")
+    with pytest.raises(ModelError, match="fold_1/checkpoint_final.pth: not listed"):
+        load_semantic_model(m3)
+    write_manifest(m3)  # re-signed by its owner: accepted again
+    assert load_semantic_model(m3).verified
+
+
+def test_folder_without_manifest_loads_with_warning(model_dir, tmp_path):
+    m = _copy(model_dir, tmp_path / "user_model")
+    (m / MANIFEST_NAME).unlink()
+    with pytest.warns(UserWarning, match="no MANIFEST.sha256"):
+        model = load_semantic_model(m)
+    assert not model.verified
+
+
+def test_plain_nnunet_folder_labels_from_dataset_json(tmp_path):
+    p = write_random_model(tmp_path / "Dataset002_Plain" / "nnUNetTrainer__nnUNetPlans__3d_fullres",
+                           labels=(26, 49, 100), layout="nnunet")
+    with pytest.warns(UserWarning):
+        model = load_semantic_model(p)
+    assert model.labels == {0: 0, 1: 26, 2: 49, 3: 100}
+    assert model.config.orientation == "PIR" and model.config.resolution_range is None
+    ds = json.loads((p / "dataset.json").read_text())
+    ds["labels"]["Ribs"] = 4  # a label outside the scheme must be refused by name
+    (p / "dataset.json").write_text(json.dumps(ds))
+    with pytest.raises(ModelError, match="outside the semantic scheme|Ribs"):
+        load_semantic_model(p, verify=False)
+
+
+def test_loaded_network_equals_checkpoint_and_mismatch_is_refused(model_dir, tmp_path):
+    import torch
+
+    model = load_semantic_model(model_dir)
+    ck = torch.load(next(model_dir.rglob("checkpoint_final.pth")), weights_only=True)
+    sd = model.nnunet.weights("0")
+    assert set(sd) == set(ck["network_weights"])
+    assert all(torch.equal(sd[k], ck["network_weights"][k]) for k in sd)
+    assert model.nnunet.allowed_mirroring_axes == (0, 1, 2)
+
+    other = write_random_model(tmp_path / "bigger", labels=LABELS, features=(6, 12))
+    m = _copy(model_dir, tmp_path / "mismatch")
+    shutil.copy(next(other.rglob("checkpoint_final.pth")), next(m.rglob("checkpoint_final.pth")))
+    write_manifest(m)
+    with pytest.raises(ModelError, match="does not fit the network"):
+        load_semantic_model(m)
+
+
+def test_label_safe_mirror_axes():
+    from spineps_like.models.nnunet import label_safe_mirror_axes
+
+    # PIR arrays reach nnU-Net as (R, I, P)
+    assert label_safe_mirror_axes("PIR", [0, 1, 2], [41, 49, 61]) == (0, 1, 2)
+    assert label_safe_mirror_axes("PIR", [0, 1, 2], [43, 49]) == (1, 2)  # no left-right flip
+    assert label_safe_mirror_axes("PIR", [0, 1, 2], [43, 52]) == (2,)  # nor a head-feet flip
+    assert label_safe_mirror_axes("PIR", [2, 0, 1], [52]) == (0, 1)  # network axes follow transpose_forward: P, R, I
+    assert label_safe_mirror_axes("RAS", [0, 1, 2], [44], allowed=(0, 1)) == (0, 1)  # S, A stay; R (axis 2) banned
+
+
+def test_inference_config_validation(model_dir):
+    good = json.loads((model_dir / "inference_config.json").read_text())
+    cfg = InferenceConfig.from_dict(good)
+    assert cfg.orientation == "PIR" and cfg.available_folds == ("0",)
+    assert cfg.labels == {1: 41, 2: 49, 3: 60, 4: 61, 5: 100}
+    assert InferenceConfig.from_dict({**good, "available_folds": 3}).available_folds == ("0", "1", "2")
+    assert InferenceConfig.from_dict({**good, "labels": {"1": "S1", "2": 50, "3": "Dens_axis"}}).labels == {
+        1: 26, 2: 50, 3: 51}
+    bad = [
+        ({"model_expected_orientation": ["P", "I", "X"]}, "model_expected_orientation"),
+        ({"model_expected_orientation": ["P", "A", "R"]}, "model_expected_orientation"),
+        ({"labels": {"1": "Not_A_Label"}}, "labels"),
+        ({"resolution_range": [[2, 2, 2], [1, 1, 1]]}, "resolution_range"),
+        ({"default_step_size": 1.5}, "default_step_size"),
+        ({"modality": "XRay"}, "modality"),
+    ]
+    for change, key in bad:
+        with pytest.raises(ModelError, match=key) as e:
+            InferenceConfig.from_dict({**good, **change}, "cfg.json")
+        assert "\n" not in str(e.value)
+    with pytest.raises(ModelError, match="missing keys"):
+        InferenceConfig.from_dict({k: v for k, v in good.items() if k != "labels"})
+
+
+def test_no_timm_or_torchvision_is_imported(model_dir):
+    code = (
+        "import sys, warnings; warnings.simplefilter('ignore');"
+        "from spineps_like.models import load_semantic_model;"
+        f"m = load_semantic_model({str(model_dir)!r});"
+        "bad = [k for k in sys.modules if k.split('.')[0] in ('timm', 'torchvision')];"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr

@@ -1,0 +1,223 @@
+"""Semantic phase: clean-up, N4, prediction through nnU-Net on the model grid, training export."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from spineps_like.geometry import to_model_grid
+from spineps_like.io import Scan, load_scan
+from spineps_like.labels import Semantic
+from spineps_like.models import load_semantic_model, write_manifest
+from spineps_like.semantic import clean_semantic, n4_bias_correction, normalize_intensity, predict_semantic
+from spineps_like.training.semantic import (
+    prepare_case,
+    write_random_model,
+    write_raw_dataset,
+)
+
+SCHEME = {int(s) for s in Semantic} | {0}
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    folder = write_random_model(tmp_path_factory.mktemp("m") / "tiny", labels=(41, 49, 60, 61, 100))
+    return load_semantic_model(folder)
+
+
+def _ras_scan(shape=(40, 48, 14), spacing=(0.9, 0.8, 3.3), seed=0) -> Scan:
+    aff = np.diag([*spacing, 1.0])
+    aff[:3, 3] = (-15.0, 20.0, -7.0)
+    img = np.random.default_rng(seed).normal(200, 30, shape).astype(np.float32)
+    return Scan(img, aff)
+
+
+# ---------------------------------------------------------------- clean-up
+def test_clean_semantic_removes_small_far_and_fills_holes():
+    m = np.zeros((60, 80, 30), np.uint8)
+    m[10:30, 10:30, 8:22] = 49  # corpus ...
+    m[18:22, 18:22, 13:17] = 0  # ... with an enclosed hole
+    m[30:40, 12:28, 10:20] = 61  # canal around the cord
+    m[33:37, 16:24, 13:17] = 60
+    m[10:30, 33:37, 8:22] = 100  # disc 3 voxels below the corpus (inside the region margin)
+    m[45:47, 70:71, 25:26] = 41  # 2 voxels: small
+    m[50:58, 60:78, 0:6] = 49  # big, but far from the spine
+    out = clean_semantic(m, (1.0, 1.0, 1.0), stats=(st := {}))
+    assert out[18:22, 18:22, 13:17].min() == 49  # hole filled with the corpus label
+    assert (out[33:37, 16:24, 13:17] == 60).all()  # the cord is not a hole of the canal
+    assert (out[10:30, 33:37, 8:22] == 100).all()  # nearby component kept
+    assert not out[45:47, 70:71, 25:26].any()  # small blob removed
+    assert not out[50:58, 60:78, 0:6].any()  # far component removed
+    assert st == {"small_removed": 2, "region_removed": 8 * 18 * 6, "holes_filled": 4 * 4 * 4}
+    assert (m[45, 70, 25] == 41) and (m[50, 60, 0] == 49)  # input untouched
+
+
+def test_clean_semantic_thresholds_are_in_mm():
+    m = np.zeros((30, 30, 30), np.uint8)
+    m[5:25, 5:25, 5:25] = 49
+    m[5:7, 27, 10] = 42  # 2 voxels, touching nothing but inside the region margin
+    assert clean_semantic(m, (1.0, 1.0, 1.0))[5, 27, 10] == 0  # 2 mm^3 < 27.8 mm^3
+    assert clean_semantic(m, (3.0, 3.0, 3.0))[5, 27, 10] == 42  # 54 mm^3 stays
+    assert clean_semantic(m, (1.0, 1.0, 1.0), min_volume_mm3=1)[5, 27, 10] == 42
+    empty = np.zeros((5, 5, 5), np.uint8)
+    assert not clean_semantic(empty, (1, 1, 1)).any()
+    with pytest.raises(ValueError, match="3D"):
+        clean_semantic(np.zeros((5, 5), np.uint8), (1, 1))
+
+
+# ---------------------------------------------------------------- intensities
+def test_normalize_intensity_and_n4_removes_a_smooth_bias():
+    x = normalize_intensity(np.array([[[-1024.0, 0.0, 3000.0]]]))
+    assert x.min() == 0 and x.max() == pytest.approx(1500)
+    assert normalize_intensity(np.array([[[10.0, 20.0]]])).max() == 10  # never scaled up
+
+    shape, sp = (96, 96, 12), (2.0, 2.0, 4.0)
+    g = np.meshgrid(*[np.arange(n) * s for n, s in zip(shape, sp)], indexing="ij")
+    body = ((g[0] - 96) ** 2 + (g[1] - 96) ** 2) < 80**2
+    bias = np.exp(0.5 * (g[0] / 192 - 0.5) - 0.4 * (g[1] / 192 - 0.5))
+    rng = np.random.default_rng(1)
+    img = normalize_intensity(body * 600 * bias + np.abs(rng.normal(0, 5, shape)))
+    cor = n4_bias_correction(img, sp)
+    cv = lambda a: a[body].std() / a[body].mean()  # noqa: E731
+    assert cor.shape == img.shape and cor.dtype == np.float32
+    assert cv(cor) < cv(img) / 3
+    assert np.array_equal(n4_bias_correction(np.zeros(shape), sp), np.zeros(shape))
+
+
+# ---------------------------------------------------------------- prediction
+def test_predict_semantic_real_network_on_input_grid(model, sample_mri):
+    scan = load_scan(sample_mri["image"])  # a real PIR 1.5 mm crop: R gets resampled into [2, 4] mm
+    t = {}
+    out = predict_semantic(scan, model, timings=t)
+    assert out.shape == scan.shape and np.allclose(out.affine, scan.affine)
+    assert set(np.unique(out.array).tolist()) <= SCHEME and out.array.dtype == np.uint8
+    assert {"prepare", "resample", "predict", "clean", "restore", "total"} <= set(t)
+    ras = _ras_scan()
+    out = predict_semantic(ras, model, mirroring=True, step_size=0.75, n4=True)
+    assert out.orientation == "RAS" and out.shape == ras.shape and np.allclose(out.affine, ras.affine)
+
+
+def _constant_output(model_dir, index: int, label_override: dict | None = None):
+    """Make the network's last layer predict ``index`` everywhere (zero weights, large bias)."""
+    import torch
+
+    ck_path = next(model_dir.rglob("checkpoint_final.pth"))
+    ck = torch.load(ck_path, weights_only=True)
+    w = ck["network_weights"]
+    key = sorted(k for k in w if k.startswith("decoder.seg_layers.") and k.endswith(".weight"))[-1]
+    w[key].zero_()
+    b = w[key[: -len("weight")] + "bias"]
+    b.zero_()
+    b[index] = 10.0
+    torch.save(ck, ck_path)
+    if label_override:
+        cfg = json.loads((model_dir / "inference_config.json").read_text())
+        cfg["labels"].update(label_override)
+        (model_dir / "inference_config.json").write_text(json.dumps(cfg))
+    write_manifest(model_dir)
+
+
+def test_output_indices_map_through_the_config_labels(tmp_path):
+    d = write_random_model(tmp_path / "const", labels=(41, 49, 60, 61, 100))
+    _constant_output(d, 2)
+    scan = _ras_scan(seed=3)
+    assert np.unique(predict_semantic(scan, load_semantic_model(d)).array).tolist() == [49]
+    _constant_output(d, 2, {"2": "Spinal_Canal"})  # the config decides, not dataset.json
+    assert np.unique(predict_semantic(scan, load_semantic_model(d)).array).tolist() == [61]
+
+
+def test_orientation_resolution_and_axis_order_are_honoured(model, monkeypatch):
+    """A fake nnU-Net that thresholds its input: the bright box must come back where it is in the RAS scan."""
+    shape, spacing = (16, 50, 60), (3.3, 0.7, 0.8)  # sagittal slices, stored R, A, S
+    aff = np.diag([*spacing, 1.0])
+    img = np.full(shape, 10.0, np.float32)
+    img[2:9, 5:20, 30:55] = 500.0  # an off-centre box: any flip or axis swap would move it
+    scan = Scan(img, aff)
+    seen = {}
+
+    class FakePredictor:
+        def predict_single_npy_array(self, arr, props):
+            seen["shape"], seen["spacing"] = arr.shape, props["spacing"]
+            return np.where(arr[0] > 250, 2, 0).astype(np.uint8)  # index 2 -> label 49
+
+    monkeypatch.setattr(model.nnunet, "predictor", lambda *a, **k: FakePredictor())
+    out = predict_semantic(scan, model)
+    grid = to_model_grid(scan, "PIR", model.config.resolution_range)
+    assert grid.orientation == "PIR" and np.allclose(grid.spacing, (1.5, 1.5, 3.3))  # P, I clamped to 1.5, R kept
+    assert seen["shape"] == (1, *grid.shape[::-1])  # SimpleITK axis order, as nnU-Net was trained
+    assert np.allclose(seen["spacing"], grid.spacing[::-1])
+    assert set(np.unique(out.array).tolist()) == {0, 49}
+    truth = img > 250
+    dice = 2 * np.sum(truth & (out.array == 49)) / (truth.sum() + (out.array == 49).sum())
+    assert dice > 0.9, dice
+
+
+def test_predict_semantic_rejects_bad_input(model):
+    bad = _ras_scan()
+    bad.array[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        predict_semantic(bad, model)
+    with pytest.raises(ValueError, match="model must be"):
+        predict_semantic(_ras_scan(), object())
+
+
+def test_empty_prediction_warns(tmp_path):
+    d = write_random_model(tmp_path / "bg", labels=(49,))
+    _constant_output(d, 0)
+    with pytest.warns(UserWarning, match="no spine"):
+        out = predict_semantic(_ras_scan(), load_semantic_model(d))
+    assert not out.array.any()
+
+
+# ---------------------------------------------------------------- training data
+def test_prepare_case_matches_inference_grid_and_raw_dataset(tmp_path, sample_ct):
+    image, sem = load_scan(sample_ct["image"]), load_scan(sample_ct["semantic"], kind="mask")
+    rr = [[1.2, 1.2, 2.0], [1.2, 1.2, 4.0]]
+    img, seg = prepare_case(image, sem, resolution_range=rr, normalize=False)
+    ref = to_model_grid(image, "PIR", rr)
+    assert img.shape == ref.shape and np.allclose(img.affine, ref.affine) and np.allclose(img.array, ref.array)
+    assert 50 not in np.unique(seg.array) and 49 in np.unique(seg.array)  # dense corpus mapped to 49
+    ds = write_raw_dataset([("case_0000", img, seg)], tmp_path / "Dataset900_T")
+    names = {v: k for k, v in ds["labels"].items()}
+    present = sorted(set(np.unique(seg.array).tolist()) - {0})
+    assert sorted(ds["labels"].values()) == list(range(len(present) + 1))  # consecutive
+    lab = np.asarray(nib.load(str(tmp_path / "Dataset900_T" / "labelsTr" / "case_0000.nii.gz")).dataobj)
+    from spineps_like.models import label_value
+
+    back = np.vectorize(lambda i: label_value(names[int(i)]))(lab)
+    assert np.array_equal(back, seg.array)  # indices name the scheme labels
+    with pytest.raises(ValueError, match="same grid"):
+        prepare_case(image, Scan(sem.array[:-1], sem.affine))
+
+
+@pytest.mark.slow
+def test_training_smoke_end_to_end(tmp_path, sample_ct, sample_mri):
+    """Two nnU-Net iterations on the real crops: raw dataset -> plans -> preprocess -> train -> model folder."""
+    import torch
+
+    from spineps_like.training.semantic import SemanticTrainingRun, run_training
+
+    torch.set_num_threads(1)
+    cases = []
+    for i, s in enumerate([sample_ct, sample_mri]):
+        img, seg = prepare_case(load_scan(s["image"]), load_scan(s["semantic"], kind="mask"))
+        cases.append((f"case_{i:04d}", img, seg))
+    run = SemanticTrainingRun(out=str(tmp_path / "smoke_model"), n_train=2, seed=0, iterations=2, work=str(tmp_path / "w"),
+                              iterations_per_epoch=1, val_iterations=1, patch_size=(32, 32, 16), da_processes=0,
+                              threads=1, name="smoke")
+    out = run_training(run, ["--smoke"], cases=cases)
+    assert (out / "MANIFEST.sha256").is_file() and (out / "TRAINING.md").is_file()
+    model = load_semantic_model(out)
+    assert model.verified and model.config.orientation == "PIR"
+    assert 43 in model.labels.values() and 52 not in model.labels.values()  # the crops have sides, no 52/53
+    assert model.mirror_axes == (1, 2)  # no left-right flip at test time (nnU-Net axes R, I, P) ...
+    assert model.nnunet.allowed_mirroring_axes == (1, 2)  # ... nor in training
+    scan = load_scan(sample_mri["image"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pred = predict_semantic(scan, model)
+    assert pred.shape == scan.shape and set(np.unique(pred.array).tolist()) <= SCHEME
