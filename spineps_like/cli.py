@@ -80,6 +80,34 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return int(train_main(args.extra) or 0)
 
 
+def _cmd_models(args: argparse.Namespace) -> int:
+    from spineps_like.models import discover_models, find_model
+    from spineps_like.models.folders import open_model_folder
+    from spineps_like.models.manifest import read_manifest, verify_manifest
+
+    if args.action == "list":
+        models = discover_models()
+        if not models:
+            print("no models found (bundled models/ or $SPINEPS_LIKE_MODELS)")
+        for m in models.values():
+            m = open_model_folder(m.path)
+            kind = "nnU-Net (semantic)" if m.nnunet_dir is not None else "Unet3D (instance)"
+            manifest = "sha256 manifest" if read_manifest(m.path) is not None else "no manifest"
+            print(f"{m.name}\t{kind}\t{m.layout}\t{manifest}\t{m.path}")
+        return 0
+    if args.action == "verify":
+        folder = find_model(args.name)
+        if not verify_manifest(folder.path):
+            raise CLIError(f"{folder.path}: has no MANIFEST.sha256 to verify")
+        print(f"{folder.path}: every file matches MANIFEST.sha256")
+        return 0
+    from spineps_like.models.export import export_spineps
+
+    for path in export_spineps(args.out, semantic_model=args.semantic_model, instance_model=args.instance_model):
+        print(path)
+    return 0
+
+
 def _cmd_labels(args: argparse.Namespace) -> int:
     from spineps_like.labels import export_colour_table
 
@@ -173,9 +201,19 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("what", choices=["semantic", "instance"])
     tr.set_defaults(func=_cmd_train)
 
+    md = sub.add_parser("models", help="list, verify or export models")
+    msub = md.add_subparsers(dest="action", metavar="ACTION", required=True)
+    msub.add_parser("list", help="models found in models/ and $SPINEPS_LIKE_MODELS")
+    mv = msub.add_parser("verify", help="check a model folder against its MANIFEST.sha256")
+    mv.add_argument("name", help="model name or folder")
+    me = msub.add_parser("export-spineps", help="write the bundled models as SPINEPS 2.1.3 model folders")
+    me.add_argument("out", type=Path)
+    me.add_argument("--semantic-model", default="semantic-phantom")
+    me.add_argument("--instance-model", default="instance-phantom")
+    md.set_defaults(func=_cmd_models)
+
     for name, issue, hlp in [
         ("cohort", 6, "process a cohort with a resumable manifest"),
-        ("models", 7, "list / export models"),
     ]:
         sp = sub.add_parser(name, help=hlp)
         sp.set_defaults(func=_not_yet(name, issue))
