@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,ray]'
 	@# PyPI's torchvision (pulled by timm <- dynamic-network-architectures) fails to import beside the CPU
 	@# torch 2.13 wheel; nothing here imports it (networks are built from plans.json, never by trainer lookup).
 	$(PY) -m pip uninstall -q -y torchvision || true

@@ -115,13 +115,6 @@ def _cmd_labels(args: argparse.Namespace) -> int:
     return 0
 
 
-def _not_yet(name: str, issue: int):
-    def run(args: argparse.Namespace) -> int:
-        raise CLIError(f"'{name}' is not implemented yet (issue {issue})")
-
-    return run
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="spineps-like", description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--version", action="version", version=f"spineps-like {__version__}")
@@ -212,11 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     me.add_argument("--instance-model", default="instance-phantom")
     md.set_defaults(func=_cmd_models)
 
-    for name, issue, hlp in [
-        ("cohort", 6, "process a cohort with a resumable manifest"),
-    ]:
-        sp = sub.add_parser(name, help=hlp)
-        sp.set_defaults(func=_not_yet(name, issue))
+    from spineps_like.cohort.run import add_cohort_parser
+
+    add_cohort_parser(sub)
     return p
 
 
@@ -227,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    if extra and args.command not in ("cohort", "models", "train"):
+    if extra and args.command != "train":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args) or 0)
