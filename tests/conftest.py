@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,17 @@ def tptbox_sample(kind: str) -> dict[str, Path]:
         "instance": next(f for f in files if "_seg-vert" in f.name),
     }
     return out
+
+
+@lru_cache(maxsize=None)
+def tptbox_crop(kind: str):
+    """(semantic array, instance array, spacing) of the TPTBox sample crop 'mri' or 'ct', loaded once."""
+    from spineps_like.io import load_scan
+
+    paths = tptbox_sample(kind)
+    sem = load_scan(paths["semantic"], kind="mask")
+    inst = load_scan(paths["instance"], kind="mask")
+    return sem.array, inst.array, sem.spacing
 
 
 @pytest.fixture(scope="session")

@@ -10,18 +10,13 @@ import pytest
 
 from spineps_like.assign import assign_ivds_endplates, vertebra_order
 from spineps_like.instance.geometric import contact_counts, geometric_instances
-from spineps_like.io import load_scan
 from synthetic_spine import make_spine
 
 
-@lru_cache(maxsize=None)
 def _crop(kind: str):
-    from conftest import tptbox_sample
+    from conftest import tptbox_crop
 
-    paths = tptbox_sample(kind)
-    sem = load_scan(paths["semantic"], kind="mask")
-    inst = load_scan(paths["instance"], kind="mask")
-    return sem.array, inst.array, sem.spacing
+    return tptbox_crop(kind)
 
 
 @lru_cache(maxsize=None)
