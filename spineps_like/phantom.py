@@ -726,31 +726,26 @@ def _paint_articular(cv: _Canvas, v: _Vert, above: _Vert | None, below: _Vert | 
         xf, zf = _facet_geometry(v, side)
         r = v.fa_r
         up, down = -v.wdir((0, 1, 0)), v.wdir((0, 1, 0))
-        # superior articular process: meets the inferior one of the vertebra above
-        root = v.world((xf, -0.1 * v.H, zf))
-        if above is not None:
-            J, n = _facet_joint(above, v, side)
-            res = _capsule(cv, root - 0.5 * r * n, J - 0.5 * r * n + 0.45 * v.fa_len * up, (r, r), (0.9 * r, 0.9 * r),
-                           v.wdir((0, 0, 1)), owner=v.vid, planes=[(J, n)], outside=v)
-        else:
-            tip = root + (0.5 * v.H + 0.5 * v.fa_len) * up
-            res = _capsule(cv, root, tip, (r, r), (0.85 * r, 0.85 * r), v.wdir((0, 0, 1)), owner=v.vid, outside=v)
-        if res is not None:
-            sl, inside, cx = res
-            cv.paint(sl, inside, sem_override or sap, inst, np.where(cx, np.uint8(cortex), np.uint8(marrow)))
-        if superior_only:
-            continue
-        root = v.world((xf + 1.0, 0.3 * v.H, zf))
-        if below is not None:
-            J, n = _facet_joint(v, below, side)
-            res = _capsule(cv, root + 0.5 * r * n, J + 0.5 * r * n + 0.45 * v.fa_len * down, (r, r),
-                           (0.9 * r, 0.9 * r), v.wdir((0, 0, 1)), owner=v.vid, planes=[(J, -n)], outside=v)
-        else:
-            tip = root + (0.5 * v.H + 0.5 * v.fa_len) * down
-            res = _capsule(cv, root, tip, (r, r), (0.85 * r, 0.85 * r), v.wdir((0, 0, 1)), owner=v.vid, outside=v)
-        if res is not None:
-            sl, inside, cx = res
-            cv.paint(sl, inside, sem_override or iap, inst, np.where(cx, np.uint8(cortex), np.uint8(marrow)))
+        # superior articular process: meets the inferior one of the vertebra above (the joint normal n points from
+        # above to below, so the superior process sits on its -n side); the inferior one meets the vertebra below
+        processes = [(v.world((xf, -0.1 * v.H, zf)), up, _facet_joint(above, v, side) if above is not None else None,
+                      -1.0, sap)]
+        if not superior_only:
+            processes.append((v.world((xf + 1.0, 0.3 * v.H, zf)), down,
+                              _facet_joint(v, below, side) if below is not None else None, 1.0, iap))
+        for root, direction, joint, sign, label in processes:
+            if joint is not None:
+                J, n = joint
+                res = _capsule(cv, root + sign * 0.5 * r * n, J + sign * 0.5 * r * n + 0.45 * v.fa_len * direction,
+                               (r, r), (0.9 * r, 0.9 * r), v.wdir((0, 0, 1)), owner=v.vid, planes=[(J, -sign * n)],
+                               outside=v)
+            else:
+                tip = root + (0.5 * v.H + 0.5 * v.fa_len) * direction
+                res = _capsule(cv, root, tip, (r, r), (0.85 * r, 0.85 * r), v.wdir((0, 0, 1)), owner=v.vid,
+                               outside=v)
+            if res is not None:
+                sl, inside, cx = res
+                cv.paint(sl, inside, sem_override or label, inst, np.where(cx, np.uint8(cortex), np.uint8(marrow)))
 
 
 def _spinous_segment(v: _Vert) -> tuple[np.ndarray, np.ndarray]:
