@@ -16,12 +16,15 @@ Steps, in order (each counted in the report):
 3. holes of each instance are filled (:func:`fill_voids.fill` on its bounding box) where the semantic mask agrees;
 4. instance voxels where the semantic mask is background (or canal/cord) are cleared;
 5. articular components (45-48) split between instances go to the one holding > ``dominance`` x the runner-up;
+   each vertebral body (corpus + endplates) goes to the vertebra holding most of it (a block vertebra's two
+   vertebrae may share one); a vertebra without any body voxel is released unless the field of view cut it off;
 6. stray pieces: a piece of a vertebra instance not connected to its main body but touching another vertebra goes to
    the vertebra it touches most (contacts across facet joints, 47/48 against 45/46, do not count: an arch cut off
    from its corpus by the field of view rests on the vertebra below through its facets and stays itself);
 7. every semantic component still without an instance goes to the touching instance (of a compatible class) with the
    most contact; isolated ones are dropped from both masks (a large one with corpus becomes a new vertebra when
-   ``keep_isolated_vertebrae``).
+   ``keep_isolated_vertebrae``), and the pieces of the vertebra beyond the topmost / bottommost one that the field
+   of view cut off (a spinous tip, a facet) become one new vertebra (``keep_cut_fragments``).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import cc3d
 import fill_voids
 import numpy as np
 
-from spineps_like.assign import assign_ivds_endplates, map_aliases
+from spineps_like.assign import assign_ivds_endplates, map_aliases, vertebra_order
 from spineps_like.geometry import bbox
 from spineps_like.instance.centres import check_mask, check_spacing
 from spineps_like.instance.geometric import dominant_partner, facet_free_contacts
@@ -108,6 +111,9 @@ class PostprocessReport:
     cleared_on_background: int = 0
     articular_relabelled: int = 0
     stray_relabelled: int = 0
+    corpus_relabelled: int = 0
+    bodyless_released: int = 0
+    cut_pieces_detached: int = 0
     missing_assigned: int = 0
     dropped_components: int = 0
     dropped_voxels: int = 0
@@ -132,6 +138,139 @@ def _relabel_components(comp: np.ndarray, targets: dict[int, int], inst: np.ndar
     return changed
 
 
+def _cut_fragment_groups(comp: np.ndarray, cands: list[int], ins: np.ndarray, s: np.ndarray, sp: np.ndarray,
+                         box: tuple[slice, ...], full_shape: tuple[int, ...], min_mm3: float) -> list[list[int]]:
+    """Components of ``comp`` (ids ``cands``, bone without an instance) that are the field-of-view remains of the
+    vertebra above the topmost / below the bottommost one: [top group, bottom group], each only when one of its
+    pieces touches the edge of the whole volume and the group holds at least ``min_mm3``."""
+    if not cands:
+        return []
+    vert = np.where((ins > 0) & (ins < IVD_OFFSET), ins, 0)
+    ids, cen, axes = vertebra_order(vert, s, sp)
+    has_sacrum = bool(len(ids)) and ids[-1] == SACRUM_ID
+    if has_sacrum:
+        ids, cen, axes = ids[:-1], cen[:-1], axes[:-1]
+    if len(ids) == 0:
+        return []
+    stats = cc3d.statistics(comp)
+    groups: dict[str, list[int]] = {"top": [], "bottom": []}
+    touch = {"top": False, "bottom": False}
+    for c in cands:
+        at_edge = _at_volume_edge(stats["bounding_boxes"][c], box, full_shape)
+        x = np.asarray(stats["centroids"][c], dtype=float)
+        if np.dot((x - cen[0]) * sp, axes[0]) < 0:
+            side = "top"
+        elif not has_sacrum and np.dot((x - cen[-1]) * sp, axes[-1]) > 0:
+            side = "bottom"
+        else:
+            continue
+        groups[side].append(c)
+        touch[side] |= at_edge
+    vox = float(np.prod(sp))
+    return [g for side, g in groups.items()
+            if g and touch[side] and sum(int(stats["voxel_counts"][c]) for c in g) * vox >= min_mm3]
+
+
+def _at_volume_edge(bb: Sequence[slice], box: Sequence[slice], full_shape: Sequence[int]) -> bool:
+    """Whether a bounding box ``bb`` (inside ``box``) reaches a face of the whole volume."""
+    lo = np.array([b.start for b in box]) + np.array([b.start for b in bb])
+    hi = np.array([b.start for b in box]) + np.array([b.stop for b in bb])
+    return bool((lo == 0).any() or (hi == np.asarray(full_shape)).any())
+
+
+def _detach_cut_pieces(ins: np.ndarray, s: np.ndarray, sp: np.ndarray, box: tuple[slice, ...],
+                       full_shape: tuple[int, ...]) -> int:
+    """Clear (in place) the pieces of the topmost / bottommost vertebra that are not connected to its main body, lie
+    beyond its corpus centre along the spine and reach the edge of the volume: the remains of the next vertebra,
+    which the field of view cut off (e.g. a spinous tip the network painted as the end vertebra). Returns voxels."""
+    vert = np.where((ins > 0) & (ins < IVD_OFFSET), ins, 0)
+    ids, cen, axes = vertebra_order(vert, s, sp)
+    has_sacrum = bool(len(ids)) and ids[-1] == SACRUM_ID
+    if has_sacrum:
+        ids, cen, axes = ids[:-1], cen[:-1], axes[:-1]
+    if len(ids) == 0:
+        return 0
+    ends = [(ids[0], cen[0], -axes[0])]
+    if not has_sacrum and len(ids) > 1:
+        ends.append((ids[-1], cen[-1], axes[-1]))
+    cleared = 0
+    for v, c, outward in ends:
+        sl = bbox(ins == v)
+        pieces = cc3d.connected_components(ins[sl] == v, connectivity=26)
+        if pieces.max() < 2:
+            continue
+        stats = cc3d.statistics(pieces)
+        counts = stats["voxel_counts"]
+        main = int(np.argmax(counts[1:])) + 1
+        offset = np.array([b.start for b in sl])
+        for k in range(1, len(counts)):
+            if k == main or counts[k] == 0:
+                continue
+            x = np.asarray(stats["centroids"][k], dtype=float) + offset
+            if np.dot((x - c) * sp, outward) > 0 and _at_volume_edge(
+                    [slice(b.start + o, b.stop + o) for b, o in zip(stats["bounding_boxes"][k], offset)], box,
+                    full_shape):
+                ins[sl][pieces == k] = 0
+                cleared += int(counts[k])
+    return cleared
+
+
+def _reconcile_corpora(ins: np.ndarray, s: np.ndarray, crumb_share: float = 0.2) -> int:
+    """One vertebra per vertebral body (in place): each connected body (corpus + endplates, IVDs separate bodies) goes
+    to the vertebra holding most of it, from every other vertebra that either owns a body of its own or holds only a
+    crumb (< ``crumb_share``) of this one. A vertebra sharing a body without owning one is left alone (a block
+    vertebra: two vertebrae in one fused body). Returns the voxels relabelled."""
+    body = np.isin(s, (49, 52, 53)) & (instance_class(ins) == _V)
+    if not body.any():
+        return 0
+    cc = cc3d.connected_components(body, connectivity=6)
+    sel = cc > 0
+    pairs, counts = np.unique(np.stack([cc[sel], ins[sel]], axis=1), axis=0, return_counts=True)
+    comp, inst = pairs[:, 0], pairs[:, 1].astype(np.int64)
+    totals = np.bincount(comp, weights=counts)
+    order = np.lexsort((-counts, comp))
+    first = np.r_[True, comp[order][1:] != comp[order][:-1]]
+    owner_of = dict(zip(comp[order][first].tolist(), inst[order][first].tolist()))
+    owners = set(owner_of.values())
+    moves: dict[tuple[int, int], int] = {}
+    for c, v, n in zip(comp.tolist(), inst.tolist(), counts.tolist()):
+        w = owner_of[c]
+        if v != w and (v in owners or n < crumb_share * totals[c]):
+            moves[(c, v)] = w
+    moved = 0
+    for (c, v), w in moves.items():
+        m = (cc == c) & (ins == v)
+        ins[m] = w
+        moved += int(m.sum())
+    return moved
+
+
+def _release_bodyless(ins: np.ndarray, s: np.ndarray, box: tuple[slice, ...], full_shape: tuple[int, ...]) -> int:
+    """Clear (in place) vertebra instances without corpus voxels unless they touch no other vertebra (facet joints
+    aside) and reach the edge of the volume; their voxels then join a touching vertebra (step 7). Returns voxels."""
+    vert = np.where(instance_class(ins) == _V, ins, 0)
+    ids = np.unique(vert)
+    ids = ids[ids > 0]
+    if len(ids) == 0:
+        return 0
+    with_body = np.unique(vert[np.isin(s, (49, 52, 53))])
+    bodyless = np.setdiff1d(ids, with_body)
+    if len(bodyless) == 0:
+        return 0
+    a_ids, b_ids, _ = facet_free_contacts(np.where(np.isin(vert, bodyless), vert, 0), vert, s)
+    touching = set(a_ids[a_ids != b_ids].tolist())
+    stats = cc3d.statistics(vert) if int(vert.max()) < vert.size else None
+    released = 0
+    for v in bodyless.tolist():
+        bb = stats["bounding_boxes"][v] if stats is not None else bbox(vert == v)
+        if v not in touching and _at_volume_edge(bb, box, full_shape):
+            continue
+        m = ins == v
+        ins[m] = 0
+        released += int(m.sum())
+    return released
+
+
 def postprocess(
     semantic: np.ndarray,
     instance: np.ndarray,
@@ -141,6 +280,7 @@ def postprocess(
     keep_isolated_vertebrae: bool = True,
     min_vertebra_mm3: float = 1000.0,
     min_piece_mm3: float = 30.0,
+    keep_cut_fragments: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, PostprocessReport]:
     """Make semantic and instance masks consistent voxel for voxel (see the module docstring).
 
@@ -158,6 +298,10 @@ def postprocess(
         new vertebra (a vertebra the instance phase missed) instead of being deleted.
     min_piece_mm3 : float
         Stray pieces smaller than this join whatever vertebra surrounds them before the larger ones are judged.
+    keep_cut_fragments : bool
+        Bone pieces that touch no instance, lie beyond the topmost (or bottommost, when no sacrum is in view)
+        vertebra and reach the edge of the volume are what the field of view left of the next vertebra (a spinous
+        tip, a facet): together (at least ``min_piece_mm3``) they become one new vertebra instead of being deleted.
 
     Returns
     -------
@@ -240,6 +384,11 @@ def postprocess(
         owner = dominant_partner(pairs[keep, 0], pairs[keep, 1], counts[keep], dominance)
         rep.articular_relabelled = _relabel_components(art_cc, owner, ins)
 
+    # 5b: each vertebral body belongs to one vertebra; 5c: a vertebra without a body is a vertebra only when the field
+    # of view cut it off (isolated, at the edge of the volume)
+    rep.corpus_relabelled = _reconcile_corpora(ins, s)
+    rep.bodyless_released = _release_bodyless(ins, s, box, sem.shape)
+
     # 6: stray pieces of vertebra instances (not the main body): small crumbs first join whatever surrounds them,
     # then larger pieces join the main body of another vertebra they touch (never through a facet joint)
     min_crumb = max(1, int(np.ceil(min_piece_mm3 / vox_mm3)))
@@ -272,6 +421,10 @@ def postprocess(
         owner = dominant_partner(a_ids[other], b_ids[other], n[other], 1.0)
         rep.stray_relabelled += _relabel_components(stray_img, owner, ins)
 
+    # 6b: a piece of the end vertebra beyond its corpus, cut off by the field of view, is the next vertebra's
+    if keep_cut_fragments:
+        rep.cut_pieces_detached = _detach_cut_pieces(ins, s, sp, box, sem.shape)
+
     # 7: labelled semantic components without an instance
     missing = (need > 0) & (ins == 0)
     if missing.any():
@@ -295,17 +448,28 @@ def postprocess(
             has_corpus = np.zeros(len(sizes), bool)
             has_corpus[np.unique(comp[(comp > 0) & (s == 49)])] = True
             new_ids = []
+            kept: set[int] = set()
+
+            def new_vertebra(comps: list[int]) -> None:
+                used = set(np.unique(ins).tolist())
+                free = [v for v in range(1, 26) if v not in used and v != SACRUM_ID]
+                if free:
+                    new_ids.append((comps[0], free[0]))
+                    ins[np.isin(comp, comps)] = free[0]
+                    kept.update(comps)
+
             for c in left:
                 if (keep_isolated_vertebrae and comp_cls[c] == _V and has_corpus[c]
                         and sizes[c] * vox_mm3 >= min_vertebra_mm3):
-                    used = set(np.unique(ins).tolist())
-                    free = [v for v in range(1, 26) if v not in used and v != SACRUM_ID]
-                    if free:
-                        new_ids.append((int(c), free[0]))
-                        ins[comp == c] = free[0]
-                        continue
-                rep.dropped_components += 1
-                rep.dropped_voxels += int(sizes[c])
+                    new_vertebra([int(c)])
+            if keep_cut_fragments:
+                for group in _cut_fragment_groups(comp, [int(c) for c in left if c not in kept and comp_cls[c] == _V],
+                                                  ins, s, sp, box, sem.shape, min_piece_mm3):
+                    new_vertebra(group)
+            for c in left:
+                if int(c) not in kept:
+                    rep.dropped_components += 1
+                    rep.dropped_voxels += int(sizes[c])
             rep.added_instances = [v for _, v in new_ids]
             drop = missing & (ins == 0)
             s[drop] = 0

@@ -206,4 +206,8 @@ def test_both_instance_phases_find_the_same_vertebrae_on_a_lumbar_phantom(tmp_pa
     ours = [int(i) for i in np.unique(ins.array) if 0 < i < 100 and i != 26]
     gt = [int(i) for i in np.unique(ph.instance.array) if 0 < i < 100 and i != 26]
     assert "OK" in res["errcode"], res
-    assert len(ours) == res["n_vertebrae"], (ours, res["vertebra_ids"], gt)
+    # both find every vertebra that has a body in view; ours also keeps what the field of view left of the next one
+    # (corpus-less remains at the edge, which the ground truth counts and SPINEPS' post-processing drops)
+    with_body = [i for i in ours if np.isin(sem.array[ins.array == i], (49, 52, 53)).any()]
+    assert len(with_body) == res["n_vertebrae"], (ours, res["vertebra_ids"], gt)
+    assert ours == gt
