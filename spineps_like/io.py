@@ -183,8 +183,34 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode())
 
 
+def json_safe(obj: object) -> object:
+    """``obj`` with numpy scalars/arrays as Python numbers/lists, paths as strings, dict keys as strings, NaN as
+    None and +-inf as "inf"/"-inf": strict JSON that any reader (not only Python's) accepts."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return json_safe(obj.tolist())
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        f = float(obj)
+        if f != f:
+            return None
+        if f in (float("inf"), float("-inf")):
+            return "inf" if f > 0 else "-inf"
+        return f
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    return obj
+
+
 def atomic_write_json(path: str | os.PathLike, obj: object) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    """Write ``obj`` as indented strict JSON (see :func:`json_safe`), atomically."""
+    return atomic_write_text(path, json.dumps(json_safe(obj), indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
 def save_scan(scan: Scan, path: str | os.PathLike, *, dtype: np.dtype | type | None = None) -> Path:

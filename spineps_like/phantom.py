@@ -42,7 +42,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from spineps_like.geometry import reorient
-from spineps_like.io import Scan, atomic_write_json, save_mask, save_scan
+from spineps_like.io import Scan, atomic_write_json, json_safe, save_mask, save_scan
 from spineps_like.labels import SACRUM_ID, VERTEBRA_NAME_TO_ID, instance_name, ivd_id
 
 FOVS = ("cervical", "thoracic", "lumbar", "whole")
@@ -1584,23 +1584,11 @@ def _meta(seed, fov, mode, variant, sp, codes, f, fov_names, lay: _Layout, cv: _
         "spacing": [round(float(s), 6) for s in semantic.spacing], "spacing_pir": [round(float(s), 6) for s in sp],
         "orientation": codes, "shape": list(semantic.shape), "fine_factor_pir": list(f),
         "fov_cut_through": list(fov_names), "vertebra_ids": [int(v) for v in vids], "vertebrae": verts,
-        "ivd_ids": [d["id"] for d in ivds], "ivds": ivds, "anatomy": _jsonable(lay.info), "render": render_info,
+        "ivd_ids": [d["id"] for d in ivds], "ivds": ivds, "anatomy": json_safe(lay.info), "render": render_info,
     }
     if mode == "random":
         meta["note"] = "domain-randomised intensities; written with the _T2w suffix"
     return meta
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.floating,)):
-        return float(obj)
-    return obj
 
 
 def write_phantoms(out: Path, n: int = 1, seed: int = 0, fov: str = "lumbar", mode: str = "t2w",

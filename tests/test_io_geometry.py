@@ -224,3 +224,19 @@ def test_atomic_write_gives_usual_permissions(tmp_path):
     finally:
         os.umask(umask)
     assert stat.S_IMODE((tmp_path / "x.json").stat().st_mode) == 0o644
+
+
+def test_json_written_by_every_module_is_strict_json(tmp_path):
+    import json
+    from pathlib import Path
+
+    from spineps_like.io import atomic_write_json
+
+    obj = {1: np.int64(3), "f": np.float32(0.5), "nan": float("nan"), "inf": np.float64(-np.inf),
+           "arr": np.arange(3), "path": Path("a/b"), "flag": np.bool_(True), "nested": [(np.int16(2), None)]}
+    p = atomic_write_json(tmp_path / "x.json", obj)
+    text = p.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    back = json.loads(text)
+    assert back == {"1": 3, "f": 0.5, "nan": None, "inf": "-inf", "arr": [0, 1, 2], "path": "a/b", "flag": True,
+                    "nested": [[2, None]]}

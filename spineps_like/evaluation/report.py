@@ -164,28 +164,9 @@ def summary_markdown(summary: Mapping, title: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _json_safe(obj):
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        f = float(obj)
-        if math.isnan(f):
-            return None
-        if math.isinf(f):
-            return "inf" if f > 0 else "-inf"
-        return f
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
 def write_json(obj: object, path: str | Path) -> Path:
     """Write JSON atomically with NaN -> null and +-inf -> "inf"/"-inf" (strict JSON)."""
-    return atomic_write_json(path, _json_safe(obj))
+    return atomic_write_json(path, obj)
 
 
 # ---------------------------------------------------------------- paired comparison
