@@ -208,9 +208,11 @@ def test_training_smoke_end_to_end(tmp_path, sample_ct, sample_mri):
         cases.append((f"case_{i:04d}", img, seg))
     run = SemanticTrainingRun(out=str(tmp_path / "smoke_model"), n_train=2, seed=0, iterations=2, work=str(tmp_path / "w"),
                               iterations_per_epoch=1, val_iterations=1, patch_size=(32, 32, 16), da_processes=0,
-                              threads=1, name="smoke")
+                              threads=1, name="smoke", optimizer="adamw", learning_rate=3e-3,
+                              oversample_foreground=1.0)
     out = run_training(run, ["--smoke"], cases=cases)
     assert (out / "MANIFEST.sha256").is_file() and (out / "TRAINING.md").is_file()
+    assert "optimizer: adamw, initial lr 0.003" in (out / "TRAINING.md").read_text()
     model = load_semantic_model(out)
     assert model.verified and model.config.orientation == "PIR"
     assert 43 in model.labels.values() and 52 not in model.labels.values()  # the crops have sides, no 52/53
@@ -221,3 +223,28 @@ def test_training_smoke_end_to_end(tmp_path, sample_ct, sample_mri):
         warnings.simplefilter("ignore")
         pred = predict_semantic(scan, model)
     assert pred.shape == scan.shape and set(np.unique(pred.array).tolist()) <= SCHEME
+
+
+@pytest.mark.parametrize("mirroring", [False, True])
+def test_batched_sliding_window_equals_nnunets_tile_by_tile(model, mirroring):
+    """Tiles stacked into one forward pass give nnU-Net's own sliding-window logits (same tiles, same Gaussian)."""
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    nn = model.nnunet
+    ours = nn.predictor(nn.folds[:1], step_size=0.5, mirroring=mirroring, mirror_axes=(0,))
+    assert ours.tile_batch > 1
+    data = torch.from_numpy(np.random.default_rng(0).normal(size=(1, 20, 40, 48)).astype(np.float32))
+    slicers = ours._internal_get_sliding_window_slicers(data.shape[1:])
+    default, ours.tile_batch = ours.tile_batch, 5
+    try:
+        assert len(slicers) % ours.tile_batch != 0  # several batches and a last partial one
+        batched = ours._internal_predict_sliding_window_return_logits(data, slicers, do_on_device=False)
+    finally:
+        ours.tile_batch = default
+    ref = nnUNetPredictor.__new__(nnUNetPredictor)
+    ref.__dict__.update(ours.__dict__)
+    single = nnUNetPredictor._internal_predict_sliding_window_return_logits(ref, data, slicers, False)
+    assert batched.shape == single.shape and batched.dtype == single.dtype
+    torch.testing.assert_close(batched.float(), single.float(), rtol=2e-3, atol=2e-3)
+    assert batched.float().abs().max() > 0
