@@ -399,7 +399,10 @@ def remap_instance(instance: np.ndarray, mapping: dict[int, int], order: Sequenc
     ivds = np.unique(inst[(inst >= IVD_OFFSET) & (inst < ENDPLATE_OFFSET)]) - IVD_OFFSET
     top_new = mapping.get(order[0], 0) if order else 0
     for o in ivds:
-        if int(o) in mapping or int(o) == SACRUM_ID or not top_new:
+        if int(o) in mapping or int(o) == SACRUM_ID:
+            continue
+        if not top_new:  # the topmost vertebra is unnumbered: so is the disc above it
+            lut[IVD_OFFSET + o] = 0
             continue
         # assign_ivds_endplates gives the disc above the topmost vertebra the id of a vertebra out of view
         prev = _anatomical_previous(top_new, present_new)

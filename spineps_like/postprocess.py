@@ -113,6 +113,7 @@ class PostprocessReport:
     stray_relabelled: int = 0
     corpus_relabelled: int = 0
     bodyless_released: int = 0
+    reassigned_discs_endplates: int = 0
     cut_pieces_detached: int = 0
     missing_assigned: int = 0
     dropped_components: int = 0
@@ -474,6 +475,15 @@ def postprocess(
             drop = missing & (ins == 0)
             s[drop] = 0
             ins[drop] = 0
+
+    # 8: discs and endplates whose vertebra was released or dropped above get their ids from the final vertebrae
+    vert_before = np.unique(inst0[(inst0 > 0) & (inst0 < IVD_OFFSET)])
+    vert_after = np.unique(ins[instance_class(ins) == _V])
+    if len(np.setdiff1d(vert_before[vert_before != SACRUM_ID], vert_after)):
+        full, _ = assign_ivds_endplates(s, np.where(instance_class(ins) == _V, ins, 0), sp)
+        re = np.isin(instance_class(ins), (_I, _E))
+        rep.reassigned_discs_endplates = int(np.count_nonzero(re & (full != ins)))
+        ins[re] = full[re]
 
     sem[box] = s
     inst[box] = ins

@@ -180,3 +180,32 @@ def test_labeling_bad_input():
         write_centroids_json("x.json", z, np.eye(4), which="some")
     out, res = label_vertebrae(z, z, (1, 1, 1))
     assert res.order == [] and res.notes
+
+
+def test_ids_stay_in_the_scheme_when_vertebrae_are_left_unnumbered():
+    """More vertebrae above the sacrum than the anatomy has: the topmost stay unnumbered (0), and so do their discs
+    and endplates, including the disc above the topmost one (never 100 + 0 or a stale fusion id)."""
+    from synthetic_spine import make_spine
+
+    from spineps_like.assign import assign_ivds_endplates
+    from spineps_like.labeling import label_vertebrae
+
+    ids = list(range(1, 29))  # 28 vertebrae above a sacrum: 3 more than C1..L5 + L6
+    sy = make_spine(ids=ids, sacrum=True, height=8.0, gap=3.0, margin=20.0)
+    cut = sy.instance == 1  # the field of view starts inside the disc below the first vertebra
+    semantic = np.where(cut, 0, sy.semantic)
+    vert = np.where((sy.instance > 1) & (sy.instance < 100) & (sy.instance != 26), sy.instance, 0)
+    inst, sem = assign_ivds_endplates(semantic, vert, sy.spacing)
+    assert (inst == 101).any()  # the disc above the topmost vertebra (2) carries the id of one out of view
+    out, res = label_vertebrae(inst, sem, sy.spacing)
+    u = np.unique(out)
+    u = u[u > 0]
+    v = u[u < 100]
+    assert set(v.tolist()) <= set(range(1, 29)) | {26}
+    assert all((x - 100) in v for x in u[(u >= 100) & (u < 200)])
+    assert all((x - 200) in v for x in u[u >= 200])
+    assert any("unnumbered" in n for n in res.notes)
+    top = min(res.mapping, key=lambda o: np.argwhere(inst == o)[:, 1].mean())
+    assert res.mapping[top] == 0
+    # the disc above the unnumbered topmost vertebra must not take the id of the disc below the new C1
+    assert np.all(out[inst == 101] == 0)

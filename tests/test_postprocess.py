@@ -226,3 +226,17 @@ def test_instance_phase_fed_ground_truth_recovers_the_cut_vertebra():
         iou = n.max() / np.count_nonzero(m | (pred == best))
         assert best == v and iou > 0.9, (v, best, iou)  # anchored by the sacrum: the same anatomical ids
     assert lab.complete.get(top) is False
+
+
+def test_discs_and_endplates_follow_when_a_vertebra_disappears():
+    sem, inst, sp = _spine(ids=[20, 21, 22], endplates=True)
+    bad = inst.copy()
+    bad[(inst == 21) & (sem != 49)] = 23  # L2's arch became a vertebra of its own, without a body
+    bad[(inst == 21) & (sem == 49)] = 20  # and L2's body went to L1 entirely: 21 is gone, 121 and 221 remain
+    assert (bad == 121).any() and (bad == 221).any()
+    s, i, rep = postprocess(sem, bad, sp)
+    vert = set(np.unique(i[(i > 0) & (i < 100)]).tolist())
+    assert 21 not in vert and 23 not in vert
+    assert rep.reassigned_discs_endplates > 0
+    assert all(e - 200 in vert for e in np.unique(i[i >= 200]).tolist())
+    _assert_invariants(s, i)

@@ -190,12 +190,17 @@ def _pieces(labels: np.ndarray, sp: np.ndarray, full_shape_axis1: tuple[int, int
     return _Pieces(coords, lab, centres, counts, axes, proj, lo, hi, body_lo, body_hi, bins, bin_mm, profile, touches)
 
 
-def _reference_height(p: _Pieces, exclude: int | None = None) -> float | None:
+def _reference_height(p: _Pieces, exclude: int | None = None, window: int = 3) -> float | None:
     """Median body height of the pieces not truncated along axis 1 (None when there is none: the height of a
-    corpus cut by the field of view says nothing about a vertebra's height)."""
-    keep = ~p.touches_border
+    corpus cut by the field of view says nothing about a vertebra's height), without small fragments (< 30% of
+    the median volume). With ``exclude`` = i: of the pieces within ``window`` places of i along the spine, since
+    body height grows from C3 (~14 mm) to L5 (~28 mm) and a whole-spine median would split every lumbar body."""
+    keep = ~p.touches_border & (p.counts >= 0.3 * np.median(p.counts))
     if exclude is not None:
         keep[exclude] = False
+        near = keep & (np.abs(np.arange(len(keep)) - exclude) <= window)
+        if near.sum() >= 2:
+            keep = near
     if keep.sum() == 0:
         return None
     return float(np.median(p.heights[keep]))
