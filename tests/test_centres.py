@@ -215,3 +215,26 @@ def test_geometric_on_phantoms():
         gt_v = np.where(bone & (gt < 100), gt, 0)
         pq, tp, fp, fn = _vertebra_pq(pred, gt_v, sp)
         assert pq >= 0.85 and fn <= 1 and fp <= 1, (variant, pq, tp, fp, fn)
+
+
+def test_corpus_blobs_off_the_spine_and_disc_fragments_do_not_make_vertebrae():
+    """Predicted masks put corpus label on blobs in front of the spine and IVD label on specks inside a body: neither
+    may add a centre (each centre costs a cutout and becomes a vertebra)."""
+    sy = make_spine(ids=[18, 19, 20, 21, 22, 23], margin=45.0)
+    sem = sy.semantic.copy()
+    c = corpus_centres(sem, sy.spacing)
+    assert len(c) == 6
+    body = np.argwhere(sy.semantic == 100)  # at a disc level, so no vertebra there to merge it into
+    mid = np.round(body[body[:, 1] < np.median(body[:, 1])].mean(0)).astype(int)
+    # a corpus blob ~40 mm in front of the spine (P is axis 0: anterior = smaller index), 9 mm across
+    a = mid[0] - int(40 / sy.spacing[0])
+    assert a > 3
+    sem[a - 3:a + 3, mid[1] - 3:mid[1] + 3, mid[2] - 3:mid[2] + 3] = 49
+    # an IVD speck (above the size floor, far below a disc's volume) in the middle of L2's body
+    b = np.round(np.argwhere((sy.instance == 21) & (sy.semantic == 49)).mean(0)).astype(int)
+    sem[b[0] - 3:b[0] + 3, b[1] - 1:b[1] + 2, b[2] - 3:b[2] + 3] = 100
+    c = corpus_centres(sem, sy.spacing)
+    assert len(c) == 6, c.repairs
+    assert any("off the spine" in r for r in c.repairs)
+    inside = sy.instance[tuple(np.round(c.centres).astype(int).T)]
+    assert sorted(inside.tolist()) == [18, 19, 20, 21, 22, 23]  # one centre in each body, none on the blob

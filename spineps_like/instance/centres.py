@@ -206,6 +206,42 @@ def _reference_height(p: _Pieces, exclude: int | None = None, window: int = 3) -
     return float(np.median(p.heights[keep]))
 
 
+def _drop_off_spine(labels: np.ndarray, sp: np.ndarray, off_mm: float, repairs: list[str],
+                    window_mm: float = 60.0) -> np.ndarray:
+    """Remove corpus pieces whose centre lies more than ``off_mm`` (in the axial plane) from the spine's centre line,
+    which is fitted through the larger pieces within ``window_mm`` above and below (a line, so curvature is followed).
+    Predicted masks put corpus label on blobs far in front of or beside the spine; each would become a cutout."""
+    k = int(labels.max())
+    if k < 3:
+        return labels
+    idx = np.nonzero(labels)
+    lab = labels[idx].astype(np.int64)
+    counts = np.bincount(lab, minlength=k + 1)[1:].astype(float)
+    cen = np.stack([np.bincount(lab, weights=idx[a], minlength=k + 1)[1:] for a in range(3)], axis=1)
+    cen = cen / np.maximum(counts, 1)[:, None] * sp
+    anchors = counts >= 0.5 * np.median(counts[counts >= np.median(counts)])
+    bad = []
+    for i in range(k):
+        near = anchors & (np.abs(cen[:, 1] - cen[i, 1]) <= window_mm)
+        near[i] = False
+        if near.sum() < 2:
+            continue
+        t = cen[near, 1]
+        if np.ptp(t) < 1e-6:
+            pred = cen[near][:, [0, 2]].mean(axis=0)
+        else:
+            coef = np.polyfit(t, cen[near][:, [0, 2]], 1)
+            pred = coef[0] * cen[i, 1] + coef[1]
+        if np.hypot(*(cen[i, [0, 2]] - pred)) > off_mm:
+            bad.append(i + 1)
+    if not bad:
+        return labels
+    repairs.append(f"dropped {len(bad)} corpus piece(s) more than {off_mm:g} mm off the spine's centre line "
+                   f"({int(counts[np.array(bad) - 1].sum())} voxels)")
+    out = np.where(np.isin(labels, bad), 0, labels)
+    return _relabel_sorted(out.astype(np.int32))[0]
+
+
 def _union_find_merge(n: int, pairs: list[tuple[int, int]]) -> np.ndarray:
     """Component index (0..n-1 roots) of n items joined by ``pairs``."""
     parent = np.arange(n)
@@ -233,6 +269,8 @@ def corpus_centres(
     split_ratio: float = 1.6,
     reference_height_mm: float | None = None,
     use_ivds: bool = True,
+    off_spine_mm: float | None = 25.0,
+    ivd_fraction: float = 0.33,
 ) -> CorpusCentres:
     """Find one centre per vertebral body in a semantic mask, repairing merged and duplicated corpora.
 
@@ -256,6 +294,12 @@ def corpus_centres(
         when only one corpus is visible).
     use_ivds : bool
         Split a corpus at the level of an IVD whose centre lies inside its extent along the spine.
+    ivd_fraction : float
+        Only discs of at least this fraction of the median disc volume split a corpus, at least half a reference
+        body height from either end (fragments of the IVD label inside a body, common in predicted masks, do not).
+    off_spine_mm : float, optional
+        Drop corpus pieces whose centre is farther than this from the spine's centre line (fitted through the
+        larger pieces nearby); None keeps them.
 
     Returns
     -------
@@ -327,6 +371,10 @@ def corpus_centres(
     labels, _ = _relabel_sorted(labels.astype(np.int32))
     if labels.max() == 0:
         return empty
+    if off_spine_mm:
+        labels = _drop_off_spine(labels, sp, off_spine_mm, repairs)
+        if labels.max() == 0:
+            return empty
     shape_edge = (0 - origin[1], sem.shape[1] - 1 - origin[1])
 
     # 3: merge duplicates (pieces at the same level along the spine)
@@ -358,13 +406,21 @@ def corpus_centres(
         if ivd.any():
             ivd_cc = cc3d.connected_components(ivd, connectivity=26)
             st = cc3d.statistics(ivd_cc)
-            big = np.flatnonzero(st["voxel_counts"][1:] * vox_mm3 >= min_volume_mm3) + 1
+            vol = st["voxel_counts"][1:] * vox_mm3
+            # a disc, not a fragment: at least min_volume_mm3 and a third of the median disc above that size
+            real = vol >= min_volume_mm3
+            if real.any():
+                real &= vol >= ivd_fraction * np.median(vol[real])
+            big = np.flatnonzero(real) + 1
+            # both parts must be bodies: the disc at least half a body height (of the other bodies) from either end;
+            # a quarter of the piece's own extent when it is the only body
+            refs = [reference_height_mm or _reference_height(p, exclude=i) for i in range(len(p.counts))]
+            margin = np.array([0.5 * r if r else 0.25 * (p.hi[i] - p.lo[i]) for i, r in enumerate(refs)])
             for c in st["centroids"][big]:
                 rel = (c - p.centres) * sp
                 q = np.einsum("ij,ij->i", rel, p.axes)
                 lateral = np.linalg.norm(rel - q[:, None] * p.axes, axis=1)
                 radius = np.sqrt(p.counts * vox_mm3 / (np.pi * np.maximum(p.hi - p.lo, 1e-3)))
-                margin = 0.25 * (ref if ref else (p.hi - p.lo))
                 inside = (q > p.lo + margin) & (q < p.hi - margin) & (lateral < 1.5 * radius)
                 for i in np.flatnonzero(inside):
                     cuts.setdefault(int(i), []).append(float(q[i]))
