@@ -139,6 +139,17 @@ def _relabel_components(comp: np.ndarray, targets: dict[int, int], inst: np.ndar
     return changed
 
 
+def _spine_order(ins: np.ndarray, s: np.ndarray, sp: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+    """Vertebra ids of a full instance mask in spine order with their centres and axes (see
+    :func:`~spineps_like.assign.vertebra_order`), the sacrum left out; and whether the sacrum is in view."""
+    ids, cen, axes = vertebra_order(np.where((ins > 0) & (ins < IVD_OFFSET), ins, 0), s, sp)
+    has_sacrum = bool(len(ids)) and ids[-1] == SACRUM_ID
+    if has_sacrum:
+        ids, cen, axes = ids[:-1], cen[:-1], axes[:-1]
+    return ids, cen, axes, has_sacrum
+
+
 def _cut_fragment_groups(comp: np.ndarray, cands: list[int], ins: np.ndarray, s: np.ndarray, sp: np.ndarray,
                          box: tuple[slice, ...], full_shape: tuple[int, ...], min_mm3: float) -> list[list[int]]:
     """Components of ``comp`` (ids ``cands``, bone without an instance) that are the field-of-view remains of the
@@ -146,18 +157,14 @@ def _cut_fragment_groups(comp: np.ndarray, cands: list[int], ins: np.ndarray, s:
     pieces touches the edge of the whole volume and the group holds at least ``min_mm3``."""
     if not cands:
         return []
-    vert = np.where((ins > 0) & (ins < IVD_OFFSET), ins, 0)
-    ids, cen, axes = vertebra_order(vert, s, sp)
-    has_sacrum = bool(len(ids)) and ids[-1] == SACRUM_ID
-    if has_sacrum:
-        ids, cen, axes = ids[:-1], cen[:-1], axes[:-1]
+    ids, cen, axes, has_sacrum = _spine_order(ins, s, sp)
     if len(ids) == 0:
         return []
     stats = cc3d.statistics(comp)
     groups: dict[str, list[int]] = {"top": [], "bottom": []}
     touch = {"top": False, "bottom": False}
     for c in cands:
-        at_edge = _at_volume_edge(stats["bounding_boxes"][c], box, full_shape)
+        at_edge = _at_volume_edge(stats["bounding_boxes"][c], [b.start for b in box], full_shape)
         x = np.asarray(stats["centroids"][c], dtype=float)
         if np.dot((x - cen[0]) * sp, axes[0]) < 0:
             side = "top"
@@ -172,10 +179,10 @@ def _cut_fragment_groups(comp: np.ndarray, cands: list[int], ins: np.ndarray, s:
             if g and touch[side] and sum(int(stats["voxel_counts"][c]) for c in g) * vox >= min_mm3]
 
 
-def _at_volume_edge(bb: Sequence[slice], box: Sequence[slice], full_shape: Sequence[int]) -> bool:
-    """Whether a bounding box ``bb`` (inside ``box``) reaches a face of the whole volume."""
-    lo = np.array([b.start for b in box]) + np.array([b.start for b in bb])
-    hi = np.array([b.start for b in box]) + np.array([b.stop for b in bb])
+def _at_volume_edge(bb: Sequence[slice], offset: Sequence[int], full_shape: Sequence[int]) -> bool:
+    """Whether a bounding box ``bb`` of an array placed at ``offset`` in the whole volume reaches one of its faces."""
+    lo = np.asarray(offset) + np.array([b.start for b in bb])
+    hi = np.asarray(offset) + np.array([b.stop for b in bb])
     return bool((lo == 0).any() or (hi == np.asarray(full_shape)).any())
 
 
@@ -184,11 +191,7 @@ def _detach_cut_pieces(ins: np.ndarray, s: np.ndarray, sp: np.ndarray, box: tupl
     """Clear (in place) the pieces of the topmost / bottommost vertebra that are not connected to its main body, lie
     beyond its corpus centre along the spine and reach the edge of the volume: the remains of the next vertebra,
     which the field of view cut off (e.g. a spinous tip the network painted as the end vertebra). Returns voxels."""
-    vert = np.where((ins > 0) & (ins < IVD_OFFSET), ins, 0)
-    ids, cen, axes = vertebra_order(vert, s, sp)
-    has_sacrum = bool(len(ids)) and ids[-1] == SACRUM_ID
-    if has_sacrum:
-        ids, cen, axes = ids[:-1], cen[:-1], axes[:-1]
+    ids, cen, axes, has_sacrum = _spine_order(ins, s, sp)
     if len(ids) == 0:
         return 0
     ends = [(ids[0], cen[0], -axes[0])]
@@ -204,13 +207,13 @@ def _detach_cut_pieces(ins: np.ndarray, s: np.ndarray, sp: np.ndarray, box: tupl
         counts = stats["voxel_counts"]
         main = int(np.argmax(counts[1:])) + 1
         offset = np.array([b.start for b in sl])
+        in_volume = offset + [b.start for b in box]
         for k in range(1, len(counts)):
             if k == main or counts[k] == 0:
                 continue
             x = np.asarray(stats["centroids"][k], dtype=float) + offset
-            if np.dot((x - c) * sp, outward) > 0 and _at_volume_edge(
-                    [slice(b.start + o, b.stop + o) for b, o in zip(stats["bounding_boxes"][k], offset)], box,
-                    full_shape):
+            if (np.dot((x - c) * sp, outward) > 0
+                    and _at_volume_edge(stats["bounding_boxes"][k], in_volume, full_shape)):
                 ins[sl][pieces == k] = 0
                 cleared += int(counts[k])
     return cleared
@@ -264,7 +267,7 @@ def _release_bodyless(ins: np.ndarray, s: np.ndarray, box: tuple[slice, ...], fu
     released = 0
     for v in bodyless.tolist():
         bb = stats["bounding_boxes"][v] if stats is not None else bbox(vert == v)
-        if v not in touching and _at_volume_edge(bb, box, full_shape):
+        if v not in touching and _at_volume_edge(bb, [b.start for b in box], full_shape):
             continue
         m = ins == v
         ins[m] = 0

@@ -11,6 +11,7 @@ alone (``PlansManager`` -> ``ConfigurationManager`` -> ``get_network_from_plans`
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import os
@@ -137,14 +138,9 @@ def build_network(plans_manager, configuration_manager, dataset_json: dict):
 #: about 2x faster than 4 calls (benchmarks/README.md), on GPU it fills the device better. Same tiles, same Gaussian.
 TILE_BATCH = 4
 
-_BATCHED_PREDICTOR = None
-
-
+@functools.cache
 def batched_predictor_class():
     """``nnUNetPredictor`` whose sliding window sends ``tile_batch`` tiles per network call (defined on first use)."""
-    global _BATCHED_PREDICTOR
-    if _BATCHED_PREDICTOR is not None:
-        return _BATCHED_PREDICTOR
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.inference.sliding_window_prediction import compute_gaussian
@@ -179,7 +175,6 @@ def batched_predictor_class():
                 raise RuntimeError("inf in the predicted logits (fp16 accumulation overflowed)")
             return logits
 
-    _BATCHED_PREDICTOR = BatchedPredictor
     return BatchedPredictor
 
 

@@ -24,6 +24,7 @@ Run::
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -298,14 +299,9 @@ def write_splits(preprocessed_dir: Path, case_ids: Sequence[str], seed: int, val
 
 
 # ---------------------------------------------------------------- training
-_TRAINER_CLASS = None
-
-
+@functools.cache
 def trainer_class():
     """The minimal nnUNetTrainer subclass (defined on first use: importing nnU-Net's trainer is slow)."""
-    global _TRAINER_CLASS
-    if _TRAINER_CLASS is not None:
-        return _TRAINER_CLASS
     import torch
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
@@ -370,8 +366,7 @@ def trainer_class():
             return None
 
     SpinepsLikeSemanticTrainer.__name__ = SpinepsLikeSemanticTrainer.__qualname__ = TRAINER_NAME
-    _TRAINER_CLASS = SpinepsLikeSemanticTrainer
-    return _TRAINER_CLASS
+    return SpinepsLikeSemanticTrainer
 
 
 def train(dataset_name: str, *, iterations: int, iterations_per_epoch: int = 50, val_iterations: int = 5,
