@@ -52,7 +52,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     result = segment(scan, semantic_model=args.semantic_model, instance_model=args.instance_model,
                      instance_method=args.instance_method, semantic_mask=args.semantic_mask,
                      semantic_only=args.semantic_only, device=args.device, amp=args.amp, mirroring=args.mirroring,
-                     step_size=args.step_size, n4=args.n4, batch_size=args.batch_size, lumbar_count=args.lumbar_count)
+                     step_size=args.step_size, n4=args.n4, restore=args.restore, batch_size=args.batch_size,
+                     lumbar_count=args.lumbar_count)
     paths = result.save(args.out, snapshot=not args.no_snapshot)
     if not args.quiet:
         for kind, path in paths.items():
@@ -176,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     mirror.add_argument("--no-mirror", dest="mirroring", action="store_false")
     sg.add_argument("--step-size", type=float, default=None, help="sliding-window step as a fraction of the patch")
     sg.add_argument("--n4", action="store_true", help="N4 bias-field correction before the semantic phase (MRI)")
+    sg.add_argument("--restore", choices=("linear", "nearest"), default="linear",
+                    help="back from the model grid: interpolate class probabilities (default, nnU-Net's way) or move "
+                         "the label mask by nearest neighbour (SPINEPS' way)")
     sg.add_argument("--batch-size", type=int, default=4, help="instance cutouts per forward pass")
     sg.add_argument("--lumbar-count", type=int, default=None, choices=[4, 5, 6],
                     help="expected lumbar vertebrae when known (transitional anatomy)")

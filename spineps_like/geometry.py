@@ -29,6 +29,13 @@ def reorient(scan: Scan, axcodes: str = "PIR") -> Scan:
     return Scan(np.ascontiguousarray(arr), affine, scan.path)
 
 
+def reoriented_grid(shape: Sequence[int], affine: np.ndarray, axcodes: str) -> tuple[tuple[int, ...], np.ndarray]:
+    """The (shape, affine) :func:`reorient` gives a grid, without touching any array."""
+    transform = nio.ornt_transform(nio.io_orientation(affine), nio.axcodes2ornt(tuple(axcodes)))
+    new_shape = tuple(int(shape[int(ax)]) for ax in np.argsort(transform[:, 0]))
+    return new_shape, np.asarray(affine, float) @ nio.inv_ornt_aff(transform, tuple(shape))
+
+
 def same_grid(a_shape: Sequence[int], a_affine: np.ndarray, b_shape: Sequence[int], b_affine: np.ndarray,
               atol: float = 1e-4) -> bool:
     """True when two grids (shape + affine) coincide."""
@@ -70,6 +77,27 @@ def rescale(scan: Scan, spacing: Sequence[float], *, order: int = 3) -> Scan:
     """Resample to voxel size ``spacing`` (mm, array-axis order) over the same field of view."""
     shape, affine = rescale_grid(scan.shape, scan.affine, spacing)
     return resample_to(scan, shape, affine, order=order)
+
+
+def axis_aligned_map(src_shape: Sequence[int], src_affine: np.ndarray, dst_affine: np.ndarray,
+                     atol: float = 1e-4) -> tuple[np.ndarray, np.ndarray] | None:
+    """(scale, offset) with ``src_index = scale * dst_index + offset`` per axis, when the destination grid's axes run
+    along the source grid's (a rescale over the same orientation, as :func:`rescale_grid` makes); else None."""
+    m = np.linalg.inv(np.asarray(src_affine, float)) @ np.asarray(dst_affine, float)
+    lin, off = m[:3, :3], m[:3, 3]
+    scale = np.diag(lin).copy()
+    if not np.allclose(lin - np.diag(scale), 0.0, atol=atol) or np.any(scale <= 0) or len(src_shape) != 3:
+        return None
+    return scale, off.copy()
+
+
+def linear_weights(n_src: int, coords: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Indices (lower, upper) and weight of the upper for linear interpolation at source ``coords`` along one axis;
+    coordinates beyond the ends take the edge value (nibabel's ``mode='nearest'``)."""
+    x = np.clip(np.asarray(coords, float), 0.0, n_src - 1.0)
+    lo = np.minimum(np.floor(x).astype(np.intp), max(n_src - 2, 0))
+    hi = np.minimum(lo + 1, n_src - 1)
+    return lo, hi, (x - lo).astype(np.float32)
 
 
 def clamp_spacing(spacing: Sequence[float], resolution_range: Sequence | None) -> tuple[float, ...]:

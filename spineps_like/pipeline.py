@@ -195,7 +195,8 @@ def segment(scan: str | os.PathLike | Scan | np.ndarray, *, affine: np.ndarray |
             semantic_model: Any = None, instance_model: Any = None, instance_method: str = "network",
             semantic_mask: Scan | str | os.PathLike | None = None, semantic_only: bool = False,
             device: str = "cpu", amp: bool = False, mirroring: bool | None = None, step_size: float | None = None,
-            n4: bool = False, batch_size: int = 4, lumbar_count: int | None = None) -> SegmentResult:
+            n4: bool = False, restore: str = "linear", batch_size: int = 4,
+            lumbar_count: int | None = None) -> SegmentResult:
     """Segment the spine in one scan.
 
     Parameters
@@ -206,7 +207,8 @@ def segment(scan: str | os.PathLike | Scan | np.ndarray, *, affine: np.ndarray |
     instance_method : 'network' (cutouts + 3D UNet + fusion) or 'geometric' (weights-free baseline).
     semantic_mask : skip the semantic phase and use this mask (same grid as the scan).
     semantic_only : stop after the semantic phase.
-    device, amp, mirroring, step_size, n4 : semantic/instance inference settings (see :mod:`spineps_like.semantic`).
+    device, amp, mirroring, step_size, n4, restore : semantic/instance inference settings (see
+        :func:`spineps_like.semantic.predict_semantic`).
     lumbar_count : expected number of lumbar vertebrae (4, 5 or 6) when the anatomy says otherwise.
 
     Returns
@@ -227,7 +229,7 @@ def segment(scan: str | os.PathLike | Scan | np.ndarray, *, affine: np.ndarray |
         else:
             image = load_scan(scan)
     settings = {"instance_method": instance_method, "device": device, "amp": amp, "mirroring": mirroring,
-                "step_size": step_size, "n4": n4}
+                "step_size": step_size, "n4": n4, "restore": restore}
     if semantic_mask is not None:
         with timings.phase("load"):
             sem = semantic_mask if isinstance(semantic_mask, Scan) else load_scan(semantic_mask, kind="mask")
@@ -241,7 +243,8 @@ def segment(scan: str | os.PathLike | Scan | np.ndarray, *, affine: np.ndarray |
         sem_timings: dict[str, float] = {}
         with timings.phase("semantic"):
             sem = predict_semantic(image, semantic_model or DEFAULT_SEMANTIC_MODEL, step_size=step_size,
-                                   mirroring=mirroring, n4=n4, device=device, amp=amp, timings=sem_timings)
+                                   mirroring=mirroring, n4=n4, device=device, amp=amp, restore=restore,
+                                   timings=sem_timings)
         settings["semantic"] = str(getattr(getattr(semantic_model, "folder", None), "path", semantic_model
                                            or DEFAULT_SEMANTIC_MODEL))
         settings["semantic_timings_s"] = {k: round(v, 4) for k, v in sem_timings.items()}

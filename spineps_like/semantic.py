@@ -7,7 +7,10 @@ The flow is SPINEPS 2.1.3's (``phase_pre`` + ``phase_semantic`` + ``Segmentation
 2. Reorient to the model's orientation (PIR) and resample each axis into its ``resolution_range``.
 3. nnU-Net sliding window (Gaussian weighting, optional mirroring, fold ensemble, configurable tile step); nnU-Net
    crops, normalises and resamples as its plans say. Output indices become labels through the config's ``labels``.
-4. Clean-up on the model grid (:func:`clean_semantic`), then nearest-neighbour back onto the input grid.
+4. Clean-up on the model grid (:func:`clean_semantic`), then back onto the input grid. By default the way nnU-Net
+   itself returns to the input spacing: each label's probability is interpolated linearly and the most probable label
+   wins (:func:`labels_from_probabilities`), with the clean-up's changes kept. SPINEPS moves the label mask with
+   nearest neighbour (``restore="nearest"``), which puts staircases of model-grid voxels on every boundary.
 """
 
 from __future__ import annotations
@@ -21,7 +24,10 @@ import cc3d
 import fill_voids
 import numpy as np
 
-from spineps_like.geometry import bbox, to_input_grid, to_model_grid
+from spineps_like.geometry import (
+    axis_aligned_map, bbox, linear_weights, reorient, reoriented_grid, resample_to, same_grid, to_input_grid,
+    to_model_grid,
+)
 from spineps_like.io import Scan
 
 #: SPINEPS' small-component threshold: 30 voxels at its reference 0.75 x 0.75 x 1.65 mm grid (27.8 mm^3).
@@ -223,6 +229,112 @@ def clean_semantic(
     return out
 
 
+# ---------------------------------------------------------------- back to the input grid
+def labels_from_probabilities(
+    probabilities: np.ndarray,
+    channel_labels: Sequence[int],
+    grid_affine: np.ndarray,
+    reference: Scan,
+    *,
+    override: np.ndarray | None = None,
+    margin: int = 2,
+) -> np.ndarray:
+    """Semantic labels on ``reference``'s grid from class probabilities on a model grid.
+
+    Each label's probability (channels sharing a label are summed) is interpolated linearly onto the reference grid
+    and the most probable label wins: nnU-Net's own way back to the input spacing, which keeps sub-voxel boundaries
+    that nearest-neighbour label resampling turns into model-grid staircases.
+
+    Parameters
+    ----------
+    probabilities : ``(channels, *grid_shape)`` float array on the model grid.
+    channel_labels : the semantic label of each channel (0 for background).
+    grid_affine : the model grid's affine.
+    reference : the scan whose grid (shape, affine, orientation) the labels are returned on.
+    override : labels on the model grid (e.g. after :func:`clean_semantic`) that replace the probabilities wherever
+        they differ from the probabilities' own argmax, so clean-up decisions survive.
+    margin : model-grid voxels around the foreground's bounding box that are interpolated; outside is background.
+
+    Returns
+    -------
+    uint8 labels of ``reference``'s shape.
+    """
+    probs = np.asarray(probabilities)
+    grid_shape = probs.shape[1:]
+    channel_labels = np.asarray(channel_labels, dtype=np.intp)
+    if probs.ndim != 4 or len(channel_labels) != probs.shape[0]:
+        raise ValueError(f"labels_from_probabilities: {probs.shape[0]} channels but {len(channel_labels)} labels")
+    labels = np.unique(channel_labels)
+    if labels[0] != 0:
+        labels = np.concatenate([[0], labels])
+    per_label = [probs[channel_labels == lab].sum(axis=0, dtype=np.float32) if np.count_nonzero(channel_labels == lab)
+                 != 1 else probs[int(np.flatnonzero(channel_labels == lab)[0])].astype(np.float32, copy=True)
+                 for lab in labels]
+    fg = labels[np.argmax(np.stack(per_label), axis=0)]
+    if override is not None:
+        if override.shape != grid_shape:
+            raise ValueError(f"labels_from_probabilities: override {override.shape} is not on the grid {grid_shape}")
+        changed = override != fg
+        if changed.any():
+            for lab, p in zip(labels, per_label):
+                p[changed] = override[changed] == lab
+        fg = override
+    # the reference grid turned into the model grid's orientation: both grids then share their axes
+    out_shape, out_affine = reoriented_grid(reference.shape, reference.affine, _axcodes(grid_affine))
+    box = bbox(fg > 0, margin)
+    out = np.zeros(out_shape, dtype=np.uint8)
+    if box is not None:
+        mapping = axis_aligned_map(grid_shape, grid_affine, out_affine)
+        if mapping is None:  # grids not axis-aligned: whole-volume resampling per label
+            top = np.full(out_shape, -np.inf, dtype=np.float32)
+            for lab, p in zip(labels, per_label):
+                r = resample_to(Scan(p, grid_affine), out_shape, out_affine, order=1).array
+                take = r > top
+                top[take] = r[take]
+                out[take] = lab
+        else:
+            scale, offset = mapping
+            sub_out, weights = [], []
+            for ax in range(3):
+                # reference voxels whose model-grid coordinate falls inside the box; past the grid's ends: edge values
+                lo = 0 if box[ax].start == 0 else int(np.ceil((box[ax].start - offset[ax]) / scale[ax] - 1e-6))
+                hi = (out_shape[ax] - 1 if box[ax].stop == grid_shape[ax]
+                      else int(np.floor((box[ax].stop - 1 - offset[ax]) / scale[ax] + 1e-6)))
+                lo, hi = max(lo, 0), min(hi, out_shape[ax] - 1)
+                if hi < lo:
+                    return reorient(Scan(out, out_affine), _axcodes(reference.affine)).array
+                sub_out.append(slice(lo, hi + 1))
+                coords = scale[ax] * np.arange(lo, hi + 1) + offset[ax] - box[ax].start
+                weights.append(linear_weights(box[ax].stop - box[ax].start, coords))
+            # interpolate the shrinking axes first: the intermediates stay small
+            order = sorted(range(3), key=lambda a: (sub_out[a].stop - sub_out[a].start) / (box[a].stop - box[a].start))
+            top = None
+            region = np.zeros(tuple(s.stop - s.start for s in sub_out), dtype=np.uint8)
+            for lab, p in zip(labels, per_label):
+                v = p[box]
+                for ax in order:
+                    i0, i1, w = weights[ax]
+                    shape = [1, 1, 1]
+                    shape[ax] = -1
+                    w = w.reshape(shape)
+                    v = np.take(v, i0, axis=ax) * (1 - w) + np.take(v, i1, axis=ax) * w
+                if top is None:
+                    top = v
+                    region[:] = lab
+                else:
+                    take = v > top
+                    top[take] = v[take]
+                    region[take] = lab
+            out[tuple(sub_out)] = region
+    return reorient(Scan(out, out_affine), _axcodes(reference.affine)).array
+
+
+def _axcodes(affine: np.ndarray) -> str:
+    import nibabel as nib
+
+    return "".join(nib.aff2axcodes(affine))
+
+
 # ---------------------------------------------------------------- prediction
 def _inferior_axis(orientation: str) -> int | None:
     for i, c in enumerate(orientation):
@@ -243,6 +355,7 @@ def predict_semantic(
     amp: bool = False,
     normalize: bool | None = None,
     clean: bool = True,
+    restore: str = "linear",
     timings: dict | None = None,
 ) -> Scan:
     """Semantic segmentation of ``scan``, returned on the scan's own grid with labels of the scheme.
@@ -259,6 +372,9 @@ def predict_semantic(
     amp : bfloat16 autocast on CPU (nnU-Net always autocasts on CUDA).
     normalize : SPINEPS' [0, 1500] intensity normalisation; default on for MRI models, off for CT models.
     clean : apply :func:`clean_semantic` on the model grid.
+    restore : how labels return from the model grid to the scan's grid when it was resampled: 'linear' interpolates
+        the class probabilities (:func:`labels_from_probabilities`, nnU-Net's way), 'nearest' moves the label mask
+        (SPINEPS' way; faster, staircased boundaries). A grid that was only reoriented is restored exactly either way.
     timings : if a dict is given, it receives seconds per step (prepare, n4, resample, predict, clean, restore).
 
     Raises
@@ -281,6 +397,8 @@ def predict_semantic(
         raise ValueError(f"predict_semantic: expected a non-empty 3D image, got shape {arr.shape}")
     if not np.issubdtype(arr.dtype, np.number) or not np.all(np.isfinite(arr)):
         raise ValueError("predict_semantic: the image holds non-finite (NaN/inf) or non-numeric values")
+    if restore not in ("linear", "nearest"):
+        raise ValueError(f"predict_semantic: restore must be 'linear' or 'nearest', got {restore!r}")
     cfg = model.config
 
     tic = time.perf_counter()
@@ -301,8 +419,13 @@ def predict_semantic(
     t["resample"] = time.perf_counter() - tic
 
     tic = time.perf_counter()
-    labels = model.predict_labels(grid.array, grid.spacing, folds=folds, step_size=step_size,
-                                  mirroring=mirroring, amp=amp)
+    resampled = not same_grid(*reoriented_grid(scan.shape, scan.affine, cfg.orientation), grid.shape, grid.affine)
+    kw = dict(folds=folds, step_size=step_size, mirroring=mirroring, amp=amp)
+    probabilities = None
+    if restore == "linear" and resampled:
+        labels, probabilities = model.predict_probabilities(grid.array, grid.spacing, **kw)
+    else:
+        labels = model.predict_labels(grid.array, grid.spacing, **kw)
     t["predict"] = time.perf_counter() - tic
     if not labels.any():
         warnings.warn("predict_semantic: the model found no spine in this scan (empty mask)", stacklevel=2)
@@ -313,7 +436,11 @@ def predict_semantic(
         t["clean"] = time.perf_counter() - tic
 
     tic = time.perf_counter()
-    out = to_input_grid(Scan(labels, grid.affine), scan)
+    if probabilities is not None:
+        out = Scan(labels_from_probabilities(probabilities, model.lut, grid.affine, scan, override=labels), scan.affine)
+        del probabilities
+    else:
+        out = to_input_grid(Scan(labels, grid.affine), scan)
     t["restore"] = time.perf_counter() - tic
     t["total"] = time.perf_counter() - t0
     if timings is not None:
@@ -323,5 +450,5 @@ def predict_semantic(
 
 __all__ = [
     "FILL_HOLES_LABELS", "SMALL_COMPONENT_LABELS", "SMALL_COMPONENT_MM3", "clean_semantic",
-    "n4_bias_correction", "normalize_intensity", "predict_semantic",
+    "labels_from_probabilities", "n4_bias_correction", "normalize_intensity", "predict_semantic",
 ]

@@ -28,7 +28,7 @@ log = logging.getLogger("spineps_like.cohort")
 
 #: Keyword arguments of :func:`spineps_like.pipeline.segment` a cohort passes through.
 SEGMENT_SETTINGS = ("semantic_model", "instance_model", "instance_method", "semantic_only", "device", "amp",
-                    "mirroring", "step_size", "n4", "batch_size", "lumbar_count")
+                    "mirroring", "step_size", "n4", "restore", "batch_size", "lumbar_count")
 EXECUTORS = ("local", "ray")
 _IN_FLIGHT = 1  # scans outstanding per worker; each call also names the worker's next scan, which it prefetches
 

@@ -93,7 +93,7 @@ class Cohort:
     snapshot : write PNG snapshots.
     segment_fn : per-scan function instead of :func:`spineps_like.pipeline.segment` (same signature).
     **segment_settings : keyword arguments of :func:`~spineps_like.pipeline.segment` (semantic_model,
-        instance_model, instance_method, semantic_only, device, amp, mirroring, step_size, n4, batch_size,
+        instance_model, instance_method, semantic_only, device, amp, mirroring, step_size, n4, restore, batch_size,
         lumbar_count).
     """
 
@@ -264,6 +264,8 @@ def add_segment_options(p: argparse.ArgumentParser) -> None:
     mirror.add_argument("--no-mirror", dest="mirroring", action="store_false")
     p.add_argument("--step-size", type=float, default=None, help="sliding-window step as a fraction of the patch")
     p.add_argument("--n4", action="store_true", help="N4 bias-field correction (MRI)")
+    p.add_argument("--restore", choices=("linear", "nearest"), default=None,
+                   help="back from the model grid: class probabilities (default) or labels by nearest neighbour")
     p.add_argument("--batch-size", type=int, default=4, help="instance cutouts per forward pass")
     p.add_argument("--lumbar-count", type=int, default=None, choices=[4, 5, 6])
     p.add_argument("--no-snapshot", action="store_true", help="do not write PNG snapshots")

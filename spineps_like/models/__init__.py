@@ -114,6 +114,28 @@ class SemanticModel:
         spacing reversed), as SPINEPS does; nnU-Net then crops, normalises and resamples as its plans say.
         Returns the semantic labels (uint8) on the same grid.
         """
+        seg, _ = self._predict(array, spacing, folds, step_size, mirroring, amp, probabilities=False)
+        return self.lut[seg]
+
+    def predict_probabilities(
+        self,
+        array: np.ndarray,
+        spacing: Sequence[float],
+        *,
+        folds: Sequence[str | int] | None = None,
+        step_size: float | None = None,
+        mirroring: bool | None = None,
+        amp: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """As :meth:`predict_labels`, plus nnU-Net's class probabilities on the same grid.
+
+        Returns ``(labels, probabilities)``: uint8 semantic labels and float32 probabilities of shape
+        ``(n_outputs, *array.shape)``, one channel per network output index (``self.lut`` gives its label).
+        """
+        seg, probs = self._predict(array, spacing, folds, step_size, mirroring, amp, probabilities=True)
+        return self.lut[seg], probs
+
+    def _predict(self, array, spacing, folds, step_size, mirroring, amp, *, probabilities: bool):
         import torch
 
         if array.ndim != 3:
@@ -129,11 +151,14 @@ class SemanticModel:
         props = {"spacing": [float(s) for s in tuple(spacing)[::-1]]}
         cpu_amp = amp and self.nnunet.device.type == "cpu"
         with torch.autocast("cpu", dtype=torch.bfloat16) if cpu_amp else nullcontext():
-            seg = predictor.predict_single_npy_array(img, props)
+            out = predictor.predict_single_npy_array(img, props, save_or_return_probabilities=probabilities)
+        seg, probs = out if probabilities else (out, None)
         seg = np.asarray(seg).transpose(2, 1, 0)
         if seg.max(initial=0) >= len(self.lut):
             raise ModelError(f"{self.folder.path}: network predicted index {int(seg.max())} without a label")
-        return self.lut[seg]
+        if probs is not None:
+            probs = np.asarray(probs, dtype=np.float32).transpose(0, 3, 2, 1)
+        return seg, probs
 
 
 def load_semantic_model(
