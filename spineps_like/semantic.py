@@ -7,10 +7,11 @@ The flow is SPINEPS 2.1.3's (``phase_pre`` + ``phase_semantic`` + ``Segmentation
 2. Reorient to the model's orientation (PIR) and resample each axis into its ``resolution_range``.
 3. nnU-Net sliding window (Gaussian weighting, optional mirroring, fold ensemble, configurable tile step); nnU-Net
    crops, normalises and resamples as its plans say. Output indices become labels through the config's ``labels``.
-4. Clean-up on the model grid (:func:`clean_semantic`), then back onto the input grid. By default the way nnU-Net
-   itself returns to the input spacing: each label's probability is interpolated linearly and the most probable label
-   wins (:func:`labels_from_probabilities`), with the clean-up's changes kept. SPINEPS moves the label mask with
-   nearest neighbour (``restore="nearest"``), which puts staircases of model-grid voxels on every boundary.
+4. Clean-up (:func:`clean_semantic`), then back onto the input grid. By default the way nnU-Net itself returns to
+   the input spacing, in one step from nnU-Net's own grid: each label's probability is interpolated linearly and the
+   most probable label wins (:func:`labels_from_probabilities`), with the clean-up's changes kept. SPINEPS lets
+   nnU-Net return labels on the model grid and moves them with nearest neighbour (``restore="nearest"``), which puts
+   staircases of model-grid voxels on every boundary.
 """
 
 from __future__ import annotations
@@ -423,21 +424,24 @@ def predict_semantic(
     kw = dict(folds=folds, step_size=step_size, mirroring=mirroring, amp=amp)
     probabilities = None
     if restore == "linear" and resampled:
-        labels, probabilities = model.predict_probabilities(grid.array, grid.spacing, **kw)
+        # stop on nnU-Net's own grid: one interpolation (of the probabilities, below) straight to the input grid
+        labels, probabilities, label_affine = model.predict_network_grid(grid.array, grid.spacing, grid.affine, **kw)
     else:
-        labels = model.predict_labels(grid.array, grid.spacing, **kw)
+        labels, label_affine = model.predict_labels(grid.array, grid.spacing, **kw), grid.affine
     t["predict"] = time.perf_counter() - tic
     if not labels.any():
         warnings.warn("predict_semantic: the model found no spine in this scan (empty mask)", stacklevel=2)
 
     if clean:
         tic = time.perf_counter()
-        labels = clean_semantic(labels, grid.spacing, inferior_axis=_inferior_axis(cfg.orientation))
+        labels = clean_semantic(labels, Scan(labels, label_affine).spacing,
+                                inferior_axis=_inferior_axis(cfg.orientation))
         t["clean"] = time.perf_counter() - tic
 
     tic = time.perf_counter()
     if probabilities is not None:
-        out = Scan(labels_from_probabilities(probabilities, model.lut, grid.affine, scan, override=labels), scan.affine)
+        out = Scan(labels_from_probabilities(probabilities, model.lut, label_affine, scan, override=labels),
+                   scan.affine)
         del probabilities
     else:
         out = to_input_grid(Scan(labels, grid.affine), scan)

@@ -69,7 +69,7 @@ def peak_rss_mb() -> float:
 
 # ---------------------------------------------------------------- our side (runs in a fresh subprocess)
 def ours_worker(image: str, sem_dir: str, inst_dir: str, out_dir: str, *, mirroring: bool, threads: int,
-                profile: str | None, semantic_mask: str | None = None) -> dict:
+                profile: str | None, semantic_mask: str | None = None, restore: str = "linear") -> dict:
     """Load both exported folders with our loaders, :func:`spineps_like.pipeline.segment` the image, save masks."""
     import torch
 
@@ -86,7 +86,7 @@ def ours_worker(image: str, sem_dir: str, inst_dir: str, out_dir: str, *, mirror
 
     def run():
         return segment(image, semantic_model=sem, instance_model=inst, mirroring=mirroring, n4=False,
-                       semantic_mask=semantic_mask)
+                       restore=restore, semantic_mask=semantic_mask)
 
     if profile:
         import cProfile
@@ -275,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="phantom voxel size in mm (default: the phantom's random sagittal spacing)")
     ap.add_argument("--mirroring", action="store_true", help="test-time mirroring on both sides")
     ap.add_argument("--threads", type=int, default=2, help="torch threads on both sides")
+    ap.add_argument("--restore", choices=("linear", "nearest"), default="linear",
+                    help="our way back from the model grid (SPINEPS always moves labels by nearest neighbour)")
     ap.add_argument("--profile", action="store_true", help="cProfile our pipeline on the first case")
     ap.add_argument("--given-semantic", action="store_true",
                     help="skip the semantic phase on both sides: feed the reference semantic mask to instance + post")
@@ -308,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
               "load_note": a.load_note or f"loadavg {os.getloadavg()[0]:.1f} at start",
               "settings": {"threads": a.threads, "mirroring": a.mirroring, "n4": False, "spacing": a.spacing,
+                           "restore_ours": a.restore,
                            "given_semantic": a.given_semantic},
               "models": {"semantic": str(sem_dir), "instance": str(inst_dir)}, "cases": []}
     for i, case in enumerate(cases):
@@ -317,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
                   str(pred / "spineps"), "--mirroring", str(int(a.mirroring)), "--threads", str(a.threads)]
         cmd_ours = [sys.executable, str(Path(__file__).resolve()), "_ours", case["image"], str(sem_dir),
                     str(inst_dir), str(pred / "ours"), "--mirroring", str(int(a.mirroring)), "--threads",
-                    str(a.threads)]
+                    str(a.threads), "--restore", a.restore]
         if a.given_semantic:
             cmd_sp += ["--semantic-mask", case["gt_sem"]]
             cmd_ours += ["--semantic-mask", case["gt_sem"]]
@@ -412,9 +415,10 @@ if __name__ == "__main__":
         p.add_argument("--threads", type=int, default=2)
         p.add_argument("--profile", default=None)
         p.add_argument("--semantic-mask", default=None)
+        p.add_argument("--restore", default="linear")
         x = p.parse_args(sys.argv[2:])
         res = ours_worker(x.image, x.sem_dir, x.inst_dir, x.out_dir, mirroring=bool(x.mirroring), threads=x.threads,
-                          profile=x.profile, semantic_mask=x.semantic_mask)
+                          profile=x.profile, semantic_mask=x.semantic_mask, restore=x.restore)
         res["peak_rss_mb"] = round(peak_rss_mb(), 1)
         print(json.dumps(res), flush=True)
         sys.exit(0)

@@ -114,30 +114,55 @@ class SemanticModel:
         spacing reversed), as SPINEPS does; nnU-Net then crops, normalises and resamples as its plans say.
         Returns the semantic labels (uint8) on the same grid.
         """
-        seg, _ = self._predict(array, spacing, folds, step_size, mirroring, amp, probabilities=False)
-        return self.lut[seg]
+        return self.lut[self._predict(array, spacing, folds, step_size, mirroring, amp)]
 
-    def predict_probabilities(
+    def predict_network_grid(
         self,
         array: np.ndarray,
         spacing: Sequence[float],
+        affine: np.ndarray,
         *,
         folds: Sequence[str | int] | None = None,
         step_size: float | None = None,
         mirroring: bool | None = None,
         amp: bool = False,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """As :meth:`predict_labels`, plus nnU-Net's class probabilities on the same grid.
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """As :meth:`predict_labels`, but stop where nnU-Net's sliding window ends: on its own grid (cropped to the
+        image's non-zero box, resampled to the plans' spacing), without nnU-Net's resampling of every class channel
+        back to the input.
 
-        Returns ``(labels, probabilities)``: uint8 semantic labels and float32 probabilities of shape
-        ``(n_outputs, *array.shape)``, one channel per network output index (``self.lut`` gives its label).
+        ``affine`` is the model grid's. Returns ``(labels, probabilities, network_affine)``: uint8 semantic labels and
+        float32 class probabilities ``(n_outputs, *shape)`` on the network grid, its axes in the model grid's order,
+        and that grid's affine (nnU-Net's resampling maps voxel centres as ``src = (dst + 0.5) * n_src / n_dst - 0.5``).
         """
-        seg, probs = self._predict(array, spacing, folds, step_size, mirroring, amp, probabilities=True)
-        return self.lut[seg], probs
-
-    def _predict(self, array, spacing, folds, step_size, mirroring, amp, *, probabilities: bool):
         import torch
 
+        predictor, img, props = self._nnunet_input(array, spacing, folds, step_size, mirroring)
+        pm, cm = self.nnunet.plans_manager, self.nnunet.configuration_manager
+        preprocessor = cm.preprocessor_class(verbose=False)
+        data, _, props = preprocessor.run_case_npy(img, None, props, pm, cm, self.nnunet.dataset_json)
+        with self._autocast(amp):
+            logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).cpu().float()
+        probs = self.nnunet.label_manager.apply_inference_nonlin(logits)
+        del logits
+        probs = probs.numpy() if isinstance(probs, torch.Tensor) else np.asarray(probs)
+        probs = probs.astype(np.float32, copy=False)
+        # nnU-Net axis t is input axis transpose_forward[t]; input axis a is model-grid axis 2 - a
+        tf = list(pm.transpose_forward)
+        crop = props["bbox_used_for_cropping"]
+        n_crop = props["shape_after_cropping_and_before_resampling"]
+        axes = [tf.index(2 - m) for m in range(3)]  # nnU-Net axis of each model-grid axis
+        probs = np.ascontiguousarray(probs.transpose(0, *(1 + t for t in axes)))
+        scale = np.array([n_crop[t] / probs.shape[1 + m] for m, t in enumerate(axes)], dtype=float)
+        offset = np.array([crop[t][0] for t in axes], dtype=float) + 0.5 * scale - 0.5
+        net_affine = np.asarray(affine, dtype=float) @ np.vstack([np.c_[np.diag(scale), offset], [0, 0, 0, 1]])
+        seg = np.argmax(probs, axis=0).astype(np.intp)
+        if seg.max(initial=0) >= len(self.lut):
+            raise ModelError(f"{self.folder.path}: network predicted index {int(seg.max())} without a label")
+        return self.lut[seg], probs, net_affine
+
+    def _nnunet_input(self, array, spacing, folds, step_size, mirroring):
+        """The predictor for these settings, the image as nnU-Net reads it (SimpleITK axis order) and its props."""
         if array.ndim != 3:
             raise ValueError(f"expected a 3D array, got shape {array.shape}")
         folds = tuple(str(f) for f in folds) if folds is not None else self.default_folds
@@ -148,17 +173,21 @@ class SemanticModel:
             mirror_axes=self.mirror_axes,
         )
         img = np.ascontiguousarray(np.asarray(array, dtype=np.float32).transpose(2, 1, 0))[None]
-        props = {"spacing": [float(s) for s in tuple(spacing)[::-1]]}
-        cpu_amp = amp and self.nnunet.device.type == "cpu"
-        with torch.autocast("cpu", dtype=torch.bfloat16) if cpu_amp else nullcontext():
-            out = predictor.predict_single_npy_array(img, props, save_or_return_probabilities=probabilities)
-        seg, probs = out if probabilities else (out, None)
+        return predictor, img, {"spacing": [float(s) for s in tuple(spacing)[::-1]]}
+
+    def _autocast(self, amp: bool):
+        import torch
+
+        return torch.autocast("cpu", dtype=torch.bfloat16) if amp and self.nnunet.device.type == "cpu" else nullcontext()
+
+    def _predict(self, array, spacing, folds, step_size, mirroring, amp):
+        predictor, img, props = self._nnunet_input(array, spacing, folds, step_size, mirroring)
+        with self._autocast(amp):
+            seg = predictor.predict_single_npy_array(img, props)
         seg = np.asarray(seg).transpose(2, 1, 0)
         if seg.max(initial=0) >= len(self.lut):
             raise ModelError(f"{self.folder.path}: network predicted index {int(seg.max())} without a label")
-        if probs is not None:
-            probs = np.asarray(probs, dtype=np.float32).transpose(0, 3, 2, 1)
-        return seg, probs
+        return seg
 
 
 def load_semantic_model(
