@@ -268,9 +268,11 @@ def labels_from_probabilities(
     labels = np.unique(channel_labels)
     if labels[0] != 0:
         labels = np.concatenate([[0], labels])
-    per_label = [probs[channel_labels == lab].sum(axis=0, dtype=np.float32) if np.count_nonzero(channel_labels == lab)
-                 != 1 else probs[int(np.flatnonzero(channel_labels == lab)[0])].astype(np.float32, copy=True)
-                 for lab in labels]
+    per_label = []  # one probability map per label (a copy: the override below writes into it)
+    for lab in labels:
+        idx = np.flatnonzero(channel_labels == lab)
+        per_label.append(probs[idx].sum(axis=0, dtype=np.float32) if len(idx) != 1
+                         else probs[idx[0]].astype(np.float32, copy=True))
     fg = labels[np.argmax(np.stack(per_label), axis=0)]
     if override is not None:
         if override.shape != grid_shape:
