@@ -283,7 +283,7 @@ def labels_from_probabilities(
                 p[changed] = override[changed] == lab
         fg = override
     # the reference grid turned into the model grid's orientation: both grids then share their axes
-    out_shape, out_affine = reoriented_grid(reference.shape, reference.affine, _axcodes(grid_affine))
+    out_shape, out_affine = reoriented_grid(reference.shape, reference.affine, Scan(fg, grid_affine).orientation)
     box = bbox(fg > 0, margin)
     out = np.zeros(out_shape, dtype=np.uint8)
     if box is not None:
@@ -305,7 +305,7 @@ def labels_from_probabilities(
                       else int(np.floor((box[ax].stop - 1 - offset[ax]) / scale[ax] + 1e-6)))
                 lo, hi = max(lo, 0), min(hi, out_shape[ax] - 1)
                 if hi < lo:
-                    return reorient(Scan(out, out_affine), _axcodes(reference.affine)).array
+                    return reorient(Scan(out, out_affine), reference.orientation).array
                 sub_out.append(slice(lo, hi + 1))
                 coords = scale[ax] * np.arange(lo, hi + 1) + offset[ax] - box[ax].start
                 weights.append(linear_weights(box[ax].stop - box[ax].start, coords))
@@ -329,13 +329,7 @@ def labels_from_probabilities(
                     top[take] = v[take]
                     region[take] = lab
             out[tuple(sub_out)] = region
-    return reorient(Scan(out, out_affine), _axcodes(reference.affine)).array
-
-
-def _axcodes(affine: np.ndarray) -> str:
-    import nibabel as nib
-
-    return "".join(nib.aff2axcodes(affine))
+    return reorient(Scan(out, out_affine), reference.orientation).array
 
 
 # ---------------------------------------------------------------- prediction
