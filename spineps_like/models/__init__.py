@@ -114,7 +114,7 @@ class SemanticModel:
         spacing reversed), as SPINEPS does; nnU-Net then crops, normalises and resamples as its plans say.
         Returns the semantic labels (uint8) on the same grid.
         """
-        return self.lut[self._predict(array, spacing, folds, step_size, mirroring, amp)]
+        return self._predict(array, spacing, folds, step_size, mirroring, amp)
 
     def predict_network_grid(
         self,
@@ -156,10 +156,13 @@ class SemanticModel:
         scale = np.array([n_crop[t] / probs.shape[1 + m] for m, t in enumerate(axes)], dtype=float)
         offset = np.array([crop[t][0] for t in axes], dtype=float) + 0.5 * scale - 0.5
         net_affine = np.asarray(affine, dtype=float) @ np.vstack([np.c_[np.diag(scale), offset], [0, 0, 0, 1]])
-        seg = np.argmax(probs, axis=0).astype(np.intp)
+        return self._labels(np.argmax(probs, axis=0)), probs, net_affine
+
+    def _labels(self, seg: np.ndarray) -> np.ndarray:
+        """Semantic labels of network output indices; an index without a label is a broken model folder."""
         if seg.max(initial=0) >= len(self.lut):
             raise ModelError(f"{self.folder.path}: network predicted index {int(seg.max())} without a label")
-        return self.lut[seg], probs, net_affine
+        return self.lut[seg]
 
     def _nnunet_input(self, array, spacing, folds, step_size, mirroring):
         """The predictor for these settings, the image as nnU-Net reads it (SimpleITK axis order) and its props."""
@@ -184,10 +187,7 @@ class SemanticModel:
         predictor, img, props = self._nnunet_input(array, spacing, folds, step_size, mirroring)
         with self._autocast(amp):
             seg = predictor.predict_single_npy_array(img, props)
-        seg = np.asarray(seg).transpose(2, 1, 0)
-        if seg.max(initial=0) >= len(self.lut):
-            raise ModelError(f"{self.folder.path}: network predicted index {int(seg.max())} without a label")
-        return seg
+        return self._labels(np.asarray(seg).transpose(2, 1, 0))
 
 
 def load_semantic_model(
