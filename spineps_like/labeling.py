@@ -385,7 +385,8 @@ def remap_instance(instance: np.ndarray, mapping: dict[int, int], order: Sequenc
 
     An IVD whose vertebra is not in ``mapping`` (the disc above the topmost vertebra, see
     :func:`spineps_like.assign.assign_ivds_endplates`) becomes the IVD of the anatomical predecessor of the topmost
-    vertebra (``order``: old ids, top to bottom).
+    vertebra (``order``: old ids, top to bottom); above C1, or above an unnumbered topmost vertebra, it becomes 0
+    (the caller clears those voxels from the semantic mask too).
     """
     inst = np.asarray(instance)
     top = int(inst.max(initial=0))
@@ -404,10 +405,10 @@ def remap_instance(instance: np.ndarray, mapping: dict[int, int], order: Sequenc
         if not top_new:  # the topmost vertebra is unnumbered: so is the disc above it
             lut[IVD_OFFSET + o] = 0
             continue
-        # assign_ivds_endplates gives the disc above the topmost vertebra the id of a vertebra out of view
+        # assign_ivds_endplates gives the disc above the topmost vertebra the id of a vertebra out of view;
+        # above C1 there is no disc, so such voxels lose their id (0)
         prev = _anatomical_previous(top_new, present_new)
-        if prev:
-            lut[IVD_OFFSET + o] = IVD_OFFSET + prev
+        lut[IVD_OFFSET + o] = IVD_OFFSET + prev if prev else 0
     return lut[inst]
 
 

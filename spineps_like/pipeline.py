@@ -149,7 +149,13 @@ def instance_phase(semantic: Scan, *, method: str = "network", model: Any = None
         sem_arr, instance, report = postprocess(sem_arr, instance, spacing)
         notes.extend(getattr(report, "notes", []) or [])
     with timings.phase("labeling"):
-        instance, labeling = label_vertebrae(instance, sem_arr, spacing, lumbar_count=lumbar_count)
+        labelled, labeling = label_vertebrae(instance, sem_arr, spacing, lumbar_count=lumbar_count)
+        dropped = (labelled == 0) & (instance > 0)  # e.g. disc voxels above C1: no instance, so no semantic label
+        if dropped.any():
+            sem_arr = np.where(dropped, 0, sem_arr)
+            notes.append(f"labelling: {int(dropped.sum())} voxels without an anatomical instance (a disc above C1) "
+                         "removed from both masks")
+        instance = labelled
     with timings.phase("restore"):
         sem_out = reorient(Scan(sem_arr, sem_pir.affine, semantic.path), semantic.orientation)
         ins_out = reorient(Scan(instance, sem_pir.affine, semantic.path), semantic.orientation)

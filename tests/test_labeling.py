@@ -130,6 +130,9 @@ def test_disc_above_the_top_vertebra_is_renamed():
     inst[:, 8:12] = 2
     out = remap_instance(inst, {1: 21, 2: 22}, [1, 2])
     assert out[0, 0, 0] == 120 and out[0, 3, 0] == 21 and out[0, 7, 0] == 121 and out[0, 9, 0] == 22
+    # above C1 there is no disc: the voxels lose their id instead of keeping the invalid 100 + 0
+    out = remap_instance(inst, {1: 1, 2: 2}, [1, 2])
+    assert out[0, 0, 0] == 0 and out[0, 3, 0] == 1 and out[0, 7, 0] == 101 and out[0, 9, 0] == 2
 
 
 def test_centroids_json_is_read_by_tptbox(tmp_path):
