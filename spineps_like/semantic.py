@@ -22,8 +22,10 @@ import warnings
 from typing import Sequence
 
 import cc3d
+import edt
 import fill_voids
 import numpy as np
+from scipy import ndimage
 
 from spineps_like.geometry import (
     axis_aligned_map, bbox, linear_weights, reorient, reoriented_grid, resample_to, same_grid, to_input_grid,
@@ -39,6 +41,16 @@ SMALL_COMPONENT_LABELS: tuple[int, ...] = (41, 42, 43, 44, 45, 46, 47, 48, 49, 6
 FILL_HOLES_LABELS: tuple[int, ...] = (49, 61, 100, 60)
 #: Margin around component bounding boxes when keeping the spine's region (SPINEPS: 4 voxels of 0.75 mm).
 REGION_MARGIN_MM: float = 3.0
+#: Canal and cord labels: one tube (see :func:`_canal_tube`).
+CANAL_LABELS: tuple[int, ...] = (60, 61)
+#: Largest gap (mm) between pieces of the canal/cord tube that still belong to it, e.g. across a stenosis.
+CANAL_GAP_MM: float = 15.0
+#: Labels of the anterior column (corpus, its border, endplates, IVD): it lies right in front of the canal.
+COLUMN_LABELS: tuple[int, ...] = (49, 50, 51, 52, 53, 62, 100)
+#: Farthest a piece of the anterior column may start from the canal (mm); bodies touch the canal's front wall.
+COLUMN_CANAL_MM: float = 20.0
+#: Largest gap (mm) between pieces of the anterior column that still chain up (a column beyond the canal's extent).
+COLUMN_GAP_MM: float = 15.0
 #: SPINEPS' MRI intensity range after normalisation.
 NORMALIZE_MAX = 1500.0
 #: SPINEPS' N4 foreground threshold on the normalised image.
@@ -126,6 +138,59 @@ def _remove_small_components(mask: np.ndarray, labels: Sequence[int], min_voxels
     return int(hit.sum())
 
 
+def _canal_tube(mask: np.ndarray, spacing: Sequence[float], gap_mm: float) -> int:
+    """In place: the spinal canal and cord are one tube. Keep the largest 26-connected component of canal + cord and
+    every other canal/cord component that comes within ``gap_mm`` of what is kept (repeated, so pieces split by a
+    stenosis chain up); set the rest to background. Fluid far from the spine (bladder, bowel, cysts) looks like CSF
+    and is what this removes. Returns voxels removed."""
+    tube = np.isin(mask, CANAL_LABELS)
+    box = bbox(tube)
+    if box is None:
+        return 0
+    tube = tube[box]
+    cc, n = cc3d.connected_components(tube, connectivity=26, return_N=True)
+    if n <= 1:
+        return 0
+    keep = np.zeros(n + 1, bool)
+    keep[1 + int(np.argmax(np.bincount(cc.ravel())[1:]))] = True
+    while True:
+        distance = edt.edt(~keep[cc], anisotropy=tuple(float(s) for s in spacing), parallel=1)
+        nearest = ndimage.minimum(distance, cc, index=np.arange(1, n + 1))
+        new = (np.asarray(nearest) <= gap_mm) & ~keep[1:]
+        if not new.any():
+            break
+        keep[1:] |= new
+    drop = tube & ~keep[cc]
+    mask[box][drop] = 0
+    return int(drop.sum())
+
+
+def _anterior_column(mask: np.ndarray, spacing: Sequence[float], canal_mm: float, gap_mm: float) -> int:
+    """In place: vertebral bodies, endplates and discs form a column right in front of the canal. Keep each
+    26-connected component of ``COLUMN_LABELS`` that comes within ``canal_mm`` of the canal/cord, then every component
+    within ``gap_mm`` of what is kept (repeated, so a column that runs beyond the canal's extent stays); set the rest
+    to background. Nothing is removed when the mask has no canal. Returns voxels removed."""
+    column, tube = np.isin(mask, COLUMN_LABELS), np.isin(mask, CANAL_LABELS)
+    box = bbox(column | tube)
+    if box is None or not tube.any() or not column.any():
+        return 0
+    column, tube = column[box], tube[box]
+    cc, n = cc3d.connected_components(column, connectivity=26, return_N=True)
+    anisotropy = tuple(float(s) for s in spacing)
+    index = np.arange(1, n + 1)
+    keep = np.zeros(n + 1, bool)
+    keep[1:] = np.asarray(ndimage.minimum(edt.edt(~tube, anisotropy=anisotropy, parallel=1), cc, index)) <= canal_mm
+    while keep[1:].any() and not keep[1:].all():
+        nearest = ndimage.minimum(edt.edt(~keep[cc], anisotropy=anisotropy, parallel=1), cc, index)
+        new = (np.asarray(nearest) <= gap_mm) & ~keep[1:]
+        if not new.any():
+            break
+        keep[1:] |= new
+    drop = column & ~keep[cc]
+    mask[box][drop] = 0
+    return int(drop.sum())
+
+
 def _spine_region(mask: np.ndarray, spacing: Sequence[float], margin_mm: float, inferior_axis: int | None) -> int:
     """In place: keep the largest 26-connected component and every component whose bounding box (grown by
     ``margin_mm``, twice that along ``inferior_axis`` to bridge gaps between vertebrae) overlaps the region grown so
@@ -180,18 +245,26 @@ def clean_semantic(
     *,
     min_volume_mm3: float = SMALL_COMPONENT_MM3,
     small_labels: Sequence[int] = SMALL_COMPONENT_LABELS,
+    canal_gap_mm: float | None = CANAL_GAP_MM,
+    column_canal_mm: float | None = COLUMN_CANAL_MM,
     keep_spine_region: bool = True,
     margin_mm: float = REGION_MARGIN_MM,
     inferior_axis: int | None = 1,
     fill_labels: Sequence[int] = FILL_HOLES_LABELS,
     stats: dict | None = None,
 ) -> np.ndarray:
-    """Clean a semantic mask the way SPINEPS does after its semantic model.
+    """Clean a semantic mask the way SPINEPS does after its semantic model, plus two anatomical rules.
 
     1. Drop 6-connected components of ``small_labels`` smaller than ``min_volume_mm3``.
-    2. Keep the spine's region: the largest 26-connected foreground component plus every component whose bounding
-       box overlaps the region (see ``margin_mm``); everything else is removed.
-    3. Fill 3D holes of ``fill_labels`` (only background voxels are filled, so the cord inside the canal stays).
+    2. The canal is one tube (not in SPINEPS): canal/cord pieces farther than ``canal_gap_mm`` from the largest one
+       (bladder, bowel, cysts: fluid that looks like CSF) are removed; ``None`` skips this.
+    3. The anterior column lies in front of the canal (not in SPINEPS): corpus/endplate/IVD pieces that start farther
+       than ``column_canal_mm`` from the canal, and do not chain up to pieces that do, are removed (bone and fluid in
+       the pelvis or abdomen); ``None`` skips this, and so does a mask without canal.
+    4. Keep the spine's region (SPINEPS): the largest 26-connected foreground component plus every component whose
+       bounding box overlaps the region (see ``margin_mm``); everything else is removed. On a curved spine the
+       region's box is large, which is why 2 and 3 exist.
+    5. Fill 3D holes of ``fill_labels`` (only background voxels are filled, so the cord inside the canal stays).
 
     Parameters
     ----------
@@ -217,11 +290,15 @@ def clean_semantic(
         raise ValueError(f"clean_semantic: spacing must be three positive numbers, got {spacing}")
     out = mask.copy()
     box = bbox(out > 0)
-    info = {"small_removed": 0, "region_removed": 0, "holes_filled": 0}
+    info = {"small_removed": 0, "canal_removed": 0, "column_removed": 0, "region_removed": 0, "holes_filled": 0}
     if box is not None:
         sub = out[box]  # a view: the steps below work in place on the foreground's bounding box
         min_voxels = int(max(1, round(min_volume_mm3 / float(np.prod(spacing)))))
         info["small_removed"] = _remove_small_components(sub, small_labels, min_voxels)
+        if canal_gap_mm is not None:
+            info["canal_removed"] = _canal_tube(sub, spacing, canal_gap_mm)
+        if column_canal_mm is not None:
+            info["column_removed"] = _anterior_column(sub, spacing, column_canal_mm, COLUMN_GAP_MM)
         if keep_spine_region:
             info["region_removed"] = _spine_region(sub, spacing, margin_mm, inferior_axis)
         info["holes_filled"] = _fill_holes(sub, fill_labels)

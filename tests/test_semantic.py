@@ -46,14 +46,62 @@ def test_clean_semantic_removes_small_far_and_fills_holes():
     m[10:30, 33:37, 8:22] = 100  # disc 3 voxels below the corpus (inside the region margin)
     m[45:47, 70:71, 25:26] = 41  # 2 voxels: small
     m[50:58, 60:78, 0:6] = 49  # big, but far from the spine
-    out = clean_semantic(m, (1.0, 1.0, 1.0), stats=(st := {}))
+    out = clean_semantic(m, (1.0, 1.0, 1.0), canal_gap_mm=None, column_canal_mm=None, stats=(st := {}))
     assert out[18:22, 18:22, 13:17].min() == 49  # hole filled with the corpus label
     assert (out[33:37, 16:24, 13:17] == 60).all()  # the cord is not a hole of the canal
     assert (out[10:30, 33:37, 8:22] == 100).all()  # nearby component kept
     assert not out[45:47, 70:71, 25:26].any()  # small blob removed
     assert not out[50:58, 60:78, 0:6].any()  # far component removed
-    assert st == {"small_removed": 2, "region_removed": 8 * 18 * 6, "holes_filled": 4 * 4 * 4}
+    assert st == {"small_removed": 2, "canal_removed": 0, "column_removed": 0, "region_removed": 8 * 18 * 6,
+                  "holes_filled": 4 * 4 * 4}
     assert (m[45, 70, 25] == 41) and (m[50, 60, 0] == 49)  # input untouched
+    # with the anatomical rules on, the far corpus goes already because it is far from the canal
+    clean_semantic(m, (1.0, 1.0, 1.0), stats=(st := {}))
+    assert st["column_removed"] == 8 * 18 * 6 and st["region_removed"] == 0
+
+
+def test_clean_semantic_keeps_one_canal_tube_in_mm():
+    """Canal pieces split by a stenosis stay; CSF-like fluid away from the tube goes; distances are in mm."""
+    m = np.zeros((50, 90, 20), np.uint8)
+    m[30:40, 0:40, 6:14] = 61  # canal with the cord inside
+    m[33:37, 0:40, 8:12] = 60
+    m[30:40, 50:80, 6:14] = 61  # below a 10 mm stenosis gap: same tube
+    m[15:29, 0:80, 6:14] = 49  # corpus in front, touching neither canal piece's fluid blob
+    m[30:40, 20:30, 18:19] = 61  # 5 voxels beside the tube along the 3 mm axis: 15 mm, kept
+    m[2:12, 60:75, 6:14] = 61  # fluid 18 mm in front of the tube (bladder-like), but touching no spine label
+    out = clean_semantic(m, (1.0, 1.0, 3.0), keep_spine_region=False, stats=(st := {}))
+    assert (out[30:40, 50:80, 6:14] == 61).all() and (out[33:37, 0:40, 8:12] == 60).all()
+    assert (out[30:40, 20:30, 18:19] == 61).all()
+    assert not out[2:12, 60:75, 6:14].any()
+    assert st["canal_removed"] == 10 * 15 * 8
+    # at 1 mm along the last axis the side piece is 5 mm away, at 4 mm it is 20 mm away
+    assert clean_semantic(m, (1.0, 1.0, 4.0), keep_spine_region=False)[30, 20, 18] == 0
+    # the rule can be switched off
+    assert (clean_semantic(m, (1.0, 1.0, 3.0), canal_gap_mm=None, keep_spine_region=False)[2:12, 60:75, 6:14]
+            == 61).all()
+
+
+def test_clean_semantic_anterior_column_chains_beyond_the_canal():
+    """Bodies near the canal stay, bodies beyond the canal's extent stay through the column, a body-like blob in
+    front of the sacrum goes; without any canal nothing is judged."""
+    m = np.zeros((40, 110, 16), np.uint8)
+    m[30:38, 0:40, 4:12] = 61  # canal ends at row 40
+    pieces = [(0, 12), (16, 28), (33, 45), (50, 62), (67, 79)]  # corpora with gaps of 4-5 mm, no discs drawn
+    for lo, hi in pieces:
+        m[15:29, lo:hi, 4:12] = 49
+    m[15:29, 12:16, 4:12] = 100  # the disc between the first two corpora
+    m[0:8, 95:105, 4:12] = 49  # blob: > 20 mm from the canal and 18 mm from the last corpus
+    out = clean_semantic(m, (1.0, 1.0, 1.0), keep_spine_region=False, stats=(st := {}))
+    for lo, hi in pieces:  # (67, 79) is 28 mm from the canal: kept through the column
+        assert (out[15:29, lo:hi, 4:12] == 49).all()
+    assert (out[15:29, 12:16, 4:12] == 100).all()
+    assert not out[0:8, 95:105, 4:12].any()
+    assert st["column_removed"] == 8 * 10 * 8
+    no_canal = np.where(m == 61, 0, m)
+    clean_semantic(no_canal, (1.0, 1.0, 1.0), keep_spine_region=False, stats=(st := {}))
+    assert st["column_removed"] == 0
+    assert (clean_semantic(m, (1.0, 1.0, 1.0), column_canal_mm=None, keep_spine_region=False)[0:8, 95:105, 4:12]
+            == 49).all()
 
 
 def test_clean_semantic_thresholds_are_in_mm():
