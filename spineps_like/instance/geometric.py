@@ -45,30 +45,65 @@ ENDPLATE_LIKE: tuple[int, ...] = (52, 53, 62)
 BONE_LABELS: tuple[int, ...] = ARCH_LABELS + ARTICULAR_LABELS + CORPUS_BONE
 
 
+def _face_neighbours(a: np.ndarray, b: np.ndarray, semantic: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Every face-adjacent voxel pair with ``a > 0`` on one side and ``b > 0`` on the other: the ``a`` value, the
+    ``b`` value and, if given, ``semantic`` on either side. Works from the ``a`` voxels only (no volume-sized
+    temporaries), six face shifts, each face counted once per direction."""
+    coords = np.nonzero(a)
+    empty = np.zeros(0, np.int64)
+    if len(coords[0]) == 0:
+        return empty, empty, (empty if semantic is not None else None), (empty if semantic is not None else None)
+    av = a[coords]
+    sa = semantic[coords] if semantic is not None else None
+    xs, ys, gx, gy = [], [], [], []
+    for ax in range(a.ndim):
+        n = a.shape[ax]
+        for d in (-1, 1):
+            c = coords[ax] + d
+            ok = (c >= 0) & (c < n)
+            if not ok.any():
+                continue
+            nb = tuple(c[ok] if k == ax else coords[k][ok] for k in range(a.ndim))
+            bv = b[nb]
+            hit = bv > 0
+            if not hit.any():
+                continue
+            xs.append(av[ok][hit])
+            ys.append(bv[hit])
+            if semantic is not None:
+                gx.append(sa[ok][hit])
+                gy.append(semantic[tuple(x[hit] for x in nb)])
+    if not xs:
+        return empty, empty, (empty if semantic is not None else None), (empty if semantic is not None else None)
+    cat = lambda v: np.concatenate(v).astype(np.int64, copy=False)  # noqa: E731
+    return cat(xs), cat(ys), (cat(gx) if semantic is not None else None), (cat(gy) if semantic is not None else None)
+
+
+def _count_pairs(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Unique ``(x, y)`` pairs (sorted by x, then y) with their counts."""
+    if len(x) == 0:
+        return x, y, np.zeros(0, np.int64)
+    base = int(y.max()) + 1
+    keys, counts = np.unique(x * base + y, return_counts=True)
+    return keys // base, keys % base, counts.astype(np.int64)
+
+
 def contact_counts(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Face contacts between the labels of ``a`` and the labels of ``b`` (two label arrays on one grid).
 
     Returns ``(a_ids, b_ids, counts)``: for every pair of face-adjacent voxels with ``a > 0`` on one side and
-    ``b > 0`` on the other, counted once per voxel face. Vectorised over the six face shifts.
+    ``b > 0`` on the other, counted once per voxel face. Cost scales with the ``a`` voxels, not the volume.
     """
-    keys = []
-    for ax in range(a.ndim):
-        n = a.shape[ax]
-        if n < 2:
-            continue
-        lo = [slice(None)] * a.ndim
-        hi = [slice(None)] * a.ndim
-        lo[ax], hi[ax] = slice(0, n - 1), slice(1, n)
-        for sa, sb in ((tuple(lo), tuple(hi)), (tuple(hi), tuple(lo))):
-            x, y = a[sa], b[sb]
-            m = (x > 0) & (y > 0)
-            if m.any():
-                keys.append(np.stack([x[m].astype(np.int64), y[m].astype(np.int64)], axis=1))
-    if not keys:
-        z = np.zeros(0, np.int64)
-        return z, z, z
-    pairs, counts = np.unique(np.concatenate(keys), axis=0, return_counts=True)
-    return pairs[:, 0], pairs[:, 1], counts
+    x, y, _, _ = _face_neighbours(a, b)
+    return _count_pairs(x, y)
+
+
+#: Facet joint sides: superior articular (45/46) -> 1, inferior articular (47/48) -> 2; a face between 1 and 2 is a
+#: joint.
+_FACET_SIDE = np.zeros(256, np.int64)
+_FACET_SIDE[[45, 46]] = 1
+_FACET_SIDE[[47, 48]] = 2
 
 
 def facet_free_contacts(a: np.ndarray, b: np.ndarray, semantic: np.ndarray
@@ -78,18 +113,12 @@ def facet_free_contacts(a: np.ndarray, b: np.ndarray, semantic: np.ndarray
     A face between an inferior articular voxel (47/48) and a superior articular voxel (45/46) is the joint between
     two vertebrae, never evidence that the two sides belong together, so it is not counted.
     """
-    group = np.zeros(semantic.shape, dtype=np.int64)
-    group[np.isin(semantic, (45, 46))] = 1
-    group[np.isin(semantic, (47, 48))] = 2
-    aa = np.where(a > 0, a.astype(np.int64) * 4 + group, 0)
-    bb = np.where(b > 0, b.astype(np.int64) * 4 + group, 0)
-    x, y, n = contact_counts(aa, bb)
-    keep = (x % 4) + (y % 4) != 3
-    x, y, n = x[keep] // 4, y[keep] // 4, n[keep]
+    x, y, gx, gy = _face_neighbours(a, b, semantic)
     if len(x) == 0:
-        return x, y, n
-    pairs, inv = np.unique(np.stack([x, y], axis=1), axis=0, return_inverse=True)
-    return pairs[:, 0], pairs[:, 1], np.bincount(inv.reshape(-1), weights=n).astype(np.int64)
+        return _count_pairs(x, y)
+    side = lambda g: _FACET_SIDE[np.clip(g, 0, 255)]  # noqa: E731
+    keep = side(gx) + side(gy) != 3
+    return _count_pairs(x[keep], y[keep])
 
 
 def dominant_partner(a_ids: np.ndarray, b_ids: np.ndarray, counts: np.ndarray,
