@@ -23,6 +23,7 @@ from typing import Sequence
 import cc3d
 import numpy as np
 from scipy import ndimage as ndi
+from scipy.spatial import cKDTree
 
 from spineps_like.geometry import bbox
 from spineps_like.instance.centres import check_mask, check_spacing, spine_axes
@@ -89,7 +90,9 @@ def _previous_ids(ids: np.ndarray) -> np.ndarray:
 
 def _nearest_corpus(corpus_seed: np.ndarray, targets: np.ndarray, sp: np.ndarray,
                     margin_mm: float = 20.0) -> tuple[np.ndarray, np.ndarray, tuple[slice, ...] | None]:
-    """Nearest seed label (and its voxel coords) for each target voxel, on the targets' bounding box + margin."""
+    """Nearest seed label (and its voxel coords) for each target voxel, searched in mm on the targets' bounding box
+    + margin. The nearest seed voxel of a point outside the seeds is always on their surface (a face neighbour
+    closer to the point would be a seed too), so only surface voxels go into the k-d tree."""
     margin = int(np.ceil(margin_mm / sp.min()))
     box = bbox(targets, margin=margin)
     if box is None:
@@ -99,12 +102,19 @@ def _nearest_corpus(corpus_seed: np.ndarray, targets: np.ndarray, sp: np.ndarray
         # no corpus near: widen to the whole corpus bounding box
         box = bbox(targets | (corpus_seed > 0), margin=1)
         seeds = corpus_seed[box]
-    idx = ndi.distance_transform_edt(seeds == 0, sampling=sp, return_distances=False, return_indices=True)
-    t = np.nonzero(targets[box])
-    near = idx[(slice(None),) + t]  # (3, N) crop coords of the nearest seed voxel
-    lab = seeds[tuple(near)]
     origin = np.array([s.start for s in box])
-    return lab.astype(np.int64), near.T + origin, box
+    t = np.argwhere(targets[box])
+    fg = seeds > 0
+    if not fg.any():
+        return np.zeros(len(t), np.int64), t + origin, box
+    surface = np.argwhere(fg & ~ndi.binary_erosion(fg, border_value=0))
+    if len(t):
+        _, k = cKDTree(surface * sp).query(t * sp, k=1, workers=-1)
+        near = surface[k]
+    else:
+        near = np.zeros((0, 3), np.int64)
+    lab = seeds[tuple(near.T)]
+    return lab.astype(np.int64), near + origin, box
 
 
 def _smooth_components(comp: np.ndarray, lab: np.ndarray, min_fraction: float) -> np.ndarray:

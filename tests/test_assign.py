@@ -152,3 +152,26 @@ def test_assign_bad_input():
         assign_ivds_endplates(np.zeros((4, 4, 4), np.int16), np.zeros((4, 4, 4), np.int16), split_min_fraction=0.7)
     inst, sem = assign_ivds_endplates(np.full((4, 4, 4), 100, np.int16), np.zeros((4, 4, 4), np.int16))
     assert inst.max() == 0 and (sem == 100).all()  # no vertebra: nothing to assign to
+
+
+def test_nearest_corpus_is_exact_in_mm():
+    """The k-d tree on the seeds' surface finds a nearest seed voxel (in mm, anisotropic grid) for every target:
+    its distance equals the exact Euclidean distance transform's, and its label is that voxel's."""
+    from scipy import ndimage as ndi
+
+    from spineps_like.assign import _nearest_corpus
+
+    rng = np.random.default_rng(3)
+    seeds = np.zeros((40, 50, 12), np.int32)
+    for v in range(1, 6):  # five blocky 'corpora' with rough surfaces
+        lo = rng.integers(0, [30, 40, 6])
+        seeds[lo[0]:lo[0] + rng.integers(4, 10), lo[1]:lo[1] + rng.integers(4, 10), lo[2]:lo[2] + 5] = v
+    seeds[rng.random(seeds.shape) < 0.05] = 0
+    targets = (seeds == 0) & (rng.random(seeds.shape) < 0.3)
+    sp = np.array([0.8, 1.1, 3.3])
+    lab, near, box = _nearest_corpus(seeds, targets, sp, margin_mm=100.0)
+    t = np.argwhere(targets)
+    exact = ndi.distance_transform_edt(seeds == 0, sampling=sp)[targets]
+    got = np.linalg.norm((near - t) * sp, axis=1)
+    assert np.allclose(got, exact)
+    assert np.array_equal(lab, seeds[tuple(near.T)]) and (lab > 0).all()
