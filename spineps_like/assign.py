@@ -26,7 +26,7 @@ from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 
 from spineps_like.geometry import bbox
-from spineps_like.instance.centres import check_mask, check_spacing, spine_axes
+from spineps_like.instance.centres import check_mask, check_spacing, present_ids, spine_axes
 from spineps_like.labels import ENDPLATE_OFFSET, IVD_OFFSET, SACRUM_ID, SEMANTIC_ALIASES
 
 IVD = 100
@@ -55,7 +55,7 @@ def vertebra_order(vertebrae: np.ndarray, semantic: np.ndarray, spacing: Sequenc
     sp = check_spacing(spacing)
     v = np.asarray(vertebrae)
     corpus = np.isin(semantic, CORPUS_BONE)
-    ids_all = np.unique(v)
+    ids_all = present_ids(v)
     ids_all = ids_all[(ids_all > 0) & (ids_all < IVD_OFFSET)]
     if len(ids_all) == 0:
         return np.zeros(0, np.int64), np.zeros((0, 3)), np.zeros((0, 3))
@@ -121,7 +121,9 @@ def _smooth_components(comp: np.ndarray, lab: np.ndarray, min_fraction: float) -
     """Within each component, labels holding under ``min_fraction`` of it join the component's majority label."""
     if len(lab) == 0:
         return lab
-    pairs, inv = np.unique(np.stack([comp, lab], axis=1), axis=0, return_inverse=True)
+    base = int(lab.max()) + 1  # labels are vertebra ids (>= 0): one int64 key per (component, label) pair
+    keys, inv = np.unique(comp.astype(np.int64) * base + lab, return_inverse=True)
+    pairs = np.stack([keys // base, keys % base], axis=1)
     inv = inv.reshape(-1)
     cnt = np.bincount(inv)
     comp_tot = np.bincount(comp, minlength=int(comp.max()) + 1)
@@ -190,7 +192,7 @@ def assign_ivds_endplates(
     # corpus seeds for the nearest-corpus rule: corpus voxels of a vertebra, the sacrum, else all its bone
     has_corpus = np.zeros(int(ids.max()) + 1, bool)
     corpus_seed = np.where((sem == 49) | sacrum, vert, 0)
-    has_corpus[np.unique(corpus_seed)] = True
+    has_corpus[present_ids(corpus_seed)] = True
     no_corpus = ids[~has_corpus[ids]]
     if len(no_corpus):
         extra = np.isin(vert, no_corpus)

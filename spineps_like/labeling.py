@@ -32,7 +32,7 @@ import nibabel as nib
 import numpy as np
 
 from spineps_like.assign import map_aliases, vertebra_order
-from spineps_like.instance.centres import check_mask, check_spacing
+from spineps_like.instance.centres import check_mask, check_spacing, present_ids
 from spineps_like.io import atomic_write_json
 from spineps_like.labels import (
     ANATOMICAL_ORDER,
@@ -397,7 +397,7 @@ def remap_instance(instance: np.ndarray, mapping: dict[int, int], order: Sequenc
         lut[o] = v
         lut[IVD_OFFSET + o] = IVD_OFFSET + v if v else 0
         lut[ENDPLATE_OFFSET + o] = ENDPLATE_OFFSET + v if v else 0
-    ivds = np.unique(inst[(inst >= IVD_OFFSET) & (inst < ENDPLATE_OFFSET)]) - IVD_OFFSET
+    ivds = present_ids(inst[(inst >= IVD_OFFSET) & (inst < ENDPLATE_OFFSET)]) - IVD_OFFSET
     top_new = mapping.get(order[0], 0) if order else 0
     for o in ivds:
         if int(o) in mapping or int(o) == SACRUM_ID:

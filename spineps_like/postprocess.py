@@ -38,8 +38,8 @@ import numpy as np
 
 from spineps_like.assign import assign_ivds_endplates, map_aliases, vertebra_order
 from spineps_like.geometry import bbox
-from spineps_like.instance.centres import check_mask, check_spacing
-from spineps_like.instance.geometric import dominant_partner, facet_free_contacts
+from spineps_like.instance.centres import check_mask, check_spacing, present_ids
+from spineps_like.instance.geometric import count_pairs, dominant_partner, facet_free_contacts
 from spineps_like.labels import ENDPLATE_OFFSET, IVD_OFFSET, SACRUM_ID
 
 VERTEBRA_BONE: tuple[int, ...] = tuple(range(41, 50))
@@ -61,15 +61,17 @@ def semantic_class(semantic: np.ndarray) -> np.ndarray:
     return lut[semantic]
 
 
+#: Class of every instance id below 300 (ids from 300 on, and negative ones, are class 0).
+_CLASS_OF_ID = np.zeros(301, np.uint8)
+_CLASS_OF_ID[1:IVD_OFFSET] = _V
+_CLASS_OF_ID[IVD_OFFSET:ENDPLATE_OFFSET] = _I
+_CLASS_OF_ID[ENDPLATE_OFFSET:300] = _E
+_CLASS_OF_ID[SACRUM_ID] = _S
+
+
 def instance_class(instance: np.ndarray) -> np.ndarray:
     """Class of each instance id (0 none, 1 vertebra, 2 IVD, 3 endplate, 4 sacrum)."""
-    inst = np.asarray(instance)
-    out = np.zeros(inst.shape, dtype=np.uint8)
-    out[(inst > 0) & (inst < IVD_OFFSET)] = _V
-    out[(inst >= IVD_OFFSET) & (inst < ENDPLATE_OFFSET)] = _I
-    out[(inst >= ENDPLATE_OFFSET) & (inst < 300)] = _E
-    out[inst == SACRUM_ID] = _S
-    return out
+    return np.take(_CLASS_OF_ID, np.asarray(instance), mode="clip")
 
 
 def check_consistency(semantic: np.ndarray, instance: np.ndarray) -> list[str]:
@@ -79,7 +81,7 @@ def check_consistency(semantic: np.ndarray, instance: np.ndarray) -> list[str]:
     problems = []
     if sem.shape != inst.shape:
         return [f"shapes differ: semantic {sem.shape}, instance {inst.shape}"]
-    left = sorted(set(np.unique(sem).tolist()) & {50, 51, 62})
+    left = sorted(set(present_ids(sem).tolist()) & {50, 51, 62})
     if left:
         problems.append(f"semantic labels {left} remain (aliases / unsplit endplates)")
     need = semantic_class(sem)
@@ -93,7 +95,7 @@ def check_consistency(semantic: np.ndarray, instance: np.ndarray) -> list[str]:
     n = int(np.count_nonzero((need > 0) & (inst > 0) & (need != have)))
     if n:
         problems.append(f"{n} voxels whose instance id class does not match the semantic label")
-    bad = sorted(set(np.unique(inst).tolist()) - {0} - set(range(1, 300)))
+    bad = sorted(set(present_ids(inst).tolist()) - {0} - set(range(1, 300)))
     if bad:
         problems.append(f"instance ids outside the scheme: {bad}")
     return problems
@@ -229,8 +231,7 @@ def _reconcile_corpora(ins: np.ndarray, s: np.ndarray, crumb_share: float = 0.2)
         return 0
     cc = cc3d.connected_components(body, connectivity=6)
     sel = cc > 0
-    pairs, counts = np.unique(np.stack([cc[sel], ins[sel]], axis=1), axis=0, return_counts=True)
-    comp, inst = pairs[:, 0], pairs[:, 1].astype(np.int64)
+    comp, inst, counts = count_pairs(cc[sel].astype(np.int64), ins[sel].astype(np.int64))
     totals = np.bincount(comp, weights=counts)
     order = np.lexsort((-counts, comp))
     first = np.r_[True, comp[order][1:] != comp[order][:-1]]
@@ -253,11 +254,11 @@ def _release_bodyless(ins: np.ndarray, s: np.ndarray, box: tuple[slice, ...], fu
     """Clear (in place) vertebra instances without corpus voxels unless they touch no other vertebra (facet joints
     aside) and reach the edge of the volume; their voxels then join a touching vertebra (step 7). Returns voxels."""
     vert = np.where(instance_class(ins) == _V, ins, 0)
-    ids = np.unique(vert)
+    ids = present_ids(vert)
     ids = ids[ids > 0]
     if len(ids) == 0:
         return 0
-    with_body = np.unique(vert[np.isin(s, (49, 52, 53))])
+    with_body = present_ids(vert[np.isin(s, (49, 52, 53))])
     bodyless = np.setdiff1d(ids, with_body)
     if len(bodyless) == 0:
         return 0
@@ -355,7 +356,7 @@ def postprocess(
     have = instance_class(ins)
 
     # 3: fill holes per instance, only where the semantic mask calls for that class and nothing else is there
-    ids = np.unique(ins)
+    ids = present_ids(ins)
     ids = ids[ids > 0]
     if len(ids):
         stats = cc3d.statistics(ins) if int(ins.max()) < ins.size else None
@@ -382,7 +383,8 @@ def postprocess(
     if art.any():
         art_cc = cc3d.connected_components(np.where(art, s, 0), connectivity=26)
         sel = (art_cc > 0) & (ins > 0)
-        pairs, counts = np.unique(np.stack([art_cc[sel], ins[sel]], axis=1), axis=0, return_counts=True)
+        a_ids, b_ids, counts = count_pairs(art_cc[sel].astype(np.int64), ins[sel].astype(np.int64))
+        pairs = np.stack([a_ids, b_ids], axis=1)
         multi = np.bincount(pairs[:, 0]) > 1 if len(pairs) else np.zeros(0, bool)
         keep = multi[pairs[:, 0]] if len(pairs) else np.zeros(0, bool)
         owner = dominant_partner(pairs[keep, 0], pairs[keep, 1], counts[keep], dominance)
@@ -446,16 +448,16 @@ def postprocess(
         ok = cand > 0
         owner = dominant_partner(a_ids[ok], cand[ok], n[ok], 1.0)
         rep.missing_assigned = _relabel_components(comp, owner, ins)
-        left = np.setdiff1d(np.unique(comp[comp > 0]), np.fromiter(owner, dtype=np.int64, count=len(owner)))
+        left = np.setdiff1d(present_ids(comp[comp > 0]), np.fromiter(owner, dtype=np.int64, count=len(owner)))
         if len(left):
             sizes = np.bincount(comp[comp > 0], minlength=int(comp.max()) + 1)
             has_corpus = np.zeros(len(sizes), bool)
-            has_corpus[np.unique(comp[(comp > 0) & (s == 49)])] = True
+            has_corpus[present_ids(comp[(comp > 0) & (s == 49)])] = True
             new_ids = []
             kept: set[int] = set()
 
             def new_vertebra(comps: list[int]) -> None:
-                used = set(np.unique(ins).tolist())
+                used = set(present_ids(ins).tolist())
                 free = [v for v in range(1, 26) if v not in used and v != SACRUM_ID]
                 if free:
                     new_ids.append((comps[0], free[0]))
@@ -480,8 +482,8 @@ def postprocess(
             ins[drop] = 0
 
     # 8: discs and endplates whose vertebra was released or dropped above get their ids from the final vertebrae
-    vert_before = np.unique(inst0[(inst0 > 0) & (inst0 < IVD_OFFSET)])
-    vert_after = np.unique(ins[instance_class(ins) == _V])
+    vert_before = present_ids(inst0[(inst0 > 0) & (inst0 < IVD_OFFSET)])
+    vert_after = present_ids(ins[instance_class(ins) == _V])
     if len(np.setdiff1d(vert_before[vert_before != SACRUM_ID], vert_after)):
         full, _ = assign_ivds_endplates(s, np.where(instance_class(ins) == _V, ins, 0), sp)
         re = np.isin(instance_class(ins), (_I, _E))

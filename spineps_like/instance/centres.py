@@ -85,6 +85,17 @@ def check_spacing(spacing: Sequence[float]) -> np.ndarray:
     return sp
 
 
+def present_ids(mask: np.ndarray) -> np.ndarray:
+    """Sorted distinct values of an integer array, by one counting pass when it holds no negative values
+    (``np.unique`` sorts the whole volume)."""
+    flat = np.asarray(mask).ravel()
+    if flat.size == 0:
+        return np.zeros(0, np.int64)
+    if flat.min() < 0:
+        return np.unique(flat).astype(np.int64)
+    return np.flatnonzero(np.bincount(flat))
+
+
 def check_mask(mask: np.ndarray, name: str = "semantic") -> np.ndarray:
     """A 3D integer label array, else ValueError naming it."""
     arr = np.asarray(mask)

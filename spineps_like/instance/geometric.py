@@ -80,7 +80,7 @@ def _face_neighbours(a: np.ndarray, b: np.ndarray, semantic: np.ndarray | None =
     return cat(xs), cat(ys), (cat(gx) if semantic is not None else None), (cat(gy) if semantic is not None else None)
 
 
-def _count_pairs(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def count_pairs(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Unique ``(x, y)`` pairs (sorted by x, then y) with their counts."""
     if len(x) == 0:
         return x, y, np.zeros(0, np.int64)
@@ -96,7 +96,7 @@ def contact_counts(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray
     ``b > 0`` on the other, counted once per voxel face. Cost scales with the ``a`` voxels, not the volume.
     """
     x, y, _, _ = _face_neighbours(a, b)
-    return _count_pairs(x, y)
+    return count_pairs(x, y)
 
 
 #: Facet joint sides: superior articular (45/46) -> 1, inferior articular (47/48) -> 2; a face between 1 and 2 is a
@@ -115,10 +115,10 @@ def facet_free_contacts(a: np.ndarray, b: np.ndarray, semantic: np.ndarray
     """
     x, y, gx, gy = _face_neighbours(a, b, semantic)
     if len(x) == 0:
-        return _count_pairs(x, y)
+        return count_pairs(x, y)
     side = lambda g: _FACET_SIDE[np.clip(g, 0, 255)]  # noqa: E731
     keep = side(gx) + side(gy) != 3
-    return _count_pairs(x[keep], y[keep])
+    return count_pairs(x[keep], y[keep])
 
 
 def dominant_partner(a_ids: np.ndarray, b_ids: np.ndarray, counts: np.ndarray,
