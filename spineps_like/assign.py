@@ -3,9 +3,9 @@
 Arrays are PIR (axis 0 posterior, axis 1 inferior, axis 2 right); ``spacing`` is mm per array axis.
 
 - IVD voxels get ``100 + v`` with v the vertebra above the disc. Each IVD voxel finds its nearest corpus voxel
-  (:func:`scipy.ndimage.distance_transform_edt` with ``return_indices`` on the bounding box of the discs and
-  endplates, in mm); if it lies below that corpus' centre along the local spine axis, that vertebra is above it,
-  else the vertebra before it in spine order is. This holds on a curved spine (the axis is local) and splits an IVD
+  (in mm, a k-d tree on the corpus surfaces within the bounding box of the discs and endplates); if it lies below
+  that corpus' centre along the local spine axis, that vertebra is above it, else the vertebra before it in spine
+  order is. This holds on a curved spine (the axis is local) and splits an IVD
   component that merges two discs; pieces of a component under ``split_min_fraction`` of it join its majority.
   A disc above the topmost vertebra gets ``100 + (top id - 1)`` (a vertebra out of view; with the instance phase's
   ids 1..K that is 100, which :func:`spineps_like.labeling.label_vertebrae` turns into the IVD above the top one).
@@ -22,10 +22,9 @@ from typing import Sequence
 
 import cc3d
 import numpy as np
-from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 
-from spineps_like.geometry import bbox
+from spineps_like.geometry import bbox, surface_voxels
 from spineps_like.instance.centres import check_mask, check_spacing, present_ids, spine_axes
 from spineps_like.labels import ENDPLATE_OFFSET, IVD_OFFSET, SACRUM_ID, SEMANTIC_ALIASES
 
@@ -107,7 +106,7 @@ def _nearest_corpus(corpus_seed: np.ndarray, targets: np.ndarray, sp: np.ndarray
     fg = seeds > 0
     if not fg.any():
         return np.zeros(len(t), np.int64), t + origin, box
-    surface = np.argwhere(fg & ~ndi.binary_erosion(fg, border_value=0))
+    surface = surface_voxels(fg)
     if len(t):
         _, k = cKDTree(surface * sp).query(t * sp, k=1, workers=-1)
         near = surface[k]

@@ -22,14 +22,13 @@ import warnings
 from typing import Sequence
 
 import cc3d
-import edt
 import fill_voids
 import numpy as np
-from scipy import ndimage
+from scipy.spatial import cKDTree
 
 from spineps_like.geometry import (
-    axis_aligned_map, bbox, linear_weights, reorient, reoriented_grid, resample_to, same_grid, to_input_grid,
-    to_model_grid,
+    axis_aligned_map, bbox, linear_weights, reorient, reoriented_grid, resample_to, same_grid, surface_voxels,
+    to_input_grid, to_model_grid,
 )
 from spineps_like.io import Scan
 
@@ -138,6 +137,32 @@ def _remove_small_components(mask: np.ndarray, labels: Sequence[int], min_voxels
     return int(hit.sum())
 
 
+def _distance_to(reference: np.ndarray, cc: np.ndarray, n: int, spacing: Sequence[float], limit_mm: float
+                 ) -> np.ndarray:
+    """Smallest distance (mm) from each component 1..n of ``cc`` to the voxels of ``reference`` (inf beyond
+    ``limit_mm`` or without reference), by a k-d tree on the two surfaces."""
+    out = np.full(n + 1, np.inf)
+    ref = surface_voxels(reference)
+    if len(ref) == 0:
+        return out[1:]
+    sp = np.asarray(spacing, dtype=float)
+    pts = surface_voxels(cc > 0)
+    d, _ = cKDTree(ref * sp).query(pts * sp, k=1, distance_upper_bound=limit_mm + 1e-6, workers=-1)
+    np.minimum.at(out, cc[tuple(pts.T)], d)
+    out[0] = np.inf
+    return out[1:]
+
+
+def _chain(cc: np.ndarray, n: int, keep: np.ndarray, spacing: Sequence[float], gap_mm: float) -> np.ndarray:
+    """``keep`` (per component 0..n) grown by every component within ``gap_mm`` of the kept ones, repeatedly."""
+    while keep[1:].any() and not keep[1:].all():
+        new = (_distance_to(keep[cc], cc, n, spacing, gap_mm) <= gap_mm) & ~keep[1:]
+        if not new.any():
+            break
+        keep[1:] |= new
+    return keep
+
+
 def _canal_tube(mask: np.ndarray, spacing: Sequence[float], gap_mm: float) -> int:
     """In place: the spinal canal and cord are one tube. Keep the largest 26-connected component of canal + cord and
     every other canal/cord component that comes within ``gap_mm`` of what is kept (repeated, so pieces split by a
@@ -153,13 +178,7 @@ def _canal_tube(mask: np.ndarray, spacing: Sequence[float], gap_mm: float) -> in
         return 0
     keep = np.zeros(n + 1, bool)
     keep[1 + int(np.argmax(np.bincount(cc.ravel())[1:]))] = True
-    while True:
-        distance = edt.edt(~keep[cc], anisotropy=tuple(float(s) for s in spacing), parallel=1)
-        nearest = ndimage.minimum(distance, cc, index=np.arange(1, n + 1))
-        new = (np.asarray(nearest) <= gap_mm) & ~keep[1:]
-        if not new.any():
-            break
-        keep[1:] |= new
+    keep = _chain(cc, n, keep, spacing, gap_mm)
     drop = tube & ~keep[cc]
     mask[box][drop] = 0
     return int(drop.sum())
@@ -176,16 +195,9 @@ def _anterior_column(mask: np.ndarray, spacing: Sequence[float], canal_mm: float
         return 0
     column, tube = column[box], tube[box]
     cc, n = cc3d.connected_components(column, connectivity=26, return_N=True)
-    anisotropy = tuple(float(s) for s in spacing)
-    index = np.arange(1, n + 1)
     keep = np.zeros(n + 1, bool)
-    keep[1:] = np.asarray(ndimage.minimum(edt.edt(~tube, anisotropy=anisotropy, parallel=1), cc, index)) <= canal_mm
-    while keep[1:].any() and not keep[1:].all():
-        nearest = ndimage.minimum(edt.edt(~keep[cc], anisotropy=anisotropy, parallel=1), cc, index)
-        new = (np.asarray(nearest) <= gap_mm) & ~keep[1:]
-        if not new.any():
-            break
-        keep[1:] |= new
+    keep[1:] = _distance_to(tube, cc, n, spacing, canal_mm) <= canal_mm
+    keep = _chain(cc, n, keep, spacing, gap_mm)
     drop = column & ~keep[cc]
     mask[box][drop] = 0
     return int(drop.sum())

@@ -240,3 +240,15 @@ def test_json_written_by_every_module_is_strict_json(tmp_path):
     back = json.loads(text)
     assert back == {"1": 3, "f": 0.5, "nan": None, "inf": "-inf", "arr": [0, 1, 2], "path": "a/b", "flag": True,
                     "nested": [[2, None]]}
+
+
+def test_surface_voxels_are_the_voxels_with_an_outside_face_neighbour():
+    from scipy import ndimage as ndi
+
+    from spineps_like.geometry import surface_voxels
+
+    rng = np.random.default_rng(5)
+    mask = ndi.binary_closing(rng.random((20, 24, 9)) < 0.6, iterations=1)
+    expected = np.argwhere(mask & ~ndi.binary_erosion(mask, border_value=0))
+    assert np.array_equal(surface_voxels(mask), expected)
+    assert len(surface_voxels(np.zeros((3, 3, 3), bool))) == 0
