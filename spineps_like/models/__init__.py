@@ -143,20 +143,20 @@ class SemanticModel:
         data, _, props = preprocessor.run_case_npy(img, None, props, pm, cm, self.nnunet.dataset_json)
         with self._autocast(amp):
             logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).cpu().float()
-        probs = self.nnunet.label_manager.apply_inference_nonlin(logits)
+        probs = torch.as_tensor(self.nnunet.label_manager.apply_inference_nonlin(logits), dtype=torch.float32)
         del logits
-        probs = probs.numpy() if isinstance(probs, torch.Tensor) else np.asarray(probs)
-        probs = probs.astype(np.float32, copy=False)
         # nnU-Net axis t is input axis transpose_forward[t]; input axis a is model-grid axis 2 - a
         tf = list(pm.transpose_forward)
         crop = props["bbox_used_for_cropping"]
         n_crop = props["shape_after_cropping_and_before_resampling"]
         axes = [tf.index(2 - m) for m in range(3)]  # nnU-Net axis of each model-grid axis
-        probs = np.ascontiguousarray(probs.transpose(0, *(1 + t for t in axes)))
+        # argmax and axis order in torch (threaded): numpy's argmax over the channel axis is strided and slow
+        seg = probs.argmax(0).permute(*axes).to(torch.uint8 if probs.shape[0] <= 256 else torch.int64).numpy()
+        probs = probs.permute(0, *(1 + t for t in axes)).contiguous().numpy()
         scale = np.array([n_crop[t] / probs.shape[1 + m] for m, t in enumerate(axes)], dtype=float)
         offset = np.array([crop[t][0] for t in axes], dtype=float) + 0.5 * scale - 0.5
         net_affine = np.asarray(affine, dtype=float) @ np.vstack([np.c_[np.diag(scale), offset], [0, 0, 0, 1]])
-        return self._labels(np.argmax(probs, axis=0)), probs, net_affine
+        return self._labels(seg), probs, net_affine
 
     def _labels(self, seg: np.ndarray) -> np.ndarray:
         """Semantic labels of network output indices; an index without a label is a broken model folder."""
