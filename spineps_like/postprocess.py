@@ -86,16 +86,17 @@ def check_consistency(semantic: np.ndarray, instance: np.ndarray) -> list[str]:
         problems.append(f"semantic labels {left} remain (aliases / unsplit endplates)")
     need = semantic_class(sem)
     have = instance_class(inst)
-    n = int(np.count_nonzero((need > 0) & (inst == 0)))
-    if n:
-        problems.append(f"{n} labelled semantic voxels without an instance id")
-    n = int(np.count_nonzero((need == 0) & (inst > 0)))
-    if n:
-        problems.append(f"{n} instance voxels on semantic background / canal / cord")
-    n = int(np.count_nonzero((need > 0) & (inst > 0) & (need != have)))
-    if n:
-        problems.append(f"{n} voxels whose instance id class does not match the semantic label")
     bad = sorted(set(present_ids(inst).tolist()) - {0} - set(range(1, 300)))
+    if bad or (need != have).any():  # one pass in the usual, consistent case; the details only when something is off
+        n = int(np.count_nonzero((need > 0) & (inst == 0)))
+        if n:
+            problems.append(f"{n} labelled semantic voxels without an instance id")
+        n = int(np.count_nonzero((need == 0) & (inst > 0)))
+        if n:
+            problems.append(f"{n} instance voxels on semantic background / canal / cord")
+        n = int(np.count_nonzero((need > 0) & (inst > 0) & (need != have)))
+        if n:
+            problems.append(f"{n} voxels whose instance id class does not match the semantic label")
     if bad:
         problems.append(f"instance ids outside the scheme: {bad}")
     return problems

@@ -362,7 +362,14 @@ def labels_from_probabilities(
         idx = np.flatnonzero(channel_labels == lab)
         per_label.append(probs[idx].sum(axis=0, dtype=np.float32) if len(idx) != 1
                          else probs[idx[0]].astype(np.float32, copy=True))
-    fg = labels[np.argmax(np.stack(per_label), axis=0)]
+    # most probable label on the model grid (a running argmax: no stacked copy of every map; ties keep the first)
+    best = per_label[0].copy()
+    fg = np.zeros(grid_shape, dtype=np.uint8)
+    for lab, p in zip(labels[1:], per_label[1:]):
+        take = p > best
+        best[take] = p[take]
+        fg[take] = lab
+    del best
     if override is not None:
         if override.shape != grid_shape:
             raise ValueError(f"labels_from_probabilities: override {override.shape} is not on the grid {grid_shape}")
