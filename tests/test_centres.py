@@ -238,3 +238,15 @@ def test_corpus_blobs_off_the_spine_and_disc_fragments_do_not_make_vertebrae():
     assert any("off the spine" in r for r in c.repairs)
     inside = sy.instance[tuple(np.round(c.centres).astype(int).T)]
     assert sorted(inside.tolist()) == [18, 19, 20, 21, 22, 23]  # one centre in each body, none on the blob
+
+
+def test_present_ids_equals_unique_for_every_integer_type():
+    from spineps_like.instance.centres import present_ids
+
+    rng = np.random.default_rng(1)
+    for dt in (np.uint8, np.uint16, np.uint32, np.uint64, np.int16, np.int32, np.int64):
+        a = rng.integers(0, 40, (6, 7, 5)).astype(dt) * (rng.random((6, 7, 5)) < 0.3)
+        assert np.array_equal(present_ids(a), np.unique(a).astype(np.int64)), dt
+    neg = np.array([[-3, 0, 7, 7]], np.int32)
+    assert present_ids(neg).tolist() == [-3, 0, 7]
+    assert len(present_ids(np.zeros((0, 2), np.int32))) == 0

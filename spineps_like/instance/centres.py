@@ -93,7 +93,7 @@ def present_ids(mask: np.ndarray) -> np.ndarray:
         return np.zeros(0, np.int64)
     if flat.min() < 0:
         return np.unique(flat).astype(np.int64)
-    return np.flatnonzero(np.bincount(flat))
+    return np.flatnonzero(np.bincount(flat.astype(np.intp, copy=False)))  # (bincount refuses uint64 as it is)
 
 
 def check_mask(mask: np.ndarray, name: str = "semantic") -> np.ndarray:
