@@ -243,12 +243,21 @@ def _reconcile_corpora(ins: np.ndarray, s: np.ndarray, crumb_share: float = 0.2)
         w = owner_of[c]
         if v != w and (v in owners or n < crumb_share * totals[c]):
             moves[(c, v)] = w
-    moved = 0
-    for (c, v), w in moves.items():
-        m = (cc == c) & (ins == v)
-        ins[m] = w
-        moved += int(m.sum())
-    return moved
+    if not moves:
+        return 0
+    # all moves in one pass over the body voxels: (component, vertebra) key -> new vertebra
+    base = int(ins.max()) + 1
+    move_keys = np.array([c * base + v for c, v in moves], dtype=np.int64)
+    move_to = np.array(list(moves.values()), dtype=np.int64)
+    order = np.argsort(move_keys)
+    move_keys, move_to = move_keys[order], move_to[order]
+    vals = ins[sel]
+    keys = cc[sel].astype(np.int64) * base + vals
+    pos = np.minimum(np.searchsorted(move_keys, keys), len(move_keys) - 1)
+    hit = move_keys[pos] == keys
+    vals[hit] = move_to[pos[hit]]
+    ins[sel] = vals
+    return int(hit.sum())
 
 
 def _release_bodyless(ins: np.ndarray, s: np.ndarray, box: tuple[slice, ...], full_shape: tuple[int, ...]) -> int:
