@@ -416,8 +416,8 @@ def postprocess(
         counts = np.bincount(pieces.ravel())
         piece_ids = np.arange(len(counts))
         piece_inst = np.zeros(len(counts), dtype=np.int64)
-        nz = np.nonzero(pieces)
-        piece_inst[pieces[nz]] = vmask[nz]
+        nz = np.flatnonzero(pieces)  # pieces and vmask are fresh C-ordered arrays: flat views, no copies
+        piece_inst[pieces.ravel()[nz]] = vmask.ravel()[nz]
         main = np.zeros(int(vmask.max()) + 1, dtype=np.int64)
         order = np.lexsort((counts[1:], piece_inst[1:]))  # per instance, largest last
         main[piece_inst[1:][order]] = piece_ids[1:][order]
@@ -427,11 +427,13 @@ def postprocess(
             is_stray &= counts < min_crumb
             partner = vmask
         else:
-            partner = np.where(np.isin(pieces, main[main > 0]), vmask, 0)
+            is_main = np.zeros(len(counts), bool)
+            is_main[main[main > 0]] = True
+            partner = np.where(is_main[pieces], vmask, 0)
         stray = np.flatnonzero(is_stray)
         if len(stray) == 0:
             continue
-        stray_img = np.where(np.isin(pieces, stray), pieces, 0)
+        stray_img = np.where(is_stray[pieces], pieces, 0)
         a_ids, b_ids, n = facet_free_contacts(stray_img, partner, s)
         other = b_ids != piece_inst[a_ids]
         owner = dominant_partner(a_ids[other], b_ids[other], n[other], 1.0)
