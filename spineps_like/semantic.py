@@ -148,8 +148,7 @@ def _distance_to(reference: np.ndarray, cc: np.ndarray, n: int, spacing: Sequenc
     sp = np.asarray(spacing, dtype=float)
     pts = surface_voxels(cc > 0)
     d, _ = cKDTree(ref * sp).query(pts * sp, k=1, distance_upper_bound=limit_mm + 1e-6, workers=-1)
-    np.minimum.at(out, cc[tuple(pts.T)], d)
-    out[0] = np.inf
+    np.minimum.at(out, cc[tuple(pts.T)], d)  # surface points are component voxels: index 0 is never written
     return out[1:]
 
 
@@ -320,6 +319,21 @@ def clean_semantic(
 
 
 # ---------------------------------------------------------------- back to the input grid
+def _most_probable(labels: Sequence[int], maps) -> np.ndarray:
+    """uint8 label of the largest of ``maps`` (one per label, same shape, taken one at a time so that no stacked
+    copy exists) at each voxel; ties keep the first label."""
+    top = out = None
+    for lab, m in zip(labels, maps):
+        if top is None:
+            top = np.array(m, dtype=np.float32, copy=True)
+            out = np.full(top.shape, lab, dtype=np.uint8)
+            continue
+        take = m > top
+        top[take] = m[take]
+        out[take] = lab
+    return out
+
+
 def labels_from_probabilities(
     probabilities: np.ndarray,
     channel_labels: Sequence[int],
@@ -362,14 +376,7 @@ def labels_from_probabilities(
         idx = np.flatnonzero(channel_labels == lab)
         per_label.append(probs[idx].sum(axis=0, dtype=np.float32) if len(idx) != 1
                          else probs[idx[0]].astype(np.float32, copy=True))
-    # most probable label on the model grid (a running argmax: no stacked copy of every map; ties keep the first)
-    best = per_label[0].copy()
-    fg = np.zeros(grid_shape, dtype=np.uint8)
-    for lab, p in zip(labels[1:], per_label[1:]):
-        take = p > best
-        best[take] = p[take]
-        fg[take] = lab
-    del best
+    fg = _most_probable(labels, per_label)
     if override is not None:
         if override.shape != grid_shape:
             raise ValueError(f"labels_from_probabilities: override {override.shape} is not on the grid {grid_shape}")
@@ -385,12 +392,8 @@ def labels_from_probabilities(
     if box is not None:
         mapping = axis_aligned_map(grid_shape, grid_affine, out_affine)
         if mapping is None:  # grids not axis-aligned: whole-volume resampling per label
-            top = np.full(out_shape, -np.inf, dtype=np.float32)
-            for lab, p in zip(labels, per_label):
-                r = resample_to(Scan(p, grid_affine), out_shape, out_affine, order=1).array
-                take = r > top
-                top[take] = r[take]
-                out[take] = lab
+            out = _most_probable(labels, (resample_to(Scan(p, grid_affine), out_shape, out_affine, order=1).array
+                                          for p in per_label))
         else:
             scale, offset = mapping
             sub_out, weights = [], []
@@ -407,9 +410,8 @@ def labels_from_probabilities(
                 weights.append(linear_weights(box[ax].stop - box[ax].start, coords))
             # interpolate the shrinking axes first: the intermediates stay small
             order = sorted(range(3), key=lambda a: (sub_out[a].stop - sub_out[a].start) / (box[a].stop - box[a].start))
-            top = None
-            region = np.zeros(tuple(s.stop - s.start for s in sub_out), dtype=np.uint8)
-            for lab, p in zip(labels, per_label):
+
+            def interpolated(p: np.ndarray) -> np.ndarray:
                 v = p[box]
                 for ax in order:
                     i0, i1, w = weights[ax]
@@ -417,14 +419,9 @@ def labels_from_probabilities(
                     shape[ax] = -1
                     w = w.reshape(shape)
                     v = np.take(v, i0, axis=ax) * (1 - w) + np.take(v, i1, axis=ax) * w
-                if top is None:
-                    top = v
-                    region[:] = lab
-                else:
-                    take = v > top
-                    top[take] = v[take]
-                    region[take] = lab
-            out[tuple(sub_out)] = region
+                return v
+
+            out[tuple(sub_out)] = _most_probable(labels, (interpolated(p) for p in per_label))
     return reorient(Scan(out, out_affine), reference.orientation).array
 
 

@@ -52,8 +52,9 @@ def _face_neighbours(a: np.ndarray, b: np.ndarray, semantic: np.ndarray | None =
     temporaries), six face shifts, each face counted once per direction."""
     coords = np.nonzero(a)
     empty = np.zeros(0, np.int64)
+    no_sides = (None, None) if semantic is None else (empty, empty)
     if len(coords[0]) == 0:
-        return empty, empty, (empty if semantic is not None else None), (empty if semantic is not None else None)
+        return empty, empty, *no_sides
     av = a[coords]
     sa = semantic[coords] if semantic is not None else None
     xs, ys, gx, gy = [], [], [], []
@@ -75,9 +76,9 @@ def _face_neighbours(a: np.ndarray, b: np.ndarray, semantic: np.ndarray | None =
                 gx.append(sa[ok][hit])
                 gy.append(semantic[tuple(x[hit] for x in nb)])
     if not xs:
-        return empty, empty, (empty if semantic is not None else None), (empty if semantic is not None else None)
+        return empty, empty, *no_sides
     cat = lambda v: np.concatenate(v).astype(np.int64, copy=False)  # noqa: E731
-    return cat(xs), cat(ys), (cat(gx) if semantic is not None else None), (cat(gy) if semantic is not None else None)
+    return cat(xs), cat(ys), *((None, None) if semantic is None else (cat(gx), cat(gy)))
 
 
 def count_pairs(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
