@@ -53,23 +53,24 @@ def vertebra_order(vertebrae: np.ndarray, semantic: np.ndarray, spacing: Sequenc
     """
     sp = check_spacing(spacing)
     v = np.asarray(vertebrae)
-    corpus = np.isin(semantic, CORPUS_BONE)
-    ids_all = present_ids(v)
-    ids_all = ids_all[(ids_all > 0) & (ids_all < IVD_OFFSET)]
-    if len(ids_all) == 0:
+    # one pass over the volume for the vertebra voxels; everything else on those voxels only
+    idx = np.flatnonzero((v > 0) & (v < IVD_OFFSET))
+    if len(idx) == 0:
         return np.zeros(0, np.int64), np.zeros((0, 3)), np.zeros((0, 3))
-    # one pass for corpus centres, one for all-voxel centres (fallback)
-    n = int(ids_all.max()) + 1
+    coords = np.unravel_index(idx, v.shape)
+    lab = v[coords].astype(np.int64)
+    n = int(lab.max()) + 1
+    ids_all = np.flatnonzero(np.bincount(lab, minlength=n))
 
-    def centres_of(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        idx = np.nonzero(mask)
-        lab = v[idx].astype(np.int64)
-        cnt = np.bincount(lab, minlength=n)
-        cen = np.stack([np.bincount(lab, weights=idx[a], minlength=n) for a in range(3)], axis=1)
+    def centres_of(sel: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        lab_s = lab if sel is None else lab[sel]
+        cnt = np.bincount(lab_s, minlength=n)
+        cen = np.stack([np.bincount(lab_s, weights=coords[a] if sel is None else coords[a][sel], minlength=n)
+                        for a in range(3)], axis=1)
         return cnt, cen / np.maximum(cnt, 1)[:, None]
 
-    c_cnt, c_cen = centres_of(corpus & (v > 0) & (v < IVD_OFFSET))
-    a_cnt, a_cen = centres_of((v > 0) & (v < IVD_OFFSET))
+    c_cnt, c_cen = centres_of(np.isin(np.asarray(semantic)[coords], CORPUS_BONE))  # centres of the corpus voxels
+    a_cnt, a_cen = centres_of(None)  # centres of all voxels: the fallback
     cen = np.where((c_cnt > 0)[:, None], c_cen, a_cen)[ids_all]
     sac = ids_all == SACRUM_ID
     order = np.lexsort((cen[:, 1], sac))

@@ -49,6 +49,10 @@ def resample_to(scan: Scan, shape: Sequence[int], affine: np.ndarray, *, order: 
     """
     if same_grid(scan.shape, scan.affine, shape, affine):
         return scan
+    if order == 0 and mode == "nearest":
+        index = nearest_indices(scan.shape, scan.affine, shape, affine)
+        if index is not None:  # axis-aligned grids (a rescale): one gather, no interpolation machinery
+            return Scan(scan.array[np.ix_(*index)], np.asarray(affine, dtype=float), scan.path)
     src = nib.Nifti1Image(scan.array if order > 0 else scan.array.astype(np.float32), scan.affine)
     out = nip.resample_from_to(src, (tuple(int(s) for s in shape), affine), order=order, mode=mode, cval=0.0)
     arr = np.asarray(out.dataobj)
@@ -89,6 +93,19 @@ def axis_aligned_map(src_shape: Sequence[int], src_affine: np.ndarray, dst_affin
     if not np.allclose(lin - np.diag(scale), 0.0, atol=atol) or np.any(scale <= 0) or len(src_shape) != 3:
         return None
     return scale, off.copy()
+
+
+def nearest_indices(src_shape: Sequence[int], src_affine: np.ndarray, shape: Sequence[int], affine: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Per-axis source indices of nearest-neighbour resampling onto (shape, affine) when the grids are axis aligned
+    (see :func:`axis_aligned_map`), else None. The same voxels as scipy's order-0 ``affine_transform`` with
+    ``mode='nearest'``: ``floor(x + 0.5)``, clamped to the source."""
+    m = axis_aligned_map(src_shape, src_affine, affine)
+    if m is None:
+        return None
+    scale, off = m
+    return tuple(np.clip(np.floor(scale[a] * np.arange(int(shape[a])) + off[a] + 0.5).astype(np.intp), 0,
+                         int(src_shape[a]) - 1) for a in range(3))
 
 
 def linear_weights(n_src: int, coords: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

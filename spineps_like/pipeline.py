@@ -24,7 +24,8 @@ DEFAULT_SEMANTIC_MODEL = "semantic-phantom"
 DEFAULT_INSTANCE_MODEL = "instance-phantom"
 INSTANCE_METHODS = ("network", "geometric")
 #: Bone labels an instance (vertebra) may cover before assignment: the vertebra labels plus CT aliases.
-_BONE = np.array(sorted(set(VERTEBRA_LABELS) | {50, 51}), dtype=np.int64)
+_IS_BONE = np.zeros(256, bool)
+_IS_BONE[sorted(set(VERTEBRA_LABELS) | {50, 51})] = True
 
 
 class Timings(dict):
@@ -192,8 +193,9 @@ def _network_vertebrae(sem_pir: Scan, model: Any, *, device: str, amp: bool, bat
         fused = fuse_predictions(predictions, grid.shape, spacing=grid.spacing)
         notes.extend(fused.warnings)
     with timings.phase("instance_restore"):
-        back = resample_to(Scan(fused.instance, grid.affine), sem_pir.shape, sem_pir.affine, order=0).array
-        back = np.where(np.isin(sem_pir.array, _BONE), back, 0).astype(np.uint16)
+        back = resample_to(Scan(fused.instance.astype(np.uint16, copy=False), grid.affine), sem_pir.shape,
+                           sem_pir.affine, order=0).array
+        back[~_IS_BONE[np.minimum(sem_pir.array, len(_IS_BONE) - 1)]] = 0
     return back
 
 

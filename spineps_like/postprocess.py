@@ -29,6 +29,7 @@ Steps, in order (each counted in the report):
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
@@ -123,6 +124,16 @@ class PostprocessReport:
     dropped_voxels: int = 0
     added_instances: list[int] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def lap(self, step: str) -> None:
+        """Record the seconds since the previous lap under ``step``."""
+        now = time.perf_counter()
+        self.seconds[step] = round(now - self._t, 4)
+        self._t = now
+
+    def __post_init__(self) -> None:
+        self._t = time.perf_counter()
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -345,6 +356,7 @@ def postprocess(
         sem[ep] = sem_split[ep]
         inst[ep] = full[ep]
 
+    rep.lap("start")
     box = bbox((sem > 0) | (inst > 0), margin=1)
     if box is None:
         return sem, inst, rep
@@ -353,6 +365,7 @@ def postprocess(
     need = semantic_class(s)
     have = instance_class(ins)
 
+    rep.lap("1_endplates")
     # 2: class mismatches
     mism = (need > 0) & (have > 0) & (need != have)
     conv = np.zeros(ins.shape, dtype=np.int64)
@@ -365,6 +378,7 @@ def postprocess(
     ins[(need == _S)] = SACRUM_ID
     have = instance_class(ins)
 
+    rep.lap("2_classes")
     # 3: fill holes per instance, only where the semantic mask calls for that class and nothing else is there
     ids = present_ids(ins)
     ids = ids[ids > 0]
@@ -383,11 +397,13 @@ def postprocess(
                 ins[sl][add] = i
                 rep.holes_filled += int(add.sum())
 
+    rep.lap("3_holes")
     # 4: nothing on background / canal / cord
     off = (need == 0) & (ins > 0)
     rep.cleared_on_background = int(off.sum())
     ins[off] = 0
 
+    rep.lap("4_background")
     # 5: articular components split between vertebrae -> the dominant one
     art = np.isin(s, ARTICULAR)
     if art.any():
@@ -400,11 +416,14 @@ def postprocess(
         owner = dominant_partner(pairs[keep, 0], pairs[keep, 1], counts[keep], dominance)
         rep.articular_relabelled = _relabel_components(art_cc, owner, ins)
 
+    rep.lap("5_articular")
     # 5b: each vertebral body belongs to one vertebra; 5c: a vertebra without a body is a vertebra only when the field
     # of view cut it off (isolated, at the edge of the volume)
     rep.corpus_relabelled = _reconcile_corpora(ins, s)
+    rep.lap("5b_corpora")
     rep.bodyless_released = _release_bodyless(ins, s, box, sem.shape)
 
+    rep.lap("5c_bodyless")
     # 6: stray pieces of vertebra instances (not the main body): small crumbs first join whatever surrounds them,
     # then larger pieces join the main body of another vertebra they touch (never through a facet joint)
     min_crumb = max(1, int(np.ceil(min_piece_mm3 / vox_mm3)))
@@ -439,10 +458,12 @@ def postprocess(
         owner = dominant_partner(a_ids[other], b_ids[other], n[other], 1.0)
         rep.stray_relabelled += _relabel_components(stray_img, owner, ins)
 
+    rep.lap("6_stray")
     # 6b: a piece of the end vertebra beyond its corpus, cut off by the field of view, is the next vertebra's
     if keep_cut_fragments:
         rep.cut_pieces_detached = _detach_cut_pieces(ins, s, sp, box, sem.shape)
 
+    rep.lap("6b_cut")
     # 7: labelled semantic components without an instance
     missing = (need > 0) & (ins == 0)
     if missing.any():
@@ -493,6 +514,7 @@ def postprocess(
             s[drop] = 0
             ins[drop] = 0
 
+    rep.lap("7_missing")
     # 8: discs and endplates whose vertebra was released or dropped above get their ids from the final vertebrae
     vert_before = present_ids(inst0[(inst0 > 0) & (inst0 < IVD_OFFSET)])
     vert_after = present_ids(ins[instance_class(ins) == _V])
@@ -502,7 +524,9 @@ def postprocess(
         rep.reassigned_discs_endplates = int(np.count_nonzero(re & (full != ins)))
         ins[re] = full[re]
 
+    rep.lap("8_reassign")
     sem[box] = s
     inst[box] = ins
     rep.problems = check_consistency(sem, inst)
+    rep.lap("check")
     return sem, inst, rep
