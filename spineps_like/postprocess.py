@@ -36,6 +36,7 @@ from typing import Sequence
 import cc3d
 import fill_voids
 import numpy as np
+from scipy import ndimage
 
 from spineps_like.assign import assign_ivds_endplates, map_aliases, vertebra_order
 from spineps_like.geometry import bbox
@@ -75,13 +76,36 @@ def instance_class(instance: np.ndarray) -> np.ndarray:
     return np.take(_CLASS_OF_ID, np.asarray(instance), mode="clip")
 
 
+def is_vertebra(instance: np.ndarray) -> np.ndarray:
+    """Voxels holding a vertebra id (class 1 of :func:`instance_class`: 1-99 without the sacrum)."""
+    return (instance > 0) & (instance < IVD_OFFSET) & (instance != SACRUM_ID)
+
+
+def _flat(a: np.ndarray) -> np.ndarray:
+    """A flat view of a C-contiguous array (writes through; never a copy)."""
+    if not a.flags.c_contiguous:
+        raise ValueError("expected a C-contiguous array")
+    return a.reshape(-1)
+
+
+def _box_of(flat_index: np.ndarray, shape: Sequence[int], margin: int = 0) -> tuple[slice, ...]:
+    """Bounding box (slices, grown by ``margin`` and clipped) of the voxels at ``flat_index`` (non-empty)."""
+    coords = np.unravel_index(flat_index, shape)
+    return tuple(slice(max(0, int(c.min()) - margin), min(int(n), int(c.max()) + 1 + margin))
+                 for c, n in zip(coords, shape))
+
+
 def check_consistency(semantic: np.ndarray, instance: np.ndarray) -> list[str]:
     """Problems that break the voxel-for-voxel agreement of the two masks (empty list: consistent)."""
-    sem = np.asarray(semantic)
-    inst = np.asarray(instance)
+    sem_all = np.asarray(semantic)
+    inst_all = np.asarray(instance)
     problems = []
-    if sem.shape != inst.shape:
-        return [f"shapes differ: semantic {sem.shape}, instance {inst.shape}"]
+    if sem_all.shape != inst_all.shape:
+        return [f"shapes differ: semantic {sem_all.shape}, instance {inst_all.shape}"]
+    # voxels where both are 0 are consistent: check only the others
+    fg = np.flatnonzero((sem_all != 0) | (inst_all != 0))
+    sem = sem_all.reshape(-1)[fg]
+    inst = inst_all.reshape(-1)[fg]
     left = sorted(set(present_ids(sem).tolist()) & {50, 51, 62})
     if left:
         problems.append(f"semantic labels {left} remain (aliases / unsplit endplates)")
@@ -143,13 +167,16 @@ def _relabel_components(comp: np.ndarray, targets: dict[int, int], inst: np.ndar
     """Write ``targets[c]`` into ``inst`` wherever ``comp == c``; returns the voxels written."""
     if not targets:
         return 0
-    lut = np.zeros(int(comp.max(initial=0)) + 1, dtype=np.int64)
+    lut = np.zeros(max(targets) + 2, dtype=np.int64)  # the last entry (0) stands for every larger component
     for c, v in targets.items():
         lut[c] = v
-    new = lut[comp]
-    sel = new > 0
-    changed = int(np.count_nonzero(sel & (inst != new)))
-    inst[sel] = new[sel]
+    idx = np.flatnonzero(comp)
+    new = lut[np.minimum(comp.reshape(-1)[idx], len(lut) - 1)]
+    keep = new > 0
+    idx, new = idx[keep], new[keep]
+    flat = _flat(inst)
+    changed = int(np.count_nonzero(flat[idx] != new))
+    flat[idx] = new
     return changed
 
 
@@ -157,29 +184,33 @@ def _spine_order(ins: np.ndarray, s: np.ndarray, sp: np.ndarray
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
     """Vertebra ids of a full instance mask in spine order with their centres and axes (see
     :func:`~spineps_like.assign.vertebra_order`), the sacrum left out; and whether the sacrum is in view."""
-    ids, cen, axes = vertebra_order(np.where((ins > 0) & (ins < IVD_OFFSET), ins, 0), s, sp)
+    ids, cen, axes = vertebra_order(ins, s, sp)  # it reads vertebra and sacrum ids only
     has_sacrum = bool(len(ids)) and ids[-1] == SACRUM_ID
     if has_sacrum:
         ids, cen, axes = ids[:-1], cen[:-1], axes[:-1]
     return ids, cen, axes, has_sacrum
 
 
-def _cut_fragment_groups(comp: np.ndarray, cands: list[int], ins: np.ndarray, s: np.ndarray, sp: np.ndarray,
-                         box: tuple[slice, ...], full_shape: tuple[int, ...], min_mm3: float) -> list[list[int]]:
-    """Components of ``comp`` (ids ``cands``, bone without an instance) that are the field-of-view remains of the
-    vertebra above the topmost / below the bottommost one: [top group, bottom group], each only when one of its
-    pieces touches the edge of the whole volume and the group holds at least ``min_mm3``."""
+def _cut_fragment_groups(comp_index: np.ndarray, comp_of: np.ndarray, cands: list[int], ins: np.ndarray,
+                         s: np.ndarray, sp: np.ndarray, box: tuple[slice, ...], full_shape: tuple[int, ...],
+                         min_mm3: float) -> list[list[int]]:
+    """Components (ids ``cands``, bone without an instance; their voxels at flat ``comp_index`` of ``ins``' grid
+    with ids ``comp_of``) that are the field-of-view remains of the vertebra above the topmost / below the
+    bottommost one: [top group, bottom group], each only when one of its pieces touches the edge of the whole volume
+    and the group holds at least ``min_mm3``."""
     if not cands:
         return []
     ids, cen, axes, has_sacrum = _spine_order(ins, s, sp)
     if len(ids) == 0:
         return []
-    stats = cc3d.statistics(comp)
     groups: dict[str, list[int]] = {"top": [], "bottom": []}
     touch = {"top": False, "bottom": False}
+    sizes: dict[int, int] = {}
     for c in cands:
-        at_edge = _at_volume_edge(stats["bounding_boxes"][c], [b.start for b in box], full_shape)
-        x = np.asarray(stats["centroids"][c], dtype=float)
+        vox = comp_index[comp_of == c]
+        sizes[c] = len(vox)
+        at_edge = _at_volume_edge(_box_of(vox, ins.shape), [b.start for b in box], full_shape)
+        x = np.array([a.mean() for a in np.unravel_index(vox, ins.shape)], dtype=float)
         if np.dot((x - cen[0]) * sp, axes[0]) < 0:
             side = "top"
         elif not has_sacrum and np.dot((x - cen[-1]) * sp, axes[-1]) > 0:
@@ -190,7 +221,7 @@ def _cut_fragment_groups(comp: np.ndarray, cands: list[int], ins: np.ndarray, s:
         touch[side] |= at_edge
     vox = float(np.prod(sp))
     return [g for side, g in groups.items()
-            if g and touch[side] and sum(int(stats["voxel_counts"][c]) for c in g) * vox >= min_mm3]
+            if g and touch[side] and sum(sizes[c] for c in g) * vox >= min_mm3]
 
 
 def _at_volume_edge(bb: Sequence[slice], offset: Sequence[int], full_shape: Sequence[int]) -> bool:
@@ -238,12 +269,14 @@ def _reconcile_corpora(ins: np.ndarray, s: np.ndarray, crumb_share: float = 0.2)
     to the vertebra holding most of it, from every other vertebra that either owns a body of its own or holds only a
     crumb (< ``crumb_share``) of this one. A vertebra sharing a body without owning one is left alone (a block
     vertebra: two vertebrae in one fused body). Returns the voxels relabelled."""
-    body = np.isin(s, (49, 52, 53)) & (instance_class(ins) == _V)
+    body = np.isin(s, (49, 52, 53)) & is_vertebra(ins)
     if not body.any():
         return 0
     cc = cc3d.connected_components(body, connectivity=6)
-    sel = cc > 0
-    comp, inst, counts = count_pairs(cc[sel].astype(np.int64), ins[sel].astype(np.int64))
+    sel = np.flatnonzero(cc)
+    flat = _flat(ins)
+    cc_sel = cc.reshape(-1)[sel].astype(np.int64)
+    comp, inst, counts = count_pairs(cc_sel, flat[sel].astype(np.int64))
     totals = np.bincount(comp, weights=counts)
     order = np.lexsort((-counts, comp))
     first = np.r_[True, comp[order][1:] != comp[order][:-1]]
@@ -262,38 +295,40 @@ def _reconcile_corpora(ins: np.ndarray, s: np.ndarray, crumb_share: float = 0.2)
     move_to = np.array(list(moves.values()), dtype=np.int64)
     order = np.argsort(move_keys)
     move_keys, move_to = move_keys[order], move_to[order]
-    vals = ins[sel]
-    keys = cc[sel].astype(np.int64) * base + vals
+    keys = cc_sel * base + flat[sel]
     pos = np.minimum(np.searchsorted(move_keys, keys), len(move_keys) - 1)
     hit = move_keys[pos] == keys
-    vals[hit] = move_to[pos[hit]]
-    ins[sel] = vals
+    flat[sel[hit]] = move_to[pos[hit]]
     return int(hit.sum())
 
 
 def _release_bodyless(ins: np.ndarray, s: np.ndarray, box: tuple[slice, ...], full_shape: tuple[int, ...]) -> int:
     """Clear (in place) vertebra instances without corpus voxels unless they touch no other vertebra (facet joints
     aside) and reach the edge of the volume; their voxels then join a touching vertebra (step 7). Returns voxels."""
-    vert = np.where(instance_class(ins) == _V, ins, 0)
-    ids = present_ids(vert)
-    ids = ids[ids > 0]
-    if len(ids) == 0:
+    vmask = is_vertebra(ins)
+    idx = np.flatnonzero(vmask)
+    if len(idx) == 0:
         return 0
-    with_body = present_ids(vert[np.isin(s, (49, 52, 53))])
-    bodyless = np.setdiff1d(ids, with_body)
+    flat = _flat(ins)
+    vals = flat[idx]
+    with_body = present_ids(vals[np.isin(s.reshape(-1)[idx], (49, 52, 53))])
+    bodyless = np.setdiff1d(present_ids(vals), with_body)
     if len(bodyless) == 0:
         return 0
-    a_ids, b_ids, _ = facet_free_contacts(np.where(np.isin(vert, bodyless), vert, 0), vert, s)
+    vert = np.where(vmask, ins, 0)
+    sel = np.isin(vals, bodyless)
+    bodyless_img = np.zeros_like(vert)
+    _flat(bodyless_img)[idx[sel]] = vals[sel]
+    near = _box_of(idx[sel], ins.shape, margin=1)  # every contact of a bodyless vertebra lies in here
+    a_ids, b_ids, _ = facet_free_contacts(bodyless_img[near], vert[near], s[near])
     touching = set(a_ids[a_ids != b_ids].tolist())
-    stats = cc3d.statistics(vert) if int(vert.max()) < vert.size else None
     released = 0
     for v in bodyless.tolist():
-        bb = stats["bounding_boxes"][v] if stats is not None else bbox(vert == v)
-        if v not in touching and _at_volume_edge(bb, [b.start for b in box], full_shape):
+        vox = idx[vals == v]
+        if v not in touching and _at_volume_edge(_box_of(vox, ins.shape), [b.start for b in box], full_shape):
             continue
-        m = ins == v
-        ins[m] = 0
-        released += int(m.sum())
+        flat[vox] = 0
+        released += len(vox)
     return released
 
 
@@ -356,39 +391,38 @@ def postprocess(
         sem[ep] = sem_split[ep]
         inst[ep] = full[ep]
 
-    rep.lap("start")
+    rep.lap("1_endplates")
     box = bbox((sem > 0) | (inst > 0), margin=1)
     if box is None:
         return sem, inst, rep
-    s = sem[box]
-    ins = inst[box]
+    # C-contiguous working copies of the box (flat indices address them; written back at the end)
+    s = np.ascontiguousarray(sem[box])
+    ins = np.ascontiguousarray(inst[box])
     need = semantic_class(s)
     have = instance_class(ins)
 
-    rep.lap("1_endplates")
+    rep.lap("box")
     # 2: class mismatches
-    mism = (need > 0) & (have > 0) & (need != have)
-    conv = np.zeros(ins.shape, dtype=np.int64)
-    conv[mism & (need == _E) & (have == _V)] = ENDPLATE_OFFSET + ins[mism & (need == _E) & (have == _V)]
-    conv[mism & (need == _V) & (have == _E)] = ins[mism & (need == _V) & (have == _E)] - ENDPLATE_OFFSET
-    conv[need == _S] = SACRUM_ID
-    rep.class_converted = int(np.count_nonzero(mism & (conv > 0)))
-    rep.class_cleared = int(np.count_nonzero(mism & (conv == 0)))
-    ins[mism] = conv[mism]
+    mism = np.flatnonzero((need > 0) & (have > 0) & (need != have))
+    flat_ins = _flat(ins)
+    nv, hv, iv = _flat(need)[mism], _flat(have)[mism], flat_ins[mism]
+    conv = np.zeros(len(mism), dtype=np.int64)
+    conv[(nv == _E) & (hv == _V)] = ENDPLATE_OFFSET + iv[(nv == _E) & (hv == _V)]
+    conv[(nv == _V) & (hv == _E)] = iv[(nv == _V) & (hv == _E)] - ENDPLATE_OFFSET
+    conv[nv == _S] = SACRUM_ID
+    rep.class_converted = int(np.count_nonzero(conv > 0))
+    rep.class_cleared = int(np.count_nonzero(conv == 0))
+    flat_ins[mism] = conv
     ins[(need == _S)] = SACRUM_ID
-    have = instance_class(ins)
 
     rep.lap("2_classes")
     # 3: fill holes per instance, only where the semantic mask calls for that class and nothing else is there
     ids = present_ids(ins)
     ids = ids[ids > 0]
     if len(ids):
-        stats = cc3d.statistics(ins) if int(ins.max()) < ins.size else None
+        boxes = ndimage.find_objects(ins)  # one pass: the bounding box of every id
         for i in ids:
-            if stats is None:
-                sl = bbox(ins == i)
-            else:
-                sl = stats["bounding_boxes"][int(i)]
+            sl = boxes[int(i) - 1]
             m = ins[sl] == i
             filled = fill_voids.fill(m, in_place=False)
             cls = instance_class(np.array([i]))[0]
@@ -408,8 +442,9 @@ def postprocess(
     art = np.isin(s, ARTICULAR)
     if art.any():
         art_cc = cc3d.connected_components(np.where(art, s, 0), connectivity=26)
-        sel = (art_cc > 0) & (ins > 0)
-        a_ids, b_ids, counts = count_pairs(art_cc[sel].astype(np.int64), ins[sel].astype(np.int64))
+        sel = np.flatnonzero(art_cc)
+        sel = sel[flat_ins[sel] > 0]
+        a_ids, b_ids, counts = count_pairs(art_cc.reshape(-1)[sel].astype(np.int64), flat_ins[sel].astype(np.int64))
         pairs = np.stack([a_ids, b_ids], axis=1)
         multi = np.bincount(pairs[:, 0]) > 1 if len(pairs) else np.zeros(0, bool)
         keep = multi[pairs[:, 0]] if len(pairs) else np.zeros(0, bool)
@@ -428,16 +463,17 @@ def postprocess(
     # then larger pieces join the main body of another vertebra they touch (never through a facet joint)
     min_crumb = max(1, int(np.ceil(min_piece_mm3 / vox_mm3)))
     for crumbs in (True, False):
-        vmask = np.where(instance_class(ins) == _V, ins, 0)
+        vmask = np.where(is_vertebra(ins), ins, 0)
         pieces = cc3d.connected_components(vmask, connectivity=26)
-        if pieces.max() == 0:
+        nz = np.flatnonzero(pieces)  # pieces and vmask are fresh C-ordered arrays: flat views, no copies
+        if len(nz) == 0:
             break
-        counts = np.bincount(pieces.ravel())
+        pv = pieces.reshape(-1)[nz].astype(np.int64)
+        counts = np.bincount(pv)
         piece_ids = np.arange(len(counts))
         piece_inst = np.zeros(len(counts), dtype=np.int64)
-        nz = np.flatnonzero(pieces)  # pieces and vmask are fresh C-ordered arrays: flat views, no copies
-        piece_inst[pieces.ravel()[nz]] = vmask.ravel()[nz]
-        main = np.zeros(int(vmask.max()) + 1, dtype=np.int64)
+        piece_inst[pv] = vmask.reshape(-1)[nz]
+        main = np.zeros(int(piece_inst.max()) + 1, dtype=np.int64)
         order = np.lexsort((counts[1:], piece_inst[1:]))  # per instance, largest last
         main[piece_inst[1:][order]] = piece_ids[1:][order]
         is_stray = np.zeros(len(counts), bool)
@@ -448,12 +484,15 @@ def postprocess(
         else:
             is_main = np.zeros(len(counts), bool)
             is_main[main[main > 0]] = True
-            partner = np.where(is_main[pieces], vmask, 0)
-        stray = np.flatnonzero(is_stray)
-        if len(stray) == 0:
+            partner = vmask.copy()
+            _flat(partner)[nz[~is_main[pv]]] = 0
+        if not is_stray.any():
             continue
-        stray_img = np.where(is_stray[pieces], pieces, 0)
-        a_ids, b_ids, n = facet_free_contacts(stray_img, partner, s)
+        stray_vox = nz[is_stray[pv]]
+        stray_img = np.zeros_like(pieces)
+        _flat(stray_img)[stray_vox] = pv[is_stray[pv]]
+        near = _box_of(stray_vox, ins.shape, margin=1)  # every contact of a stray piece lies in here
+        a_ids, b_ids, n = facet_free_contacts(stray_img[near], partner[near], s[near])
         other = b_ids != piece_inst[a_ids]
         owner = dominant_partner(a_ids[other], b_ids[other], n[other], 1.0)
         rep.stray_relabelled += _relabel_components(stray_img, owner, ins)
@@ -468,11 +507,13 @@ def postprocess(
     missing = (need > 0) & (ins == 0)
     if missing.any():
         comp = cc3d.connected_components(np.where(missing, need, 0), connectivity=26)
-        comp_cls = np.zeros(int(comp.max()) + 1, dtype=np.uint8)
-        nzm = np.nonzero(comp)
-        comp_cls[comp[nzm]] = need[nzm]
+        comp_index = np.flatnonzero(comp)  # the missing voxels
+        comp_of = comp.reshape(-1)[comp_index].astype(np.int64)
+        comp_cls = np.zeros(int(comp_of.max()) + 1, dtype=np.uint8)
+        comp_cls[comp_of] = _flat(need)[comp_index]
         # contacts with instances, converted to the component's class where the meaning is clear
-        a_ids, b_ids, n = facet_free_contacts(comp, ins, s)
+        near = _box_of(comp_index, ins.shape, margin=1)
+        a_ids, b_ids, n = facet_free_contacts(comp[near], ins[near], s[near])
         b_cls = instance_class(b_ids)
         want = comp_cls[a_ids]
         cand = np.where(b_cls == want, b_ids, 0)
@@ -481,11 +522,11 @@ def postprocess(
         ok = cand > 0
         owner = dominant_partner(a_ids[ok], cand[ok], n[ok], 1.0)
         rep.missing_assigned = _relabel_components(comp, owner, ins)
-        left = np.setdiff1d(present_ids(comp[comp > 0]), np.fromiter(owner, dtype=np.int64, count=len(owner)))
+        left = np.setdiff1d(present_ids(comp_of), np.fromiter(owner, dtype=np.int64, count=len(owner)))
         if len(left):
-            sizes = np.bincount(comp[comp > 0], minlength=int(comp.max()) + 1)
+            sizes = np.bincount(comp_of, minlength=len(comp_cls))
             has_corpus = np.zeros(len(sizes), bool)
-            has_corpus[present_ids(comp[(comp > 0) & (s == 49)])] = True
+            has_corpus[present_ids(comp_of[_flat(s)[comp_index] == 49])] = True
             new_ids = []
             kept: set[int] = set()
 
@@ -494,7 +535,7 @@ def postprocess(
                 free = [v for v in range(1, 26) if v not in used and v != SACRUM_ID]
                 if free:
                     new_ids.append((comps[0], free[0]))
-                    ins[np.isin(comp, comps)] = free[0]
+                    flat_ins[comp_index[np.isin(comp_of, comps)]] = free[0]
                     kept.update(comps)
 
             for c in left:
@@ -502,25 +543,25 @@ def postprocess(
                         and sizes[c] * vox_mm3 >= min_vertebra_mm3):
                     new_vertebra([int(c)])
             if keep_cut_fragments:
-                for group in _cut_fragment_groups(comp, [int(c) for c in left if c not in kept and comp_cls[c] == _V],
-                                                  ins, s, sp, box, sem.shape, min_piece_mm3):
+                cands = [int(c) for c in left if c not in kept and comp_cls[c] == _V]
+                for group in _cut_fragment_groups(comp_index, comp_of, cands, ins, s, sp, box, sem.shape,
+                                                  min_piece_mm3):
                     new_vertebra(group)
             for c in left:
                 if int(c) not in kept:
                     rep.dropped_components += 1
                     rep.dropped_voxels += int(sizes[c])
             rep.added_instances = [v for _, v in new_ids]
-            drop = missing & (ins == 0)
-            s[drop] = 0
-            ins[drop] = 0
+            drop = comp_index[flat_ins[comp_index] == 0]
+            _flat(s)[drop] = 0
 
     rep.lap("7_missing")
     # 8: discs and endplates whose vertebra was released or dropped above get their ids from the final vertebrae
     vert_before = present_ids(inst0[(inst0 > 0) & (inst0 < IVD_OFFSET)])
-    vert_after = present_ids(ins[instance_class(ins) == _V])
+    vert_after = present_ids(ins[is_vertebra(ins)])
     if len(np.setdiff1d(vert_before[vert_before != SACRUM_ID], vert_after)):
-        full, _ = assign_ivds_endplates(s, np.where(instance_class(ins) == _V, ins, 0), sp)
-        re = np.isin(instance_class(ins), (_I, _E))
+        full, _ = assign_ivds_endplates(s, ins, sp)  # it reads the vertebra ids of ins only
+        re = (ins >= IVD_OFFSET) & (ins < 300)  # IVD and endplate ids
         rep.reassigned_discs_endplates = int(np.count_nonzero(re & (full != ins)))
         ins[re] = full[re]
 

@@ -250,3 +250,8 @@ def test_present_ids_equals_unique_for_every_integer_type():
     neg = np.array([[-3, 0, 7, 7]], np.int32)
     assert present_ids(neg).tolist() == [-3, 0, 7]
     assert len(present_ids(np.zeros((0, 2), np.int32))) == 0
+    assert present_ids(np.array([[True, False], [True, True]])).tolist() == [0, 1]
+    wide = np.array([0, 5, 2**40, 5, 3], np.int64)  # a wide range (no counting array) and a strided view
+    assert present_ids(wide[::2]).tolist() == [0, 3, 2**40]
+    big = rng.integers(0, 300, (40, 30, 20)).astype(np.int32)[:, ::2, 1:]
+    assert np.array_equal(present_ids(big), np.unique(big))

@@ -28,6 +28,7 @@ from typing import Sequence
 
 import cc3d
 import edt
+import fastremap
 import numpy as np
 from scipy import ndimage as ndi
 
@@ -86,14 +87,14 @@ def check_spacing(spacing: Sequence[float]) -> np.ndarray:
 
 
 def present_ids(mask: np.ndarray) -> np.ndarray:
-    """Sorted distinct values of an integer array, by one counting pass when it holds no negative values
-    (``np.unique`` sorts the whole volume)."""
-    flat = np.asarray(mask).ravel()
-    if flat.size == 0:
+    """Sorted distinct values of an integer (or boolean) array as int64, by :func:`fastremap.unique` (a counting
+    pass for small label ranges; ``np.unique`` sorts the whole volume)."""
+    arr = np.asarray(mask)
+    if arr.size == 0:
         return np.zeros(0, np.int64)
-    if flat.min() < 0:
-        return np.unique(flat).astype(np.int64)
-    return np.flatnonzero(np.bincount(flat.astype(np.intp, copy=False)))  # (bincount refuses uint64 as it is)
+    if arr.dtype == bool:
+        arr = arr.view(np.uint8)
+    return np.asarray(fastremap.unique(arr), dtype=np.int64)
 
 
 def check_mask(mask: np.ndarray, name: str = "semantic") -> np.ndarray:
