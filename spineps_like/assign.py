@@ -90,9 +90,9 @@ def _previous_ids(ids: np.ndarray) -> np.ndarray:
 
 def _nearest_corpus(corpus_seed: np.ndarray, targets: np.ndarray, sp: np.ndarray,
                     margin_mm: float = 20.0) -> tuple[np.ndarray, np.ndarray, tuple[slice, ...] | None]:
-    """Nearest seed label (and its voxel coords) for each target voxel, searched in mm on the targets' bounding box
-    + margin. The nearest seed voxel of a point outside the seeds is always on their surface (a face neighbour
-    closer to the point would be a seed too), so only surface voxels go into the k-d tree."""
+    """Nearest seed label and the voxel coords of each target voxel (C order), searched in mm on the targets'
+    bounding box + margin; and that box. The nearest seed voxel of a point outside the seeds is always on their
+    surface (a face neighbour closer to the point would be a seed too), so only surface voxels go into the k-d tree."""
     margin = int(np.ceil(margin_mm / sp.min()))
     box = bbox(targets, margin=margin)
     if box is None:
@@ -114,7 +114,7 @@ def _nearest_corpus(corpus_seed: np.ndarray, targets: np.ndarray, sp: np.ndarray
     else:
         near = np.zeros((0, 3), np.int64)
     lab = seeds[tuple(near.T)]
-    return lab.astype(np.int64), near + origin, box
+    return lab.astype(np.int64), t + origin, box
 
 
 def _smooth_components(comp: np.ndarray, lab: np.ndarray, min_fraction: float) -> np.ndarray:
@@ -178,11 +178,11 @@ def assign_ivds_endplates(
     if not 0 <= split_min_fraction < 0.5:
         raise ValueError(f"split_min_fraction must be in [0, 0.5), got {split_min_fraction}")
     sem = map_aliases(sem).copy()
-    vert = np.where((vert > 0) & (vert < IVD_OFFSET) & (vert != SACRUM_ID) & np.isin(sem, range(41, 50)), vert, 0)
-    vert = vert.astype(np.int32)
+    vert = np.where((vert > 0) & (vert < IVD_OFFSET) & (vert != SACRUM_ID) & (sem >= 41) & (sem <= 49), vert, 0)
+    vert = vert.astype(np.int32, copy=False)
     sacrum = sem == SACRUM_ID
     vert[sacrum] = SACRUM_ID
-    instance = vert.copy()
+    instance = vert  # vert is only read from here on; the IVD and endplate ids go into this array at the end
     ids, centres, axes = vertebra_order(vert, sem, sp)
     if len(ids) == 0:
         return instance, sem
@@ -199,11 +199,10 @@ def assign_ivds_endplates(
         corpus_seed[extra] = vert[extra]
 
     targets = np.isin(sem, (IVD,) + ENDPLATE_LIKE)
-    near, _, box = _nearest_corpus(corpus_seed, targets, sp)
+    near, t_xyz, box = _nearest_corpus(corpus_seed, targets, sp)
     if box is None:
         return instance, sem
     t_sem = sem[box][targets[box]]
-    t_xyz = np.argwhere(targets[box]) + np.array([s.start for s in box])
     p = pos[near]
     along = np.einsum("ij,ij->i", (t_xyz - centres[p]) * sp, axes[p])  # > 0: below the nearest corpus' centre
     is_ivd = t_sem == IVD

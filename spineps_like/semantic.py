@@ -44,12 +44,18 @@ REGION_MARGIN_MM: float = 3.0
 CANAL_LABELS: tuple[int, ...] = (60, 61)
 #: Largest gap (mm) between pieces of the canal/cord tube that still belong to it, e.g. across a stenosis.
 CANAL_GAP_MM: float = 15.0
-#: Labels of the anterior column (corpus, its border, endplates, IVD): it lies right in front of the canal.
-COLUMN_LABELS: tuple[int, ...] = (49, 50, 51, 52, 53, 62, 100)
+#: Labels of the anterior column (corpus, its border, endplates, IVD, sacrum): it lies right in front of the canal.
+COLUMN_LABELS: tuple[int, ...] = (49, 50, 51, 52, 53, 62, 100, 26)
 #: Farthest a piece of the anterior column may start from the canal (mm); bodies touch the canal's front wall.
 COLUMN_CANAL_MM: float = 20.0
 #: Largest gap (mm) between pieces of the anterior column that still chain up (a column beyond the canal's extent).
 COLUMN_GAP_MM: float = 15.0
+#: Labels of the vertebral arch and its processes (arcus, spinous, costal, articular): the arch rings the canal.
+ARCH_LABELS: tuple[int, ...] = (41, 42, 43, 44, 45, 46, 47, 48)
+#: Farthest a piece of the arch may start from the canal (mm); the arcus touches the canal's back wall.
+ARCH_CANAL_MM: float = 20.0
+#: Largest gap (mm) between pieces of the arch that still chain up (a process cut from its arcus by a gap).
+ARCH_GAP_MM: float = 15.0
 #: SPINEPS' MRI intensity range after normalisation.
 NORMALIZE_MAX = 1500.0
 #: SPINEPS' N4 foreground threshold on the normalised image.
@@ -183,12 +189,13 @@ def _canal_tube(mask: np.ndarray, spacing: Sequence[float], gap_mm: float) -> in
     return int(drop.sum())
 
 
-def _anterior_column(mask: np.ndarray, spacing: Sequence[float], canal_mm: float, gap_mm: float) -> int:
-    """In place: vertebral bodies, endplates and discs form a column right in front of the canal. Keep each
-    26-connected component of ``COLUMN_LABELS`` that comes within ``canal_mm`` of the canal/cord, then every component
-    within ``gap_mm`` of what is kept (repeated, so a column that runs beyond the canal's extent stays); set the rest
-    to background. Nothing is removed when the mask has no canal. Returns voxels removed."""
-    column, tube = np.isin(mask, COLUMN_LABELS), np.isin(mask, CANAL_LABELS)
+def _near_canal(mask: np.ndarray, labels: Sequence[int], spacing: Sequence[float], canal_mm: float,
+                gap_mm: float) -> int:
+    """In place: vertebral bodies, endplates and discs form a column right in front of the canal, the arches ring it.
+    Keep each 26-connected component of ``labels`` that comes within ``canal_mm`` of the canal/cord, then every
+    component within ``gap_mm`` of what is kept (repeated, so a column that runs beyond the canal's extent stays); set
+    the rest to background. Nothing is removed when the mask has no canal. Returns voxels removed."""
+    column, tube = np.isin(mask, labels), np.isin(mask, CANAL_LABELS)
     box = bbox(column | tube)
     if box is None or not tube.any() or not column.any():
         return 0
@@ -258,20 +265,24 @@ def clean_semantic(
     small_labels: Sequence[int] = SMALL_COMPONENT_LABELS,
     canal_gap_mm: float | None = CANAL_GAP_MM,
     column_canal_mm: float | None = COLUMN_CANAL_MM,
+    arch_canal_mm: float | None = ARCH_CANAL_MM,
     keep_spine_region: bool = True,
     margin_mm: float = REGION_MARGIN_MM,
     inferior_axis: int | None = 1,
     fill_labels: Sequence[int] = FILL_HOLES_LABELS,
     stats: dict | None = None,
 ) -> np.ndarray:
-    """Clean a semantic mask the way SPINEPS does after its semantic model, plus two anatomical rules.
+    """Clean a semantic mask the way SPINEPS does after its semantic model, plus three anatomical rules.
 
     1. Drop 6-connected components of ``small_labels`` smaller than ``min_volume_mm3``.
     2. The canal is one tube (not in SPINEPS): canal/cord pieces farther than ``canal_gap_mm`` from the largest one
        (bladder, bowel, cysts: fluid that looks like CSF) are removed; ``None`` skips this.
-    3. The anterior column lies in front of the canal (not in SPINEPS): corpus/endplate/IVD pieces that start farther
+    3. The anterior column lies in front of the canal (not in SPINEPS): corpus/endplate/IVD/sacrum pieces that start farther
        than ``column_canal_mm`` from the canal, and do not chain up to pieces that do, are removed (bone and fluid in
        the pelvis or abdomen); ``None`` skips this, and so does a mask without canal.
+       The same for the vertebral arch (not in SPINEPS): arch pieces (41-48) that start farther than ``arch_canal_mm``
+       from the canal and do not chain up to pieces that do are removed (bone-like spots in the back muscles and
+       the skin); ``None`` skips this.
     4. Keep the spine's region (SPINEPS): the largest 26-connected foreground component plus every component whose
        bounding box overlaps the region (see ``margin_mm``); everything else is removed. On a curved spine the
        region's box is large, which is why 2 and 3 exist.
@@ -301,7 +312,8 @@ def clean_semantic(
         raise ValueError(f"clean_semantic: spacing must be three positive numbers, got {spacing}")
     out = mask.copy()
     box = bbox(out > 0)
-    info = {"small_removed": 0, "canal_removed": 0, "column_removed": 0, "region_removed": 0, "holes_filled": 0}
+    info = {"small_removed": 0, "canal_removed": 0, "column_removed": 0, "arch_removed": 0, "region_removed": 0,
+            "holes_filled": 0}
     if box is not None:
         sub = out[box]  # a view: the steps below work in place on the foreground's bounding box
         min_voxels = int(max(1, round(min_volume_mm3 / float(np.prod(spacing)))))
@@ -309,7 +321,9 @@ def clean_semantic(
         if canal_gap_mm is not None:
             info["canal_removed"] = _canal_tube(sub, spacing, canal_gap_mm)
         if column_canal_mm is not None:
-            info["column_removed"] = _anterior_column(sub, spacing, column_canal_mm, COLUMN_GAP_MM)
+            info["column_removed"] = _near_canal(sub, COLUMN_LABELS, spacing, column_canal_mm, COLUMN_GAP_MM)
+        if arch_canal_mm is not None:
+            info["arch_removed"] = _near_canal(sub, ARCH_LABELS, spacing, arch_canal_mm, ARCH_GAP_MM)
         if keep_spine_region:
             info["region_removed"] = _spine_region(sub, spacing, margin_mm, inferior_axis)
         info["holes_filled"] = _fill_holes(sub, fill_labels)

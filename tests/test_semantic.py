@@ -52,8 +52,8 @@ def test_clean_semantic_removes_small_far_and_fills_holes():
     assert (out[10:30, 33:37, 8:22] == 100).all()  # nearby component kept
     assert not out[45:47, 70:71, 25:26].any()  # small blob removed
     assert not out[50:58, 60:78, 0:6].any()  # far component removed
-    assert st == {"small_removed": 2, "canal_removed": 0, "column_removed": 0, "region_removed": 8 * 18 * 6,
-                  "holes_filled": 4 * 4 * 4}
+    assert st == {"small_removed": 2, "canal_removed": 0, "column_removed": 0, "arch_removed": 0,
+                  "region_removed": 8 * 18 * 6, "holes_filled": 4 * 4 * 4}
     assert (m[45, 70, 25] == 41) and (m[50, 60, 0] == 49)  # input untouched
     # with the anatomical rules on, the far corpus goes already because it is far from the canal
     clean_semantic(m, (1.0, 1.0, 1.0), stats=(st := {}))
@@ -100,8 +100,37 @@ def test_clean_semantic_anterior_column_chains_beyond_the_canal():
     no_canal = np.where(m == 61, 0, m)
     clean_semantic(no_canal, (1.0, 1.0, 1.0), keep_spine_region=False, stats=(st := {}))
     assert st["column_removed"] == 0
+    # the sacrum belongs to the column: below the last corpus, 30+ mm beyond the canal's end, it stays
+    m[15:29, 80:92, 4:12] = 26
+    assert (clean_semantic(m, (1.0, 1.0, 1.0), keep_spine_region=False)[15:29, 80:92, 4:12] == 26).all()
     assert (clean_semantic(m, (1.0, 1.0, 1.0), column_canal_mm=None, keep_spine_region=False)[0:8, 95:105, 4:12]
             == 49).all()
+
+
+def test_clean_semantic_arch_rings_the_canal():
+    """The arch touching the canal stays with its spinous process, a process cut off by a small gap stays through the
+    chain, a bone-like spot in the back muscles goes; distances are in mm; without canal nothing is judged."""
+    m = np.zeros((70, 40, 30), np.uint8)
+    m[10:20, 0:40, 11:19] = 49  # corpus column
+    m[22:30, 0:40, 11:19] = 61  # canal behind it
+    m[30:34, 5:15, 8:22] = 41  # arcus on the canal's back wall
+    m[34:50, 8:12, 13:17] = 42  # spinous process, connected to the arcus: 16 mm long
+    m[52:56, 8:12, 13:17] = 42  # its tip beyond a 2 mm gap: 22 mm from the canal, chains to the process
+    m[64:68, 25:29, 2:6] = 45  # a spot 35 mm behind the canal and 18.5 mm from the tip
+    m[64:68, 0:4, 24:28] = 26  # sacrum-like signal in the skin, 35 mm behind the canal: not the column
+    out = clean_semantic(m, (1.0, 1.0, 1.0), keep_spine_region=False, stats=(st := {}))
+    assert not out[64:68, 0:4, 24:28].any() and st["column_removed"] == 4 * 4 * 4
+    assert (out[30:34, 5:15, 8:22] == 41).all() and (out[34:50, 8:12, 13:17] == 42).all()
+    assert (out[52:56, 8:12, 13:17] == 42).all()
+    # nearest spot-tip voxels: 9 rows, 14 columns and 8 slices apart, sqrt(9^2 + 14^2 + 8^2) = 18.5 mm > 15 mm
+    assert not out[64:68, 25:29, 2:6].any()
+    assert st["arch_removed"] == 4 * 4 * 4
+    # at half the spacing everything is near: the spot chains (and the tip starts within 20 mm)
+    clean_semantic(m, (0.5, 0.5, 0.5), keep_spine_region=False, stats=(st := {}))
+    assert st["arch_removed"] == 0
+    assert clean_semantic(m, (1.0, 1.0, 1.0), arch_canal_mm=None, keep_spine_region=False)[65, 26, 3] == 45
+    clean_semantic(np.where(m == 61, 0, m), (1.0, 1.0, 1.0), keep_spine_region=False, stats=(st := {}))
+    assert st["arch_removed"] == 0
 
 
 def test_clean_semantic_thresholds_are_in_mm():
