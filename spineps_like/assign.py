@@ -89,14 +89,15 @@ def _previous_ids(ids: np.ndarray) -> np.ndarray:
 
 
 def _nearest_corpus(corpus_seed: np.ndarray, targets: np.ndarray, sp: np.ndarray,
-                    margin_mm: float = 20.0) -> tuple[np.ndarray, np.ndarray, tuple[slice, ...] | None]:
-    """Nearest seed label and the voxel coords of each target voxel (C order), searched in mm on the targets'
-    bounding box + margin; and that box. The nearest seed voxel of a point outside the seeds is always on their
+                    margin_mm: float = 20.0
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[slice, ...] | None]:
+    """For each target voxel (C order): the nearest seed's label, that seed voxel's coords and the target's coords,
+    searched in mm on the targets' bounding box + margin; and that box. The nearest seed voxel of a point outside the seeds is always on their
     surface (a face neighbour closer to the point would be a seed too), so only surface voxels go into the k-d tree."""
     margin = int(np.ceil(margin_mm / sp.min()))
     box = bbox(targets, margin=margin)
     if box is None:
-        return np.zeros(0, np.int64), np.zeros((0, 3), np.int64), None
+        return np.zeros(0, np.int64), np.zeros((0, 3), np.int64), np.zeros((0, 3), np.int64), None
     seeds = corpus_seed[box]
     if not (seeds > 0).any():
         # no corpus near: widen to the whole corpus bounding box
@@ -106,7 +107,7 @@ def _nearest_corpus(corpus_seed: np.ndarray, targets: np.ndarray, sp: np.ndarray
     t = np.argwhere(targets[box])
     fg = seeds > 0
     if not fg.any():
-        return np.zeros(len(t), np.int64), t + origin, box
+        return np.zeros(len(t), np.int64), t + origin, t + origin, box
     surface = surface_voxels(fg)
     if len(t):
         _, k = cKDTree(surface * sp).query(t * sp, k=1, workers=-1)
@@ -114,7 +115,7 @@ def _nearest_corpus(corpus_seed: np.ndarray, targets: np.ndarray, sp: np.ndarray
     else:
         near = np.zeros((0, 3), np.int64)
     lab = seeds[tuple(near.T)]
-    return lab.astype(np.int64), t + origin, box
+    return lab.astype(np.int64), near + origin, t + origin, box
 
 
 def _smooth_components(comp: np.ndarray, lab: np.ndarray, min_fraction: float) -> np.ndarray:
@@ -199,7 +200,7 @@ def assign_ivds_endplates(
         corpus_seed[extra] = vert[extra]
 
     targets = np.isin(sem, (IVD,) + ENDPLATE_LIKE)
-    near, t_xyz, box = _nearest_corpus(corpus_seed, targets, sp)
+    near, _, t_xyz, box = _nearest_corpus(corpus_seed, targets, sp)
     if box is None:
         return instance, sem
     t_sem = sem[box][targets[box]]

@@ -169,8 +169,8 @@ def test_nearest_corpus_is_exact_in_mm():
     seeds[rng.random(seeds.shape) < 0.05] = 0
     targets = (seeds == 0) & (rng.random(seeds.shape) < 0.3)
     sp = np.array([0.8, 1.1, 3.3])
-    lab, near, box = _nearest_corpus(seeds, targets, sp, margin_mm=100.0)
-    t = np.argwhere(targets)
+    lab, near, t, box = _nearest_corpus(seeds, targets, sp, margin_mm=100.0)
+    assert np.array_equal(t, np.argwhere(targets))
     exact = ndi.distance_transform_edt(seeds == 0, sampling=sp)[targets]
     got = np.linalg.norm((near - t) * sp, axis=1)
     assert np.allclose(got, exact)
