@@ -92,8 +92,9 @@ def _nearest_corpus(corpus_seed: np.ndarray, targets: np.ndarray, sp: np.ndarray
                     margin_mm: float = 20.0
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[slice, ...] | None]:
     """For each target voxel (C order): the nearest seed's label, that seed voxel's coords and the target's coords,
-    searched in mm on the targets' bounding box + margin; and that box. The nearest seed voxel of a point outside the seeds is always on their
-    surface (a face neighbour closer to the point would be a seed too), so only surface voxels go into the k-d tree."""
+    searched in mm on the targets' bounding box + margin; and that box. The nearest seed voxel of a point outside the
+    seeds is always on their surface (a face neighbour closer to the point would be a seed too), so only surface
+    voxels go into the k-d tree."""
     margin = int(np.ceil(margin_mm / sp.min()))
     box = bbox(targets, margin=margin)
     if box is None:

@@ -315,12 +315,10 @@ def _release_bodyless(ins: np.ndarray, s: np.ndarray, box: tuple[slice, ...], fu
     bodyless = np.setdiff1d(present_ids(vals), with_body)
     if len(bodyless) == 0:
         return 0
-    vert = np.where(vmask, ins, 0)
     sel = np.isin(vals, bodyless)
-    bodyless_img = np.zeros_like(vert)
-    _flat(bodyless_img)[idx[sel]] = vals[sel]
     near = _box_of(idx[sel], ins.shape, margin=1)  # every contact of a bodyless vertebra lies in here
-    a_ids, b_ids, _ = facet_free_contacts(bodyless_img[near], vert[near], s[near])
+    vert = np.where(vmask[near], ins[near], 0)
+    a_ids, b_ids, _ = facet_free_contacts(np.where(np.isin(vert, bodyless), vert, 0), vert, s[near])
     touching = set(a_ids[a_ids != b_ids].tolist())
     released = 0
     for v in bodyless.tolist():

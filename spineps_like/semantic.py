@@ -277,9 +277,9 @@ def clean_semantic(
     1. Drop 6-connected components of ``small_labels`` smaller than ``min_volume_mm3``.
     2. The canal is one tube (not in SPINEPS): canal/cord pieces farther than ``canal_gap_mm`` from the largest one
        (bladder, bowel, cysts: fluid that looks like CSF) are removed; ``None`` skips this.
-    3. The anterior column lies in front of the canal (not in SPINEPS): corpus/endplate/IVD/sacrum pieces that start farther
-       than ``column_canal_mm`` from the canal, and do not chain up to pieces that do, are removed (bone and fluid in
-       the pelvis or abdomen); ``None`` skips this, and so does a mask without canal.
+    3. The anterior column lies in front of the canal (not in SPINEPS): corpus/endplate/IVD/sacrum pieces that start
+       farther than ``column_canal_mm`` from the canal, and do not chain up to pieces that do, are removed (bone and
+       fluid in the pelvis or abdomen); ``None`` skips this, and so does a mask without canal.
        The same for the vertebral arch (not in SPINEPS): arch pieces (41-48) that start farther than ``arch_canal_mm``
        from the canal and do not chain up to pieces that do are removed (bone-like spots in the back muscles and
        the skin); ``None`` skips this.
