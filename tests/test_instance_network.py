@@ -16,7 +16,7 @@ from spineps_like.instance.cutouts import (
     SPINEPS_INPUT_MAPPING, SparseMask, cutout_targets, extract_cutouts, map_input,
 )
 from spineps_like.instance.network import (
-    Unet3D, load_checkpoint_state_dict, load_instance_model, predict_cutouts,
+    Unet3D, fft_conv3d, load_checkpoint_state_dict, load_instance_model, predict_cutouts,
 )
 from spineps_like.io import load_scan
 from spineps_like.models.manifest import ModelError, write_manifest
@@ -137,6 +137,54 @@ def test_network_builds_and_checks_input_size():
     assert set(net.state_dict()) == set(spineps_state_shapes(8, (1, 2, 4, 8), 10, 4))
     assert {k: tuple(v.shape) for k, v in Unet3D(dim=16).state_dict().items()} == spineps_state_shapes(
         16, (1, 2, 4, 8), 10, 4)
+
+
+def test_fft_convolution_equals_the_direct_one():
+    g = torch.Generator().manual_seed(0)
+    for shape, k, bias in (((2, 3, 9, 13, 7), 5, True), ((1, 10, 16, 24, 8), 7, False), ((3, 2, 11, 5, 17), 3, True)):
+        x = torch.randn(shape, generator=g)
+        w = torch.randn((4, shape[1], k, k, k), generator=g)
+        b = torch.randn(4, generator=g) if bias else None
+        ref = F.conv3d(x, w, b, padding=k // 2)
+        got = fft_conv3d(x, w, b, k // 2)
+        assert got.shape == ref.shape and got.is_contiguous()
+        assert torch.allclose(got, ref, atol=1e-4 * float(ref.abs().max()), rtol=0), (shape, k)
+        # a channels-last input (the one-hot encoding is one) gives a channels-last output, as conv3d does
+        cl = fft_conv3d(x.contiguous(memory_format=torch.channels_last_3d), w, b, k // 2)
+        assert cl.is_contiguous(memory_format=torch.channels_last_3d) and torch.equal(cl, got)
+    with pytest.raises(ValueError, match="cubic odd kernel"):
+        fft_conv3d(x, torch.randn(4, 2, 3, 3, 1), None, 1)
+    with pytest.raises(ValueError, match="cubic odd kernel"):
+        fft_conv3d(x, torch.randn(4, 2, 3, 3, 3), None, 0)
+
+
+def test_fft_stem_follows_the_weights_and_leaves_training_direct():
+    torch.manual_seed(1)
+    net = Unet3D(dim=8).eval()
+    x = F.one_hot(torch.randint(0, 10, (2, 16, 24, 8)), 10).permute(0, 4, 1, 2, 3).float()
+    outs = {}
+    with torch.no_grad():
+        for algorithm in ("direct", "fft", "auto"):
+            net.stem_algorithm = algorithm
+            outs[algorithm] = net(x)
+        assert torch.allclose(outs["fft"], outs["direct"], atol=1e-4, rtol=1e-4)
+        assert torch.equal(outs["auto"], outs["fft"])  # on the CPU, at inference: the FFT
+        # new weights (load_state_dict copies in place): the cached kernel spectrum is not reused
+        state = {k: v * 1.5 if k == "init_conv.weight" else v for k, v in net.state_dict().items()}
+        net.load_state_dict(state)
+        new_fft = net(x)
+        net.stem_algorithm = "direct"
+        new_direct = net(x)
+        assert not torch.allclose(new_fft, outs["fft"], atol=1e-3)
+        assert torch.allclose(new_fft, new_direct, atol=1e-4, rtol=1e-4)
+    # with gradients (training) 'auto' runs nn.Conv3d, so the stem's weights get gradients
+    net.stem_algorithm = "auto"
+    net.train()
+    net(x).sum().backward()
+    assert net.init_conv.weight.grad is not None and net.init_conv.weight.grad.abs().sum() > 0
+    net.stem_algorithm = "winograd"
+    with pytest.raises(ValueError, match="stem_algorithm"):
+        net(x)
 
 
 def test_spineps_lightning_checkpoint_loads_strict_and_matches_reference(tmp_path):

@@ -5,6 +5,8 @@ state dict loads with ``strict=True``): a 7^3 stem conv; per level two residual 
 LeakyReLU, twice, plus a 1^3 projection where the width changes) and a stride-2 4^3 conv down (none on the last
 level); two residual blocks in the middle; per level up: skip averaged in as ``0.5 * (x + skip)``, two residual
 blocks, a stride-2 4^3 transposed conv up (none on the last); a residual block on ``[x, stem]``; a 1^3 conv out.
+At inference on a CPU the stem convolution runs through the FFT (:func:`fft_conv3d`, ``Unet3D.stem_algorithm``) and
+the element-wise steps run in place; the weights and the outputs (to float rounding) are the same.
 Published SPINEPS instance models use ``dim=16, dim_mults=(1, 2, 4, 8), channels=10, out_dim=4``; the sizes are read
 from the state dict, so other widths (e.g. spineps' newer ``dim=8``) load as well.
 """
@@ -31,6 +33,59 @@ LEGACY_LABEL_NORMALIZATION = 9.0
 
 
 # ---------------------------------------------------------------- architecture
+def _fft_size(n: int) -> int:
+    """The smallest n' >= n with no prime factor above 5 (fast FFT lengths)."""
+    while True:
+        m = n
+        for f in (2, 3, 5):
+            while m % f == 0:
+                m //= f
+        if m == 1:
+            return n
+        n += 1
+
+
+def fft_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int,
+               kernel_spectrum: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.conv3d(x, weight, bias, padding=padding)`` (stride 1, zero padding, same output size) by the FFT.
+
+    The linear convolution is a circular one on a grid padded by ``kernel - 1`` (rounded up to a fast FFT length),
+    so nothing wraps around. Costs O(N log N) per channel instead of O(N k^3) per channel pair: for SPINEPS' 7^3 stem
+    on 10 one-hot channels about twice as fast on a 2-core CPU (29 -> ~15 ms per 48 x 56 x 32 cutout); equal to the
+    direct convolution up to float32 rounding (~1e-6 relative). ``kernel_spectrum`` is :func:`fft_kernel_spectrum`'s result for this grid, if cached.
+    """
+    k = weight.shape[-1]
+    if tuple(weight.shape[-3:]) != (k, k, k) or 2 * padding != k - 1:
+        raise ValueError(f"fft_conv3d needs a cubic odd kernel with 'same' padding, got {tuple(weight.shape)} "
+                         f"and padding {padding}")
+    size = x.shape[-3:]
+    grid = tuple(_fft_size(n + k - 1) for n in size)
+    if kernel_spectrum is None:
+        kernel_spectrum = fft_kernel_spectrum(weight, grid)
+    spectrum = torch.fft.rfftn(x, s=grid, dim=(-3, -2, -1))  # (B, Cin, ...)
+    out = spectrum[:, :1] * kernel_spectrum[0]  # (B, Cout, ...), one input channel at a time: no (B, Cout, Cin, ...)
+    for c in range(1, spectrum.shape[1]):
+        out.addcmul_(spectrum[:, c:c + 1], kernel_spectrum[c])
+    y = torch.fft.irfftn(out, s=grid, dim=(-3, -2, -1), norm="forward")  # 1/N is in the kernel spectrum
+    o = k - 1 - padding  # output voxel i sits at i + k - 1 - padding of the full convolution
+    y = y[..., o:o + size[0], o:o + size[1], o:o + size[2]]
+    # in the input's memory format, as conv3d returns it (the one-hot input is channels-last, and the layers after the
+    # stem run about 1.5x faster on CPU in that layout)
+    fmt = torch.channels_last_3d if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) \
+        and not x.is_contiguous() else torch.contiguous_format
+    result = torch.empty((*y.shape[:2], *size), dtype=y.dtype, device=y.device, memory_format=fmt)
+    if bias is None:
+        return result.copy_(y)
+    return torch.add(y, bias.view(1, -1, 1, 1, 1), out=result)
+
+
+def fft_kernel_spectrum(weight: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+    """The spectrum of a (Cout, Cin, k, k, k) kernel on ``grid`` for :func:`fft_conv3d`, as (Cin, Cout, ...): flipped
+    (a convolution layer cross-correlates) and scaled by 1/N, so that the inverse transform needs no scaling pass."""
+    spectrum = torch.fft.rfftn(torch.flip(weight, dims=(-3, -2, -1)), s=tuple(grid), dim=(-3, -2, -1), norm="forward")
+    return spectrum.transpose(0, 1).contiguous()
+
+
 class Block3D(nn.Module):
     """3^3 conv, GroupNorm, LeakyReLU."""
 
@@ -38,7 +93,7 @@ class Block3D(nn.Module):
         super().__init__()
         self.proj = nn.Conv3d(dim, dim_out, 3, padding=1)
         self.norm = nn.GroupNorm(groups, dim_out)
-        self.act = nn.LeakyReLU()
+        self.act = nn.LeakyReLU(inplace=True)  # on the norm's fresh output: same values, one buffer less
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.norm(self.proj(x)))
@@ -54,7 +109,9 @@ class ResnetBlock3D(nn.Module):
         self.res_conv: nn.Module = nn.Conv3d(dim, dim_out, 1) if dim != dim_out else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block2(self.block1(x)) + self.res_conv(x)
+        h = self.block2(self.block1(x))
+        # in place where autograd does not need the activation (inference): same sum, no new buffer
+        return h + self.res_conv(x) if torch.is_grad_enabled() else h.add_(self.res_conv(x))
 
 
 class Unet3D(nn.Module):
@@ -102,6 +159,11 @@ class Unet3D(nn.Module):
         )
         self.final_res_block = ResnetBlock3D(2 * init_dim, dim, groups)
         self.final_conv = nn.Conv3d(dim, out_dim, 1)
+        #: How the 7^3 stem convolution runs: 'fft' (:func:`fft_conv3d`), 'direct' (``nn.Conv3d``), or 'auto': the
+        #: FFT on a CPU at inference (there the stem is ~40% of the forward pass and the FFT halves it), direct where
+        #: gradients are needed (training) or on a GPU (cuDNN picks its own algorithm).
+        self.stem_algorithm = "auto"
+        self._stem_spectrum: tuple[tuple, torch.Tensor] | None = None
 
     @property
     def divisor(self) -> int:
@@ -112,7 +174,7 @@ class Unet3D(nn.Module):
         bad = [s for s in x.shape[-3:] if s % self.divisor]
         if bad:
             raise ValueError(f"Unet3D input size {tuple(x.shape[-3:])} is not divisible by {self.divisor}")
-        x = self.init_conv(x)
+        x = self._stem(x)
         stem = x
         skips = []
         for block1, block2, down in self.downs:
@@ -121,10 +183,28 @@ class Unet3D(nn.Module):
             x = down(x)
         x = self.mid_block2(self.mid_block1(x))
         for block1, block2, up in self.ups:
-            x = 0.5 * (x + skips.pop())
+            x = 0.5 * (x + skips.pop()) if torch.is_grad_enabled() else x.add_(skips.pop()).mul_(0.5)
             x = up(block2(block1(x)))
         x = self.final_res_block(torch.cat((x, stem), dim=1))
         return self.final_conv(x)
+
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self.init_conv
+        algorithm = self.stem_algorithm
+        if algorithm not in ("auto", "fft", "direct"):
+            raise ValueError(f"stem_algorithm must be 'auto', 'fft' or 'direct', got {algorithm!r}")
+        if algorithm == "auto":
+            algorithm = "fft" if x.device.type == "cpu" and not torch.is_grad_enabled() else "direct"
+        if algorithm == "direct" or torch.is_grad_enabled():
+            return conv(x)
+        w = conv.weight
+        k, pad = w.shape[-1], conv.padding[0]
+        grid = tuple(_fft_size(n + k - 1) for n in x.shape[-3:])
+        # the kernel spectrum per grid, recomputed when the weights change (training, load_state_dict: new version)
+        key = (grid, w.device, w.dtype, w.data_ptr(), w._version)
+        if self._stem_spectrum is None or self._stem_spectrum[0] != key:
+            self._stem_spectrum = (key, fft_kernel_spectrum(w.detach(), grid))
+        return fft_conv3d(x, w, conv.bias, pad, self._stem_spectrum[1])
 
     def architecture(self) -> dict[str, Any]:
         """Constructor arguments (stored in checkpoints and model folders)."""
