@@ -7,14 +7,19 @@ grid equals the source grid, arrays are returned untouched, so a round trip is b
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import nibabel as nib
 import nibabel.orientations as nio
 import nibabel.processing as nip
 import numpy as np
+from scipy import ndimage
 
 from spineps_like.io import Scan
+
+#: Edge padding before the spline prefilter, as scipy's ``affine_transform`` pads for ``mode='nearest'``.
+_SPLINE_PAD = 12
 
 
 def reorient(scan: Scan, axcodes: str = "PIR") -> Scan:
@@ -42,10 +47,13 @@ def same_grid(a_shape: Sequence[int], a_affine: np.ndarray, b_shape: Sequence[in
     return tuple(a_shape) == tuple(b_shape) and np.allclose(a_affine, b_affine, atol=atol)
 
 
-def resample_to(scan: Scan, shape: Sequence[int], affine: np.ndarray, *, order: int = 3, mode: str = "nearest") -> Scan:
+def resample_to(scan: Scan, shape: Sequence[int], affine: np.ndarray, *, order: int = 3, mode: str = "nearest",
+                threads: int = 1) -> Scan:
     """Resample onto the grid (shape, affine). ``order`` 0 for masks (nearest), 1 linear, 3 cubic spline.
 
-    Returns ``scan`` itself when the grids coincide.
+    Returns ``scan`` itself when the grids coincide. Between axis-aligned grids (a rescale, as :func:`rescale_grid`
+    makes) with ``mode='nearest'``, order 0 is one gather and higher orders run scipy's zoom-shift algorithm split
+    over ``threads`` threads (the general path's values to float rounding).
     """
     if same_grid(scan.shape, scan.affine, shape, affine):
         return scan
@@ -53,6 +61,11 @@ def resample_to(scan: Scan, shape: Sequence[int], affine: np.ndarray, *, order: 
         index = nearest_indices(scan.shape, scan.affine, shape, affine)
         if index is not None:  # axis-aligned grids (a rescale): one gather, no interpolation machinery
             return Scan(scan.array[np.ix_(*index)], np.asarray(affine, dtype=float), scan.path)
+    if order > 0 and mode == "nearest" and scan.array.ndim == 3:
+        mapping = axis_aligned_map(scan.shape, scan.affine, affine)
+        if mapping is not None:
+            arr = _spline_resample(scan.array, *mapping, tuple(int(s) for s in shape), order, threads)
+            return Scan(arr, np.asarray(affine, dtype=float), scan.path)
     src = nib.Nifti1Image(scan.array if order > 0 else scan.array.astype(np.float32), scan.affine)
     out = nip.resample_from_to(src, (tuple(int(s) for s in shape), affine), order=order, mode=mode, cval=0.0)
     arr = np.asarray(out.dataobj)
@@ -61,6 +74,60 @@ def resample_to(scan: Scan, shape: Sequence[int], affine: np.ndarray, *, order: 
     else:
         arr = arr.astype(np.float32, copy=False)
     return Scan(arr, np.asarray(out.affine, dtype=float), scan.path)
+
+
+def _spline_resample(array: np.ndarray, scale: np.ndarray, offset: np.ndarray, shape: tuple[int, ...], order: int,
+                     threads: int) -> np.ndarray:
+    """float32 spline interpolation of ``array`` at ``scale * index + offset`` per axis, edge values beyond the ends.
+
+    What ``ndimage.affine_transform(array, scale, offset, order=order, mode='nearest')`` computes with its 1-D
+    (diagonal) matrix, i.e. scipy's zoom-shift algorithm: the same padding, prefilter and evaluation, so the same
+    bits, with the prefilter's lines and the output split into slabs, one per thread (the zoom-shift algorithm and
+    the prefilter release the GIL; the general matrix path does not)."""
+    n_threads = max(1, int(threads))
+    pool = ThreadPoolExecutor(n_threads) if n_threads > 1 else None
+    try:
+        if order > 1:  # scipy pads by the edge values before its prefilter for mode 'nearest'
+            filtered = np.pad(array, _SPLINE_PAD, mode="edge").astype(np.float64)
+            for axis in range(filtered.ndim):  # ndimage.spline_filter, one axis after the other, lines in parallel
+                _in_slabs(pool, n_threads, filtered.shape, axis, lambda index, axis=axis: ndimage.spline_filter1d(
+                    filtered[index], order, axis=axis, output=filtered[index], mode="nearest"))
+            pad = float(_SPLINE_PAD)
+        else:
+            filtered, pad = array, 0.0
+        out = np.empty(shape, dtype=np.float32)
+        matrix = np.asarray(scale, dtype=np.float64)
+
+        def evaluate(index: tuple[slice, ...]) -> None:
+            off = np.asarray(offset, dtype=np.float64) + pad
+            off += matrix * np.array([s.start or 0 for s in index])
+            sub_shape = tuple(len(range(*s.indices(n))) for s, n in zip(index, shape))
+            ndimage.affine_transform(filtered, matrix, off, output_shape=sub_shape, output=out[index], order=order,
+                                     mode="nearest", prefilter=False)
+
+        _in_slabs(pool, n_threads, shape, None, evaluate)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    return out
+
+
+def _in_slabs(pool: ThreadPoolExecutor | None, n: int, shape: Sequence[int], keep_axis: int | None, fn) -> None:
+    """Call ``fn(index)`` on ``n`` slabs of an array of ``shape`` along its longest axis other than ``keep_axis``
+    (slabs that leave ``keep_axis`` whole), on ``pool``'s threads."""
+    axes = [a for a in range(len(shape)) if a != keep_axis]
+    ax = max(axes, key=lambda a: shape[a])
+    bounds = np.linspace(0, shape[ax], min(n, shape[ax]) + 1).astype(int)
+    slabs = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        index = [slice(None)] * len(shape)
+        index[ax] = slice(int(lo), int(hi))
+        slabs.append(tuple(index))
+    if pool is None or len(slabs) == 1:
+        for index in slabs:
+            fn(index)
+    else:
+        list(pool.map(fn, slabs))
 
 
 def rescale_grid(shape: Sequence[int], affine: np.ndarray, spacing: Sequence[float]) -> tuple[tuple[int, ...], np.ndarray]:
@@ -77,10 +144,10 @@ def rescale_grid(shape: Sequence[int], affine: np.ndarray, spacing: Sequence[flo
     return new_shape, np.asarray(affine, dtype=float) @ index_map
 
 
-def rescale(scan: Scan, spacing: Sequence[float], *, order: int = 3) -> Scan:
+def rescale(scan: Scan, spacing: Sequence[float], *, order: int = 3, threads: int = 1) -> Scan:
     """Resample to voxel size ``spacing`` (mm, array-axis order) over the same field of view."""
     shape, affine = rescale_grid(scan.shape, scan.affine, spacing)
-    return resample_to(scan, shape, affine, order=order)
+    return resample_to(scan, shape, affine, order=order, threads=threads)
 
 
 def axis_aligned_map(src_shape: Sequence[int], src_affine: np.ndarray, dst_affine: np.ndarray,
@@ -133,11 +200,12 @@ def clamp_spacing(spacing: Sequence[float], resolution_range: Sequence | None) -
     return tuple(np.clip(sp, lo, hi))
 
 
-def to_model_grid(scan: Scan, orientation: str, resolution_range: Sequence | None, *, order: int = 3) -> Scan:
+def to_model_grid(scan: Scan, orientation: str, resolution_range: Sequence | None, *, order: int = 3,
+                  threads: int = 1) -> Scan:
     """Reorient to the model's orientation and resample into its resolution range."""
     oriented = reorient(scan, orientation)
     target = clamp_spacing(oriented.spacing, resolution_range)
-    return rescale(oriented, target, order=order)
+    return rescale(oriented, target, order=order, threads=threads)
 
 
 def to_input_grid(mask: Scan, reference: Scan) -> Scan:

@@ -519,7 +519,10 @@ def predict_semantic(
         t["n4"] = time.perf_counter() - tic
 
     tic = time.perf_counter()
-    grid = to_model_grid(Scan(image, scan.affine), cfg.orientation, cfg.resolution_range, order=3)
+    import torch  # its CPU thread budget (a cohort worker sets it) also bounds the resampling threads
+
+    grid = to_model_grid(Scan(image, scan.affine), cfg.orientation, cfg.resolution_range, order=3,
+                         threads=torch.get_num_threads())
     t["resample"] = time.perf_counter() - tic
 
     tic = time.perf_counter()
