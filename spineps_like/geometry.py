@@ -84,49 +84,44 @@ def _spline_resample(array: np.ndarray, scale: np.ndarray, offset: np.ndarray, s
     (diagonal) matrix, i.e. scipy's zoom-shift algorithm: the same padding, prefilter and evaluation, so the same
     bits, with the prefilter's lines and the output split into slabs, one per thread (the zoom-shift algorithm and
     the prefilter release the GIL; the general matrix path does not)."""
-    n_threads = max(1, int(threads))
-    pool = ThreadPoolExecutor(n_threads) if n_threads > 1 else None
-    try:
-        if order > 1:  # scipy pads by the edge values before its prefilter for mode 'nearest'
-            filtered = np.pad(array, _SPLINE_PAD, mode="edge").astype(np.float64)
-            for axis in range(filtered.ndim):  # ndimage.spline_filter, one axis after the other, lines in parallel
-                _in_slabs(pool, n_threads, filtered.shape, axis, lambda index, axis=axis: ndimage.spline_filter1d(
-                    filtered[index], order, axis=axis, output=filtered[index], mode="nearest"))
-            pad = float(_SPLINE_PAD)
-        else:
-            filtered, pad = array, 0.0
-        out = np.empty(shape, dtype=np.float32)
-        matrix = np.asarray(scale, dtype=np.float64)
+    if order > 1:  # scipy pads by the edge values before its prefilter for mode 'nearest'
+        filtered = np.pad(array, _SPLINE_PAD, mode="edge").astype(np.float64)
+        for axis in range(filtered.ndim):  # ndimage.spline_filter: one axis after the other, its lines in parallel
+            in_slabs(filtered.shape, threads, lambda index, axis=axis: ndimage.spline_filter1d(
+                filtered[index], order, axis=axis, output=filtered[index], mode="nearest"), keep_axis=axis)
+        pad = float(_SPLINE_PAD)
+    else:
+        filtered, pad = array, 0.0
+    out = np.empty(shape, dtype=np.float32)
+    matrix = np.asarray(scale, dtype=np.float64)
 
-        def evaluate(index: tuple[slice, ...]) -> None:
-            off = np.asarray(offset, dtype=np.float64) + pad
-            off += matrix * np.array([s.start or 0 for s in index])
-            sub_shape = tuple(len(range(*s.indices(n))) for s, n in zip(index, shape))
-            ndimage.affine_transform(filtered, matrix, off, output_shape=sub_shape, output=out[index], order=order,
-                                     mode="nearest", prefilter=False)
+    def evaluate(index: tuple[slice, ...]) -> None:
+        off = np.asarray(offset, dtype=np.float64) + pad
+        off += matrix * np.array([s.start for s in index])
+        ndimage.affine_transform(filtered, matrix, off, output_shape=out[index].shape, output=out[index], order=order,
+                                 mode="nearest", prefilter=False)
 
-        _in_slabs(pool, n_threads, shape, None, evaluate)
-    finally:
-        if pool is not None:
-            pool.shutdown()
+    in_slabs(shape, threads, evaluate)
     return out
 
 
-def _in_slabs(pool: ThreadPoolExecutor | None, n: int, shape: Sequence[int], keep_axis: int | None, fn) -> None:
-    """Call ``fn(index)`` on ``n`` slabs of an array of ``shape`` along its longest axis other than ``keep_axis``
-    (slabs that leave ``keep_axis`` whole), on ``pool``'s threads."""
+def in_slabs(shape: Sequence[int], threads: int, fn, *, keep_axis: int | None = None) -> None:
+    """Call ``fn(index)`` for ``threads`` slabs (tuples of slices, with explicit starts) that tile an array of
+    ``shape`` along its longest axis other than ``keep_axis``, on as many threads. For work whose voxels (or lines
+    along ``keep_axis``) are independent and whose numpy/scipy kernels release the GIL."""
     axes = [a for a in range(len(shape)) if a != keep_axis]
     ax = max(axes, key=lambda a: shape[a])
-    bounds = np.linspace(0, shape[ax], min(n, shape[ax]) + 1).astype(int)
+    n = max(1, min(int(threads), int(shape[ax])))
+    bounds = np.linspace(0, shape[ax], n + 1).astype(int)
     slabs = []
     for lo, hi in zip(bounds[:-1], bounds[1:]):
-        index = [slice(None)] * len(shape)
+        index = [slice(0, int(m)) for m in shape]
         index[ax] = slice(int(lo), int(hi))
         slabs.append(tuple(index))
-    if pool is None or len(slabs) == 1:
-        for index in slabs:
-            fn(index)
-    else:
+    if n == 1:
+        fn(slabs[0])
+        return
+    with ThreadPoolExecutor(n) as pool:
         list(pool.map(fn, slabs))
 
 

@@ -27,8 +27,8 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from spineps_like.geometry import (
-    axis_aligned_map, bbox, linear_weights, reorient, reoriented_grid, resample_to, same_grid, surface_voxels,
-    to_input_grid, to_model_grid,
+    axis_aligned_map, bbox, in_slabs, linear_weights, reorient, reoriented_grid, resample_to, same_grid,
+    surface_voxels, to_input_grid, to_model_grid,
 )
 from spineps_like.io import Scan
 
@@ -355,7 +355,9 @@ def labels_from_probabilities(
     reference: Scan,
     *,
     override: np.ndarray | None = None,
+    argmax: np.ndarray | None = None,
     margin: int = 2,
+    threads: int = 1,
 ) -> np.ndarray:
     """Semantic labels on ``reference``'s grid from class probabilities on a model grid.
 
@@ -365,13 +367,16 @@ def labels_from_probabilities(
 
     Parameters
     ----------
-    probabilities : ``(channels, *grid_shape)`` float array on the model grid.
+    probabilities : ``(channels, *grid_shape)`` float array on the model grid (a strided view is fine).
     channel_labels : the semantic label of each channel (0 for background).
     grid_affine : the model grid's affine.
     reference : the scan whose grid (shape, affine, orientation) the labels are returned on.
     override : labels on the model grid (e.g. after :func:`clean_semantic`) that replace the probabilities wherever
         they differ from the probabilities' own argmax, so clean-up decisions survive.
+    argmax : the probabilities' most probable label on the model grid, when already known (the network's labels
+        before clean-up); computed here otherwise.
     margin : model-grid voxels around the foreground's bounding box that are interpolated; outside is background.
+    threads : the reference grid's box is split into this many slabs, interpolated in parallel (same values).
 
     Returns
     -------
@@ -385,29 +390,37 @@ def labels_from_probabilities(
     labels = np.unique(channel_labels)
     if labels[0] != 0:
         labels = np.concatenate([[0], labels])
-    per_label = []  # one probability map per label (a copy: the override below writes into it)
+    per_label = []  # one probability map per label: a view of its channel, or the sum of its channels
     for lab in labels:
         idx = np.flatnonzero(channel_labels == lab)
-        per_label.append(probs[idx].sum(axis=0, dtype=np.float32) if len(idx) != 1
-                         else probs[idx[0]].astype(np.float32, copy=True))
-    fg = _most_probable(labels, per_label)
+        per_label.append(probs[idx].sum(axis=0, dtype=np.float32) if len(idx) != 1 else probs[idx[0]])
+    fg = _most_probable(labels, per_label) if argmax is None else np.asarray(argmax)
+    changed = None
     if override is not None:
         if override.shape != grid_shape:
             raise ValueError(f"labels_from_probabilities: override {override.shape} is not on the grid {grid_shape}")
         changed = override != fg
-        if changed.any():
-            for lab, p in zip(labels, per_label):
-                p[changed] = override[changed] == lab
+        changed = changed if changed.any() else None
         fg = override
+
+    def overridden(p: np.ndarray, lab: int, index: tuple[slice, ...]) -> np.ndarray:
+        """``p[index]`` with the overridden voxels set to 1 where the override is ``lab``, else 0."""
+        v = p[index]
+        if changed is None or not changed[index].any():
+            return v
+        return np.where(changed[index], override[index] == lab, v).astype(np.float32, copy=False)
+
     # the reference grid turned into the model grid's orientation: both grids then share their axes
     out_shape, out_affine = reoriented_grid(reference.shape, reference.affine, Scan(fg, grid_affine).orientation)
     box = bbox(fg > 0, margin)
     out = np.zeros(out_shape, dtype=np.uint8)
     if box is not None:
         mapping = axis_aligned_map(grid_shape, grid_affine, out_affine)
+        whole = tuple(slice(0, n) for n in grid_shape)
         if mapping is None:  # grids not axis-aligned: whole-volume resampling per label
-            out = _most_probable(labels, (resample_to(Scan(p, grid_affine), out_shape, out_affine, order=1).array
-                                          for p in per_label))
+            out = _most_probable(labels, (resample_to(Scan(np.ascontiguousarray(overridden(p, lab, whole)),
+                                                           grid_affine), out_shape, out_affine, order=1).array
+                                          for lab, p in zip(labels, per_label)))
         else:
             scale, offset = mapping
             sub_out, weights = [], []
@@ -421,21 +434,34 @@ def labels_from_probabilities(
                     return reorient(Scan(out, out_affine), reference.orientation).array
                 sub_out.append(slice(lo, hi + 1))
                 coords = scale[ax] * np.arange(lo, hi + 1) + offset[ax] - box[ax].start
-                weights.append(linear_weights(box[ax].stop - box[ax].start, coords))
+                weights.append(linear_weights(box[ax].stop - box[ax].start, coords))  # box-relative indices
             # interpolate the shrinking axes first: the intermediates stay small
             order = sorted(range(3), key=lambda a: (sub_out[a].stop - sub_out[a].start) / (box[a].stop - box[a].start))
+            sub = out[tuple(sub_out)]
 
-            def interpolated(p: np.ndarray) -> np.ndarray:
-                v = p[box]
-                for ax in order:
-                    i0, i1, w = weights[ax]
-                    shape = [1, 1, 1]
-                    shape[ax] = -1
-                    w = w.reshape(shape)
-                    v = np.take(v, i0, axis=ax) * (1 - w) + np.take(v, i1, axis=ax) * w
-                return v
+            def slab(index: tuple[slice, ...]) -> None:
+                # this slab's rows of the weights, and the model-grid range they read
+                w_slab, src = [], []
+                for ax in range(3):
+                    i0, i1, w = (a[index[ax]] for a in weights[ax])
+                    first = int(i0.min())
+                    w_slab.append((i0 - first, i1 - first, w))
+                    src.append(slice(box[ax].start + first, box[ax].start + int(i1.max()) + 1))
+                src = tuple(src)
 
-            out[tuple(sub_out)] = _most_probable(labels, (interpolated(p) for p in per_label))
+                def interpolated(lab: int, p: np.ndarray) -> np.ndarray:
+                    v = overridden(p, lab, src)
+                    for ax in order:
+                        i0, i1, w = w_slab[ax]
+                        shape = [1, 1, 1]
+                        shape[ax] = -1
+                        w = w.reshape(shape)
+                        v = np.take(v, i0, axis=ax) * (1 - w) + np.take(v, i1, axis=ax) * w
+                    return v
+
+                sub[index] = _most_probable(labels, (interpolated(lab, p) for lab, p in zip(labels, per_label)))
+
+            in_slabs(sub.shape, threads, slab)
     return reorient(Scan(out, out_affine), reference.orientation).array
 
 
@@ -538,6 +564,8 @@ def predict_semantic(
     if not labels.any():
         warnings.warn("predict_semantic: the model found no spine in this scan (empty mask)", stacklevel=2)
 
+    # the probabilities' per-label argmax, when no two channels share a label (clean_semantic returns a copy)
+    network_labels = labels if len(np.unique(model.lut)) == len(model.lut) else None
     if clean:
         tic = time.perf_counter()
         labels = clean_semantic(labels, Scan(labels, label_affine).spacing,
@@ -546,8 +574,8 @@ def predict_semantic(
 
     tic = time.perf_counter()
     if probabilities is not None:
-        out = Scan(labels_from_probabilities(probabilities, model.lut, label_affine, scan, override=labels),
-                   scan.affine)
+        out = Scan(labels_from_probabilities(probabilities, model.lut, label_affine, scan, override=labels,
+                                             argmax=network_labels, threads=torch.get_num_threads()), scan.affine)
         del probabilities
     else:
         out = to_input_grid(Scan(labels, grid.affine), scan)

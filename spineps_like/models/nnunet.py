@@ -171,10 +171,11 @@ def batched_predictor_class():
                 x = torch.stack([data[sl] for sl in chunk]).to(self.device)
                 pred = self._internal_maybe_mirror_and_predict(x).to(results_device)
                 for sl, p in zip(chunk, pred):
-                    logits[sl] += p * gaussian
+                    logits[sl].addcmul_(p, gaussian)
                     weight[sl[1:]] += gaussian
             torch.div(logits, weight, out=logits)
-            if torch.any(torch.isinf(logits)):
+            # nnU-Net's overflow check, for fp16 accumulation (fp32 sums of finite logits cannot overflow)
+            if acc == torch.half and torch.any(torch.isinf(logits)):
                 raise RuntimeError("inf in the predicted logits (the accumulation overflowed)")
             return logits
 
