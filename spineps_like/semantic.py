@@ -143,29 +143,46 @@ def _remove_small_components(mask: np.ndarray, labels: Sequence[int], min_voxels
     return int(hit.sum())
 
 
-def _distance_to(reference: np.ndarray, cc: np.ndarray, n: int, spacing: Sequence[float], limit_mm: float
-                 ) -> np.ndarray:
-    """Smallest distance (mm) from each component 1..n of ``cc`` to the voxels of ``reference`` (inf beyond
-    ``limit_mm`` or without reference), by a k-d tree on the two surfaces."""
+def _component_surfaces(cc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Surface voxels (N, 3) of the components of ``cc`` and the component of each. Face neighbours never belong to
+    different 26-connected components, so the union's surface is the union of the components' surfaces."""
+    pts = surface_voxels(cc > 0)
+    return pts, cc[tuple(pts.T)]
+
+
+def _distance_to(reference: np.ndarray, pts: np.ndarray, component: np.ndarray, n: int, spacing: Sequence[float],
+                 limit_mm: float) -> np.ndarray:
+    """Smallest distance (mm) from each component 1..n to the ``reference`` voxels (inf beyond ``limit_mm``, without
+    reference, or for components without points), by a k-d tree on surface voxels: ``reference`` (N, 3) and the
+    components' ``pts`` with their ``component`` ids."""
     out = np.full(n + 1, np.inf)
-    ref = surface_voxels(reference)
-    if len(ref) == 0:
+    if len(reference) == 0 or len(pts) == 0:
         return out[1:]
     sp = np.asarray(spacing, dtype=float)
-    pts = surface_voxels(cc > 0)
-    d, _ = cKDTree(ref * sp).query(pts * sp, k=1, distance_upper_bound=limit_mm + 1e-6, workers=-1)
-    np.minimum.at(out, cc[tuple(pts.T)], d)  # surface points are component voxels: index 0 is never written
+    d, _ = cKDTree(reference * sp).query(pts * sp, k=1, distance_upper_bound=limit_mm + 1e-6, workers=-1)
+    np.minimum.at(out, component, d)
     return out[1:]
 
 
-def _chain(cc: np.ndarray, n: int, keep: np.ndarray, spacing: Sequence[float], gap_mm: float) -> np.ndarray:
-    """``keep`` (per component 0..n) grown by every component within ``gap_mm`` of the kept ones, repeatedly."""
-    while keep[1:].any() and not keep[1:].all():
-        new = (_distance_to(keep[cc], cc, n, spacing, gap_mm) <= gap_mm) & ~keep[1:]
+def _chain(keep: np.ndarray, pts: np.ndarray, component: np.ndarray, spacing: Sequence[float], gap_mm: float
+           ) -> np.ndarray:
+    """``keep`` (per component 0..n) grown by every component within ``gap_mm`` of the kept ones, repeatedly.
+
+    Each round measures only the components not kept yet, and only against the ones the last round added: they were
+    already farther than ``gap_mm`` from everything kept before."""
+    n = len(keep) - 1
+    added = keep.copy()
+    while True:
+        todo = ~keep[component]
+        if not todo.any() or not added[1:].any():
+            return keep
+        new = (_distance_to(pts[added[component]], pts[todo], component[todo], n, spacing, gap_mm) <= gap_mm) \
+            & ~keep[1:]
         if not new.any():
-            break
+            return keep
         keep[1:] |= new
-    return keep
+        added[:] = False
+        added[1:] = new
 
 
 def _canal_tube(mask: np.ndarray, spacing: Sequence[float], gap_mm: float) -> int:
@@ -183,7 +200,7 @@ def _canal_tube(mask: np.ndarray, spacing: Sequence[float], gap_mm: float) -> in
         return 0
     keep = np.zeros(n + 1, bool)
     keep[1 + int(np.argmax(np.bincount(cc.ravel())[1:]))] = True
-    keep = _chain(cc, n, keep, spacing, gap_mm)
+    keep = _chain(keep, *_component_surfaces(cc), spacing, gap_mm)
     drop = tube & ~keep[cc]
     mask[box][drop] = 0
     return int(drop.sum())
@@ -201,9 +218,10 @@ def _near_canal(mask: np.ndarray, labels: Sequence[int], spacing: Sequence[float
         return 0
     column, tube = column[box], tube[box]
     cc, n = cc3d.connected_components(column, connectivity=26, return_N=True)
+    pts, component = _component_surfaces(cc)
     keep = np.zeros(n + 1, bool)
-    keep[1:] = _distance_to(tube, cc, n, spacing, canal_mm) <= canal_mm
-    keep = _chain(cc, n, keep, spacing, gap_mm)
+    keep[1:] = _distance_to(surface_voxels(tube), pts, component, n, spacing, canal_mm) <= canal_mm
+    keep = _chain(keep, pts, component, spacing, gap_mm)
     drop = column & ~keep[cc]
     mask[box][drop] = 0
     return int(drop.sum())
