@@ -215,10 +215,13 @@ def assign_ivds_endplates(
     new_sem = t_sem.copy()
     split = t_sem == 62
     new_sem[split] = np.where(along[split] < 0, 52, 53)
-    # one decision per component for minor pieces (merged discs keep their split)
-    comp_img = cc3d.connected_components(np.where(targets[box], np.where(sem[box] == IVD, 1, 2), 0),
+    # one decision per component for minor pieces (merged discs keep their split), on the targets' own box
+    t_box = targets[box]
+    tight = bbox(t_box)
+    t_tight = t_box[tight]
+    comp_img = cc3d.connected_components(np.where(t_tight, np.where(sem[box][tight] == IVD, 1, 2), 0),
                                          connectivity=26)
-    comp = comp_img[targets[box]].astype(np.int64)
+    comp = comp_img[t_tight].astype(np.int64)  # C order within the tight box = C order of the targets in box
     owner = np.where(is_ivd, ivd_owner, ep_owner)
     owner = _smooth_components(comp, owner, split_min_fraction)
     ids_out = np.where(is_ivd, IVD_OFFSET + owner, ENDPLATE_OFFSET + owner)
