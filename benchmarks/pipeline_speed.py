@@ -7,6 +7,14 @@ Each case runs in a fresh subprocess so that its peak RSS (VmHWM) is its own; th
 ``network s`` is the time spent inside torch module forward calls (semantic nnU-Net tiles and instance cutouts, timed
 by global forward hooks around the outermost module call); ``overhead`` is everything else as a share of the total,
 and ``overhead, models loaded`` the same without the two model loads (what a cohort worker pays per scan).
+
+The overhead's seconds do not depend on the networks' widths, its share does: the bundled networks are small (semantic
+features 8..64, instance ``dim=8``). ``overhead at SPINEPS widths`` puts the same overhead seconds against the forward
+time of networks as wide as the published SPINEPS ones (nnU-Net's default PlainConvUNet widths 32..320 with two
+decoder convolutions per stage, on the same tiles in the same batches; the instance ``Unet3D(dim=16)`` on the same
+cutouts), random weights, timed after the run in the same process.
+
+    .venv/bin/python benchmarks/pipeline_speed.py --no-spineps-widths   # skip that part (about 3 min)
 """
 
 from __future__ import annotations
@@ -35,6 +43,11 @@ def _post(m, a, o):
     net["depth"] -= 1
     if net["depth"] == 0:
         net["s"] += time.perf_counter() - net["t"]
+calls = []  # (network class, input shape) of every outermost forward call
+def _record(m, a):
+    if net["depth"] == 0:
+        calls.append((type(m).__name__, tuple(a[0].shape)))
+torch.nn.modules.module.register_module_forward_pre_hook(_record)
 torch.nn.modules.module.register_module_forward_pre_hook(_pre)
 torch.nn.modules.module.register_module_forward_hook(_post)
 if fov == "sagittal512":
@@ -47,10 +60,34 @@ t0 = time.perf_counter()
 r = segment(image, instance_method=method)
 total = time.perf_counter() - t0
 hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
+wide_s = None
+if len(sys.argv) > 4 and sys.argv[4] == "wide":
+    # the same forward calls through networks as wide as SPINEPS' (random weights)
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from spineps_like.instance.network import Unet3D
+    from spineps_like.models import load_semantic_model
+    from spineps_like.models.nnunet import build_network
+    from spineps_like.training.semantic import small_plans
+    sm = load_semantic_model("semantic-phantom").nnunet
+    cm = sm.configuration_manager
+    plans = small_plans("wide", cm.spacing, cm.patch_size, base_features=32, max_features=320, n_conv_decoder=2)
+    pm = PlansManager(plans)
+    wide = {"PlainConvUNet": build_network(pm, pm.get_configuration("3d_fullres"), sm.dataset_json).eval(),
+            "Unet3D": Unet3D(dim=16).eval()}
+    torch.nn.modules.module._global_forward_pre_hooks.clear()
+    torch.nn.modules.module._global_forward_hooks.clear()
+    wide_s = 0.0
+    with torch.inference_mode():
+        for name, shape in calls:
+            x = torch.randn(shape) if name == "PlainConvUNet" else torch.nn.functional.one_hot(
+                torch.randint(0, 10, (shape[0], *shape[2:])), 10).permute(0, 4, 1, 2, 3).float()
+            tic = time.perf_counter()
+            wide[name](x)
+            wide_s += time.perf_counter() - tic
 print(json.dumps({"fov": fov, "seed": seed, "method": method, "shape": list(image.shape),
                   "spacing": [round(s, 3) for s in image.spacing], "total_s": total, "network_s": net["s"],
                   "phases_s": dict(r.timings), "semantic_steps_s": r.settings.get("semantic_timings_s", {}),
-                  "peak_rss_mb": hwm / 1024}))
+                  "peak_rss_mb": hwm / 1024, "network_calls": len(calls), "wide_network_s": wide_s}))
 """
 
 
@@ -60,10 +97,12 @@ def _loaded_total(row: dict) -> float:
 
 
 def main() -> int:
+    wide = "--no-spineps-widths" not in sys.argv
     rows = []
     for fov, seed in CASES:
         for method in (("network",) if fov == "sagittal512" else ("network", "geometric")):
-            out = subprocess.run([sys.executable, "-c", CHILD, fov, str(seed), method], capture_output=True, text=True,
+            args = [fov, str(seed), method] + (["wide"] if wide and method == "network" else [])
+            out = subprocess.run([sys.executable, "-c", CHILD, *args], capture_output=True, text=True,
                                  cwd=ROOT, check=True)
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(rows[-1], flush=True)
@@ -75,13 +114,16 @@ def main() -> int:
     phases = sorted({k for r in rows for k in r["phases_s"]}, key=lambda k: list(rows[0]["phases_s"]).index(k)
                     if k in rows[0]["phases_s"] else 99)
     lines = [f"# Pipeline speed per phase (CPU, 2 threads; {time.strftime('%Y-%m-%d')}, load average after: "
-             f"{' '.join(load)})", "", "| case | shape | method | " + " | ".join(phases) + " | total s | network s | overhead | overhead, models loaded | peak RSS MB |",
-             "|---|---|---|" + "---|" * (len(phases) + 5)]
+             f"{' '.join(load)})", "", "| case | shape | method | " + " | ".join(phases) + " | total s | network s | overhead | overhead, models loaded | network s at SPINEPS widths | overhead at SPINEPS widths, models loaded | peak RSS MB |",
+             "|---|---|---|" + "---|" * (len(phases) + 7)]
     for r in rows:
+        over = _loaded_total(r) - r["network_s"]
+        w = r.get("wide_network_s")
         lines.append(f"| {r['fov']} {r['seed']} | {r['shape']} | {r['method']} | "
                      + " | ".join(f"{r['phases_s'].get(p, 0):.2f}" for p in phases)
                      + f" | {r['total_s']:.1f} | {r['network_s']:.1f} | {1 - r['network_s'] / r['total_s']:.0%} "
-                     f"| {1 - r['network_s'] / _loaded_total(r):.0%} | {r['peak_rss_mb']:.0f} |")
+                     f"| {over / _loaded_total(r):.0%} | {f'{w:.1f}' if w is not None else '-'} "
+                     f"| {f'{over / (over + w):.0%}' if w is not None else '-'} | {r['peak_rss_mb']:.0f} |")
     (res / "pipeline_speed.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
