@@ -98,9 +98,9 @@ class _Features:
     corpus_border: np.ndarray  # corpus touches any array border
 
 
-def _features(inst: np.ndarray, sem_raw: np.ndarray, sem: np.ndarray, ids: np.ndarray, sp: np.ndarray) -> _Features:
+def _features(vmask: np.ndarray, sem_raw: np.ndarray, sem: np.ndarray, ids: np.ndarray, sp: np.ndarray) -> _Features:
+    """Per-vertebra features from ``vmask``, the instance mask's vertebra ids (0 elsewhere, sacrum excluded)."""
     n = int(ids.max(initial=0)) + 1
-    vmask = np.where((inst > 0) & (inst < IVD_OFFSET) & (inst != SACRUM_ID), inst, 0)
     nz = np.nonzero(vmask)
     lab = vmask[nz].astype(np.int64)
     s = sem[nz]
@@ -121,7 +121,7 @@ def _features(inst: np.ndarray, sem_raw: np.ndarray, sem: np.ndarray, ids: np.nd
     # axis-1 row profile of each corpus: protrusion above the body (dens) and body height
     rows = nz[1][corpus_sel]
     clab = lab[corpus_sel]
-    ny = inst.shape[1]
+    ny = vmask.shape[1]
     prof = np.bincount(clab * ny + rows, minlength=n * ny).reshape(n, ny)
     has = prof.max(axis=1) > 0
     strong = prof >= 0.5 * prof.max(axis=1, keepdims=True)
@@ -139,7 +139,7 @@ def _features(inst: np.ndarray, sem_raw: np.ndarray, sem: np.ndarray, ids: np.nd
     bottom = ymax == ny - 1
     on_border = np.zeros(len(lab), bool)
     for a in range(3):
-        on_border |= (nz[a] == 0) | (nz[a] == inst.shape[a] - 1)
+        on_border |= (nz[a] == 0) | (nz[a] == vmask.shape[a] - 1)
     corpus_border = np.bincount(lab[corpus_sel & on_border], minlength=n) > 0
     take = ids
     return _Features(ids, corpus[take], bone[take], costal[take], costal_span[take], dens[take], protrusion[take],
@@ -243,7 +243,7 @@ def label_vertebrae(
     if n == 0:
         res.notes.append("no vertebra in the instance mask")
         return inst.astype(np.int32, copy=True), res
-    f = _features(inst, sem_raw, sem, ids, sp)
+    f = _features(vert, sem_raw, sem, ids, sp)
     sacrum = use_sacrum and bool((sem == SACRUM_ID).any() or (inst == SACRUM_ID).any())
     c2_k, c2_why = _find_c2(f, dens_ratio) if use_dens else (None, "dens anchor disabled")
     new: list[int] | None = None
