@@ -64,7 +64,7 @@ def resample_to(scan: Scan, shape: Sequence[int], affine: np.ndarray, *, order: 
     if order > 0 and mode == "nearest" and scan.array.ndim == 3:
         mapping = axis_aligned_map(scan.shape, scan.affine, affine)
         if mapping is not None:
-            arr = _spline_resample(scan.array, *mapping, tuple(int(s) for s in shape), order, threads)
+            arr = spline_resample(scan.array, *mapping, tuple(int(s) for s in shape), order, threads)
             return Scan(arr, np.asarray(affine, dtype=float), scan.path)
     src = nib.Nifti1Image(scan.array if order > 0 else scan.array.astype(np.float32), scan.affine)
     out = nip.resample_from_to(src, (tuple(int(s) for s in shape), affine), order=order, mode=mode, cval=0.0)
@@ -76,7 +76,7 @@ def resample_to(scan: Scan, shape: Sequence[int], affine: np.ndarray, *, order: 
     return Scan(arr, np.asarray(out.affine, dtype=float), scan.path)
 
 
-def _spline_resample(array: np.ndarray, scale: np.ndarray, offset: np.ndarray, shape: tuple[int, ...], order: int,
+def spline_resample(array: np.ndarray, scale: np.ndarray, offset: np.ndarray, shape: tuple[int, ...], order: int,
                      threads: int) -> np.ndarray:
     """float32 spline interpolation of ``array`` at ``scale * index + offset`` per axis, edge values beyond the ends.
 

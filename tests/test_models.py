@@ -152,6 +152,29 @@ def test_loaded_network_equals_checkpoint_and_mismatch_is_refused(model_dir, tmp
         load_semantic_model(m)
 
 
+def test_threaded_nnunet_resampling_is_nnunets_bit_for_bit(model_dir):
+    """The preprocessing resampling to the plans' spacing, split over threads, gives nnU-Net's own result exactly:
+    one-step 3D (cubic, clipped) in both directions, and the per-slice ("separate z") path, which stays nnU-Net's."""
+    import numpy as np
+    from nnunetv2.preprocessing.resampling.default_resampling import resample_data_or_seg_to_shape
+
+    from spineps_like.models.nnunet import resample_image_threaded
+
+    rng = np.random.default_rng(4)
+    cases = [((2, 21, 46, 33), (25, 40, 37), (3.6, 1.2, 1.3), (3.0, 1.38, 1.16), None),  # one 3D step
+             ((1, 9, 40, 30), (12, 35, 33), (4.0, 0.9, 0.9), (3.0, 1.03, 0.82), None)]  # anisotropic: per slice
+    for shape, new, spacing, new_spacing, force in cases:
+        data = (rng.random(shape) * 900 - 100).astype(np.float32)
+        ref = resample_data_or_seg_to_shape(data, new, spacing, new_spacing, False, 3, 0, force)
+        for threads in (2, 3):
+            got = resample_image_threaded(data, new, spacing, new_spacing, False, 3, 0, force, threads=threads)
+            assert got.dtype == ref.dtype and got.shape == ref.shape
+            np.testing.assert_array_equal(got, ref)
+    # a loaded model's preprocessing uses it, with the plans' own arguments
+    fn = load_semantic_model(model_dir).nnunet.configuration_manager.resampling_fn_data
+    assert fn.func is resample_image_threaded and "order" in fn.keywords
+
+
 def test_label_safe_mirror_axes():
     from spineps_like.models.nnunet import label_safe_mirror_axes
 

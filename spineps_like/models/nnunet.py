@@ -20,6 +20,9 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
+from spineps_like.geometry import spline_resample
 from spineps_like.models.manifest import ModelError
 
 CHECKPOINT_NAMES = ("checkpoint_final.pth", "checkpoint_best.pth")
@@ -134,6 +137,60 @@ def build_network(plans_manager, configuration_manager, dataset_json: dict):
     )
 
 
+def resample_image_threaded(data, new_shape, current_spacing, new_spacing, is_seg: bool = False, order: int = 3,
+                            order_z: int = 0, force_separate_z: bool | None = False,
+                            separate_z_anisotropy_threshold: float | None = None, *, threads: int | None = None):
+    """nnU-Net's ``resample_data_or_seg_to_shape`` (its preprocessing step to the plans' spacing), with images that
+    it resamples in one 3D step split over ``threads`` threads.
+
+    That step is skimage's ``resize`` (spline of ``order``, edge mode, clipped to the channel's range) per channel;
+    here it is :func:`spineps_like.geometry.spline_resample` (scipy's zoom-shift algorithm on the same grid mapping,
+    equal to float rounding) and the same clip. Segmentations, per-slice ("separate z") resampling and single-threaded
+    calls go to nnU-Net's own function. ``threads`` defaults to torch's CPU thread count.
+    """
+    import torch
+
+    threads = torch.get_num_threads() if threads is None else int(threads)
+    from nnunetv2.preprocessing.resampling.default_resampling import (
+        ANISO_THRESHOLD, determine_do_sep_z_and_axis, resample_data_or_seg_to_shape,
+    )
+
+    threshold = ANISO_THRESHOLD if separate_z_anisotropy_threshold is None else separate_z_anisotropy_threshold
+    data = data.numpy() if hasattr(data, "numpy") else np.asarray(data)
+    separate_z, _ = determine_do_sep_z_and_axis(force_separate_z, current_spacing, new_spacing, threshold)
+    if is_seg or separate_z or order < 2 or data.ndim != 4 or threads < 2:
+        return resample_data_or_seg_to_shape(data, new_shape, current_spacing, new_spacing, is_seg, order, order_z,
+                                             force_separate_z, threshold)
+    new_shape = tuple(int(n) for n in new_shape)
+    if tuple(data.shape[1:]) == new_shape:
+        return data
+    out = np.zeros((data.shape[0], *new_shape), dtype=data.dtype)
+    for c in range(data.shape[0]):
+        image = data[c]
+        scale = np.asarray(image.shape, dtype=float) / np.asarray(new_shape, dtype=float)
+        # skimage's resize is scipy's zoom in grid mode: output voxel j samples input (j + 0.5) * scale - 0.5
+        resized = spline_resample(image.astype(np.float64), scale, 0.5 * scale - 0.5, new_shape, order, threads)
+        out[c] = np.clip(resized, image.min(), image.max(), out=resized)
+    return out
+
+
+def threaded_configuration(configuration_manager):
+    """A copy of an nnU-Net ``ConfigurationManager`` whose image resampling runs :func:`resample_image_threaded` when
+    the plans name nnU-Net's default resampling function (any other stays as it is)."""
+    from nnunetv2.preprocessing.resampling.default_resampling import resample_data_or_seg_to_shape
+    from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
+
+    class ThreadedResamplingConfiguration(ConfigurationManager):
+        @property
+        def resampling_fn_data(self):
+            fn = ConfigurationManager.resampling_fn_data.fget(self)
+            if getattr(fn, "func", None) is not resample_data_or_seg_to_shape:
+                return fn
+            return functools.partial(resample_image_threaded, **fn.keywords)
+
+    return ThreadedResamplingConfiguration(configuration_manager.configuration)
+
+
 #: Sliding-window tiles per network call. nnU-Net predicts one tile at a time; on CPU a batch of 4 small tiles runs
 #: about 2x faster than 4 calls (benchmarks/README.md), on GPU it fills the device better. Same tiles, same Gaussian.
 TILE_BATCH = 4
@@ -208,7 +265,7 @@ class NnUNetModel:
         try:
             self.plans_manager = PlansManager(self.plans)
             self.configuration = configuration_name(self.dir, first, self.plans)
-            self.configuration_manager = self.plans_manager.get_configuration(self.configuration)
+            self.configuration_manager = threaded_configuration(self.plans_manager.get_configuration(self.configuration))
             self.label_manager = self.plans_manager.get_label_manager(self.dataset_json)
             self.network = build_network(self.plans_manager, self.configuration_manager, self.dataset_json)
         except (KeyError, RuntimeError, ImportError, TypeError, AssertionError) as e:
