@@ -275,10 +275,31 @@ def test_labels_from_probabilities_equals_whole_volume_interpolation(monkeypatch
     probs = np.exp(logits - logits.max(0))
     probs = (probs / probs.sum(0)).astype(np.float32)
     fast = sem.labels_from_probabilities(probs, [0, 49, 61, 100], grid.affine, ref)
+    # split into slabs over threads, from a strided view of the probabilities: the same labels
+    strided = np.ascontiguousarray(probs.transpose(0, 3, 2, 1)).transpose(0, 3, 2, 1)
+    for threads in (2, 3):
+        assert np.array_equal(sem.labels_from_probabilities(strided, [0, 49, 61, 100], grid.affine, ref,
+                                                            threads=threads), fast)
     monkeypatch.setattr(sem, "axis_aligned_map", lambda *a, **k: None)
     slow = sem.labels_from_probabilities(probs, [0, 49, 61, 100], grid.affine, ref)
     assert fast.shape == ref.shape and len(np.unique(fast)) == 4
     assert np.array_equal(fast, slow)
+
+
+def test_channel_argmax_is_argmax_with_first_wins_on_ties():
+    import torch
+
+    from spineps_like.models import _channel_argmax
+
+    g = torch.Generator().manual_seed(0)
+    p = torch.rand((7, 9, 11, 5), generator=g)
+    p[3, 0] = p[1, 0]  # ties between channels 1 and 3 (and with the rest wherever they lose anyway)
+    p[1, 0] = p[1, 0] + 1.0
+    p[3, 0] = p[1, 0]
+    got = _channel_argmax(p)
+    assert got.dtype == torch.uint8
+    assert torch.equal(got.long(), p.argmax(0))
+    assert bool((got[0] == 1).all())
 
 
 def test_labels_from_probabilities_keeps_clean_up_and_merges_aliases():
