@@ -51,8 +51,9 @@ def fft_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 
     The linear convolution is a circular one on a grid padded by ``kernel - 1`` (rounded up to a fast FFT length),
     so nothing wraps around. Costs O(N log N) per channel instead of O(N k^3) per channel pair: for SPINEPS' 7^3 stem
-    on 10 one-hot channels about twice as fast on a 2-core CPU (29 -> ~15 ms per 48 x 56 x 32 cutout); equal to the
-    direct convolution up to float32 rounding (~1e-6 relative). ``kernel_spectrum`` is :func:`fft_kernel_spectrum`'s result for this grid, if cached.
+    on 10 one-hot channels about twice as fast on a 2-core CPU (29 -> ~15 ms per 48 x 56 x 32 cutout, after a one-off
+    ~85 ms for the kernel spectrum per grid); equal to the direct convolution up to float32 rounding (~1e-6 relative).
+    ``kernel_spectrum`` is :func:`fft_kernel_spectrum`'s result for this grid, if cached.
     """
     k = weight.shape[-1]
     if tuple(weight.shape[-3:]) != (k, k, k) or 2 * padding != k - 1:

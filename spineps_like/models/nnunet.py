@@ -265,7 +265,8 @@ class NnUNetModel:
         try:
             self.plans_manager = PlansManager(self.plans)
             self.configuration = configuration_name(self.dir, first, self.plans)
-            self.configuration_manager = threaded_configuration(self.plans_manager.get_configuration(self.configuration))
+            configuration_manager = self.plans_manager.get_configuration(self.configuration)
+            self.configuration_manager = threaded_configuration(configuration_manager)
             self.label_manager = self.plans_manager.get_label_manager(self.dataset_json)
             self.network = build_network(self.plans_manager, self.configuration_manager, self.dataset_json)
         except (KeyError, RuntimeError, ImportError, TypeError, AssertionError) as e:
