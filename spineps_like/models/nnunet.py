@@ -149,12 +149,11 @@ def resample_image_threaded(data, new_shape, current_spacing, new_spacing, is_se
     calls go to nnU-Net's own function. ``threads`` defaults to torch's CPU thread count.
     """
     import torch
-
-    threads = torch.get_num_threads() if threads is None else int(threads)
     from nnunetv2.preprocessing.resampling.default_resampling import (
         ANISO_THRESHOLD, determine_do_sep_z_and_axis, resample_data_or_seg_to_shape,
     )
 
+    threads = torch.get_num_threads() if threads is None else int(threads)
     threshold = ANISO_THRESHOLD if separate_z_anisotropy_threshold is None else separate_z_anisotropy_threshold
     data = data.numpy() if hasattr(data, "numpy") else np.asarray(data)
     separate_z, _ = determine_do_sep_z_and_axis(force_separate_z, current_spacing, new_spacing, threshold)
