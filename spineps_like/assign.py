@@ -44,6 +44,12 @@ def map_aliases(semantic: np.ndarray) -> np.ndarray:
     return out
 
 
+def vertebra_voxels(instance: np.ndarray) -> np.ndarray:
+    """Voxels holding a vertebra id: 1-99 without the sacrum (not IVDs, endplates or the sacrum; compare
+    :func:`spineps_like.labels.is_vertebra`, which tells whether one id names a vertebra, sacrum included)."""
+    return (instance > 0) & (instance < IVD_OFFSET) & (instance != SACRUM_ID)
+
+
 def vertebra_order(vertebrae: np.ndarray, semantic: np.ndarray, spacing: Sequence[float] = (1.0, 1.0, 1.0)
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Vertebra ids present (sacrum included) in spine order, their corpus centres (voxel coords) and axes.
@@ -180,7 +186,7 @@ def assign_ivds_endplates(
     if not 0 <= split_min_fraction < 0.5:
         raise ValueError(f"split_min_fraction must be in [0, 0.5), got {split_min_fraction}")
     sem = map_aliases(sem).copy()
-    vert = np.where((vert > 0) & (vert < IVD_OFFSET) & (vert != SACRUM_ID) & (sem >= 41) & (sem <= 49), vert, 0)
+    vert = np.where(vertebra_voxels(vert) & (sem >= 41) & (sem <= 49), vert, 0)
     vert = vert.astype(np.int32, copy=False)
     sacrum = sem == SACRUM_ID
     vert[sacrum] = SACRUM_ID

@@ -38,7 +38,7 @@ import fill_voids
 import numpy as np
 from scipy import ndimage
 
-from spineps_like.assign import assign_ivds_endplates, map_aliases, vertebra_order
+from spineps_like.assign import assign_ivds_endplates, map_aliases, vertebra_order, vertebra_voxels
 from spineps_like.geometry import bbox
 from spineps_like.instance.centres import check_mask, check_spacing, present_ids
 from spineps_like.instance.geometric import count_pairs, dominant_partner, facet_free_contacts
@@ -74,11 +74,6 @@ _CLASS_OF_ID[SACRUM_ID] = _S
 def instance_class(instance: np.ndarray) -> np.ndarray:
     """Class of each instance id (0 none, 1 vertebra, 2 IVD, 3 endplate, 4 sacrum)."""
     return np.take(_CLASS_OF_ID, np.asarray(instance), mode="clip")
-
-
-def is_vertebra(instance: np.ndarray) -> np.ndarray:
-    """Voxels holding a vertebra id (class 1 of :func:`instance_class`: 1-99 without the sacrum)."""
-    return (instance > 0) & (instance < IVD_OFFSET) & (instance != SACRUM_ID)
 
 
 def _flat(a: np.ndarray) -> np.ndarray:
@@ -269,7 +264,7 @@ def _reconcile_corpora(ins: np.ndarray, s: np.ndarray, crumb_share: float = 0.2)
     to the vertebra holding most of it, from every other vertebra that either owns a body of its own or holds only a
     crumb (< ``crumb_share``) of this one. A vertebra sharing a body without owning one is left alone (a block
     vertebra: two vertebrae in one fused body). Returns the voxels relabelled."""
-    body = np.isin(s, (49, 52, 53)) & is_vertebra(ins)
+    body = np.isin(s, (49, 52, 53)) & vertebra_voxels(ins)
     if not body.any():
         return 0
     cc = cc3d.connected_components(body, connectivity=6)
@@ -305,7 +300,7 @@ def _reconcile_corpora(ins: np.ndarray, s: np.ndarray, crumb_share: float = 0.2)
 def _release_bodyless(ins: np.ndarray, s: np.ndarray, box: tuple[slice, ...], full_shape: tuple[int, ...]) -> int:
     """Clear (in place) vertebra instances without corpus voxels unless they touch no other vertebra (facet joints
     aside) and reach the edge of the volume; their voxels then join a touching vertebra (step 7). Returns voxels."""
-    vmask = is_vertebra(ins)
+    vmask = vertebra_voxels(ins)
     idx = np.flatnonzero(vmask)
     if len(idx) == 0:
         return 0
@@ -461,7 +456,7 @@ def postprocess(
     # then larger pieces join the main body of another vertebra they touch (never through a facet joint)
     min_crumb = max(1, int(np.ceil(min_piece_mm3 / vox_mm3)))
     for crumbs in (True, False):
-        vmask = np.where(is_vertebra(ins), ins, 0)
+        vmask = np.where(vertebra_voxels(ins), ins, 0)
         pieces = cc3d.connected_components(vmask, connectivity=26)
         nz = np.flatnonzero(pieces)  # pieces and vmask are fresh C-ordered arrays: flat views, no copies
         if len(nz) == 0:
@@ -556,7 +551,7 @@ def postprocess(
     rep.lap("7_missing")
     # 8: discs and endplates whose vertebra was released or dropped above get their ids from the final vertebrae
     vert_before = present_ids(inst0[(inst0 > 0) & (inst0 < IVD_OFFSET)])
-    vert_after = present_ids(ins[is_vertebra(ins)])
+    vert_after = present_ids(ins[vertebra_voxels(ins)])
     if len(np.setdiff1d(vert_before[vert_before != SACRUM_ID], vert_after)):
         full, _ = assign_ivds_endplates(s, ins, sp)  # it reads the vertebra ids of ins only
         re = (ins >= IVD_OFFSET) & (ins < 300)  # IVD and endplate ids
