@@ -35,19 +35,16 @@ from spineps_like.phantom import make_phantom
 from spineps_like.pipeline import segment
 fov, seed, method = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 net = {"depth": 0, "t": 0.0, "s": 0.0}
+calls = []  # (network class, input shape) of every outermost forward call
 def _pre(m, a):
     if net["depth"] == 0:
+        calls.append((type(m).__name__, tuple(a[0].shape)))
         net["t"] = time.perf_counter()
     net["depth"] += 1
 def _post(m, a, o):
     net["depth"] -= 1
     if net["depth"] == 0:
         net["s"] += time.perf_counter() - net["t"]
-calls = []  # (network class, input shape) of every outermost forward call
-def _record(m, a):
-    if net["depth"] == 0:
-        calls.append((type(m).__name__, tuple(a[0].shape)))
-torch.nn.modules.module.register_module_forward_pre_hook(_record)
 torch.nn.modules.module.register_module_forward_pre_hook(_pre)
 torch.nn.modules.module.register_module_forward_hook(_post)
 if fov == "sagittal512":

@@ -85,7 +85,7 @@ def spline_resample(array: np.ndarray, scale: np.ndarray, offset: np.ndarray, sh
     bits, with the prefilter's lines and the output split into slabs, one per thread (the zoom-shift algorithm and
     the prefilter release the GIL; the general matrix path does not)."""
     if order > 1:  # scipy pads by the edge values before its prefilter for mode 'nearest'
-        filtered = np.pad(array, _SPLINE_PAD, mode="edge").astype(np.float64)
+        filtered = np.pad(array, _SPLINE_PAD, mode="edge").astype(np.float64, copy=False)
         for axis in range(filtered.ndim):  # ndimage.spline_filter: one axis after the other, its lines in parallel
             in_slabs(filtered.shape, threads, lambda index, axis=axis: ndimage.spline_filter1d(
                 filtered[index], order, axis=axis, output=filtered[index], mode="nearest"), keep_axis=axis)

@@ -168,7 +168,7 @@ def resample_image_threaded(data, new_shape, current_spacing, new_spacing, is_se
         image = data[c]
         scale = np.asarray(image.shape, dtype=float) / np.asarray(new_shape, dtype=float)
         # skimage's resize is scipy's zoom in grid mode: output voxel j samples input (j + 0.5) * scale - 0.5
-        resized = spline_resample(image.astype(np.float64), scale, 0.5 * scale - 0.5, new_shape, order, threads)
+        resized = spline_resample(image, scale, 0.5 * scale - 0.5, new_shape, order, threads)  # prefilters in float64
         out[c] = np.clip(resized, image.min(), image.max(), out=resized)
     return out
 
