@@ -232,6 +232,14 @@ def surface_voxels(mask: np.ndarray) -> np.ndarray:
     return np.argwhere(mask & ~interior)
 
 
+def crop_affine(affine: np.ndarray, box: Sequence[slice]) -> np.ndarray:
+    """The affine of ``array[box]`` for an array with ``affine``: the same axes, the origin moved to the box's first
+    voxel."""
+    shift = np.eye(4)
+    shift[:3, 3] = [s.start or 0 for s in box]
+    return np.asarray(affine, dtype=float) @ shift
+
+
 def bbox(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...] | None:
     """Bounding box of the non-zero voxels as slices, grown by ``margin`` and clipped; None when empty."""
     if not mask.any():

@@ -15,7 +15,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from spineps_like.geometry import clamp_spacing, reorient, rescale, resample_to
+from spineps_like.geometry import bbox, clamp_spacing, crop_affine, reorient, rescale, resample_to
 from spineps_like.io import Scan, atomic_write_json, derivative_name, derivatives_dir, load_scan
 from spineps_like.labels import VERTEBRA_LABELS
 
@@ -124,7 +124,8 @@ def instance_phase(semantic: Scan, *, method: str = "network", model: Any = None
     ``method='network'``: the mask goes to PIR at the instance model's resolution; corpus centres give cutouts,
     the network predicts vertebra above/centre/below per cutout, fusion commits vertebrae, which come back to the
     input grid. ``method='geometric'``: vertebrae from corpus components separated by IVDs, no weights.
-    Then, on the input grid in PIR: IVD/endplate assignment, post-processing, anatomical labelling.
+    Then, on the input grid in PIR, cropped to the spine's bounding box: IVD/endplate assignment, post-processing,
+    anatomical labelling.
     """
     from spineps_like.assign import assign_ivds_endplates
     from spineps_like.labeling import label_vertebrae
@@ -136,16 +137,21 @@ def instance_phase(semantic: Scan, *, method: str = "network", model: Any = None
         raise ValueError(f"unknown instance method {method!r}: use one of {', '.join(INSTANCE_METHODS)}")
     sem_pir = reorient(semantic, "PIR")
     spacing = sem_pir.spacing
+    # everything after the instance network works on the spine's bounding box (+1 voxel, so a structure touches the
+    # box's edge exactly where it touches the volume's: the field-of-view rules see the same edges); outside it both
+    # masks are background
+    box = bbox(sem_pir.array > 0, margin=1) or tuple(slice(0, n) for n in sem_pir.shape)
+    sem_box = np.ascontiguousarray(sem_pir.array[box])
     if method == "network":
-        vertebrae = _network_vertebrae(sem_pir, model, device=device, amp=amp, batch_size=batch_size,
+        vertebrae = _network_vertebrae(sem_pir, model, box, device=device, amp=amp, batch_size=batch_size,
                                        timings=timings, notes=notes)
     else:
         from spineps_like.instance.geometric import geometric_instances
 
         with timings.phase("instance"):
-            vertebrae = geometric_instances(sem_pir.array, spacing)
+            vertebrae = np.ascontiguousarray(geometric_instances(sem_pir.array, spacing)[box])
     with timings.phase("assign"):
-        instance, sem_arr = assign_ivds_endplates(sem_pir.array, vertebrae, spacing)
+        instance, sem_arr = assign_ivds_endplates(sem_box, vertebrae, spacing)
     with timings.phase("postprocess"):
         sem_arr, instance, report = postprocess(sem_arr, instance, spacing)
         notes.extend(getattr(report, "notes", []) or [])
@@ -158,14 +164,19 @@ def instance_phase(semantic: Scan, *, method: str = "network", model: Any = None
                          "removed from both masks")
         instance = labelled
     with timings.phase("restore"):
-        sem_out = reorient(Scan(sem_arr, sem_pir.affine, semantic.path), semantic.orientation)
-        ins_out = reorient(Scan(instance, sem_pir.affine, semantic.path), semantic.orientation)
+        sem_full = np.zeros(sem_pir.shape, sem_arr.dtype)
+        sem_full[box] = sem_arr
+        ins_full = np.zeros(sem_pir.shape, instance.dtype)
+        ins_full[box] = instance
+        sem_out = reorient(Scan(sem_full, sem_pir.affine, semantic.path), semantic.orientation)
+        ins_out = reorient(Scan(ins_full, sem_pir.affine, semantic.path), semantic.orientation)
     return sem_out, ins_out, labeling
 
 
-def _network_vertebrae(sem_pir: Scan, model: Any, *, device: str, amp: bool, batch_size: int,
-                       timings: Timings, notes: list[str]) -> np.ndarray:
-    """Vertebra ids 1..K top to bottom on ``sem_pir``'s grid (bone voxels only), by cutouts + network + fusion."""
+def _network_vertebrae(sem_pir: Scan, model: Any, box: tuple[slice, ...], *, device: str, amp: bool,
+                       batch_size: int, timings: Timings, notes: list[str]) -> np.ndarray:
+    """Vertebra ids 1..K top to bottom on ``sem_pir[box]`` (bone voxels only), by cutouts + network + fusion on the
+    instance model's grid over the whole of ``sem_pir``."""
     from spineps_like.instance.centres import corpus_centres
     from spineps_like.instance.cutouts import extract_cutouts
     from spineps_like.instance.fusion import fuse_predictions
@@ -184,7 +195,7 @@ def _network_vertebrae(sem_pir: Scan, model: Any, *, device: str, amp: bool, bat
         notes.extend(centres.repairs)
     if len(centres) == 0:
         notes.append("no vertebral corpus found in the semantic mask: no vertebra instances")
-        return np.zeros(sem_pir.shape, np.uint16)
+        return np.zeros(tuple(b.stop - b.start for b in box), np.uint16)
     with timings.phase("cutouts"):
         batch = extract_cutouts(grid.array, centres.centres, model.cutout_size, mapping=model.mapping)
     with timings.phase("network"):
@@ -193,9 +204,10 @@ def _network_vertebrae(sem_pir: Scan, model: Any, *, device: str, amp: bool, bat
         fused = fuse_predictions(predictions, grid.shape, spacing=grid.spacing)
         notes.extend(fused.warnings)
     with timings.phase("instance_restore"):
-        back = resample_to(Scan(fused.instance.astype(np.uint16, copy=False), grid.affine), sem_pir.shape,
-                           sem_pir.affine, order=0).array
-        back[~_IS_BONE[np.minimum(sem_pir.array, len(_IS_BONE) - 1)]] = 0
+        sem_box = sem_pir.array[box]
+        back = resample_to(Scan(fused.instance.astype(np.uint16, copy=False), grid.affine), sem_box.shape,
+                           crop_affine(sem_pir.affine, box), order=0).array
+        back[~_IS_BONE[np.minimum(sem_box, len(_IS_BONE) - 1)]] = 0
     return back
 
 

@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from spineps_like.geometry import bbox, rescale, reorient, resample_to, to_input_grid, to_model_grid
+from spineps_like.geometry import bbox, crop_affine, rescale, reorient, resample_to, to_input_grid, to_model_grid
 from spineps_like.io import (Scan, ScanError, atomic_path, derivative_name, derivatives_dir, load_scan, save_mask,
                              save_scan)
 
@@ -212,6 +212,20 @@ def test_bbox():
     m[2:4, 5, 7:9] = True
     assert bbox(m) == (slice(2, 4), slice(5, 6), slice(7, 9))
     assert bbox(m, margin=3) == (slice(0, 7), slice(2, 9), slice(4, 10))
+
+
+def test_crop_affine_is_the_grid_of_the_cropped_array():
+    rng = np.random.default_rng(3)
+    aff = np.diag([0.9, 0.9, 3.3, 1.0])
+    aff[:3, 3] = [4.0, -7.0, 2.0]
+    mask = Scan(rng.integers(0, 5, (20, 30, 12)).astype(np.uint8), aff)
+    box = (slice(3, 17), slice(0, 25), slice(5, 12))
+    coarse_shape, coarse_aff = (10, 15, 4), aff @ np.diag([2.0, 2.0, 3.0, 1.0])
+    coarse = resample_to(mask, coarse_shape, coarse_aff, order=0)
+    # the crop's world coordinates are the volume's: resampling onto the crop's grid gives the crop of the whole
+    back = resample_to(coarse, mask.array[box].shape, crop_affine(mask.affine, box), order=0)
+    assert np.array_equal(back.array, resample_to(coarse, mask.shape, mask.affine, order=0).array[box])
+    assert np.allclose(crop_affine(aff, box) @ [0, 0, 0, 1], aff @ [3, 0, 5, 1])
 
 
 def test_atomic_write_gives_usual_permissions(tmp_path):

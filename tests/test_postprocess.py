@@ -228,6 +228,32 @@ def test_instance_phase_fed_ground_truth_recovers_the_cut_vertebra():
     assert lab.complete.get(top) is False
 
 
+@pytest.mark.parametrize("seed", [900000, 900001])
+def test_instance_phase_on_the_spine_box_equals_the_whole_volume_road(seed):
+    """instance_phase runs assignment, post-processing and labelling on the spine's bounding box: the masks and the
+    labelling must be those of the same steps on the whole volume, edge rules included (the top vertebrae are cut by
+    the field of view; the other sides have background to crop, and a corpus reaches the box's front)."""
+    from spineps_like.geometry import bbox, reorient
+    from spineps_like.io import Scan
+    from spineps_like.labeling import label_vertebrae
+    from spineps_like.phantom import make_phantom
+    from spineps_like.pipeline import instance_phase
+
+    sem = reorient(make_phantom(seed, fov="lumbar", mode="t2w").semantic, "PIR")
+    s, sp = sem.array.copy(), sem.spacing
+    s[:np.flatnonzero((s == 49).any(axis=(1, 2)))[0]] = 0  # nothing in front of the foremost corpus voxel (disc bulges)
+    box = bbox(s > 0, margin=1)
+    assert box[1].start == 0 and box[0].stop - box[0].start < s.shape[0]  # cut at the top, room to crop in front
+    vert = geometric_instances(s, sp)
+    inst, s2 = assign_ivds_endplates(s, vert, sp)
+    s2, inst, _ = postprocess(s2, inst, sp)
+    want_i, want_lab = label_vertebrae(inst, s2, sp)
+    out_s, out_i, lab = instance_phase(Scan(s, sem.affine), method="geometric")
+    assert np.array_equal(out_i.array, want_i) and np.array_equal(out_s.array, s2)
+    assert lab.to_dict() == want_lab.to_dict()
+    assert sorted(k for k, v in lab.complete.items() if not v) == sorted(lab.order[:2])  # the two cut at the top
+
+
 def test_discs_and_endplates_follow_when_a_vertebra_disappears():
     sem, inst, sp = _spine(ids=[20, 21, 22], endplates=True)
     bad = inst.copy()
