@@ -147,11 +147,13 @@ def test_fft_convolution_equals_the_direct_one():
         b = torch.randn(4, generator=g) if bias else None
         ref = F.conv3d(x, w, b, padding=k // 2)
         got = fft_conv3d(x, w, b, k // 2)
+        # on a grid padded by k // 2 only (fft_grid): whatever wraps around must miss the output region
         assert got.shape == ref.shape and got.is_contiguous()
         assert torch.allclose(got, ref, atol=1e-4 * float(ref.abs().max()), rtol=0), (shape, k)
         # a channels-last input (the one-hot encoding is one) gives a channels-last output, as conv3d does
         cl = fft_conv3d(x.contiguous(memory_format=torch.channels_last_3d), w, b, k // 2)
-        assert cl.is_contiguous(memory_format=torch.channels_last_3d) and torch.equal(cl, got)
+        assert cl.is_contiguous(memory_format=torch.channels_last_3d)
+        assert torch.allclose(cl, got, atol=1e-5 * float(ref.abs().max()), rtol=0)  # the FFT may take another path
     with pytest.raises(ValueError, match="cubic odd kernel"):
         fft_conv3d(x, torch.randn(4, 2, 3, 3, 1), None, 1)
     with pytest.raises(ValueError, match="cubic odd kernel"):
