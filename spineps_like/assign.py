@@ -59,24 +59,22 @@ def vertebra_order(vertebrae: np.ndarray, semantic: np.ndarray, spacing: Sequenc
     """
     sp = check_spacing(spacing)
     v = np.asarray(vertebrae)
+    flat = v.ravel()  # a view for the C-ordered masks of the pipeline
     # one pass over the volume for the vertebra voxels; everything else on those voxels only
-    idx = np.flatnonzero((v > 0) & (v < IVD_OFFSET))
+    idx = np.flatnonzero((flat > 0) & (flat < IVD_OFFSET))
     if len(idx) == 0:
         return np.zeros(0, np.int64), np.zeros((0, 3)), np.zeros((0, 3))
     coords = np.unravel_index(idx, v.shape)
-    lab = v[coords].astype(np.int64)
-    n = int(lab.max()) + 1
-    ids_all = np.flatnonzero(np.bincount(lab, minlength=n))
-
-    def centres_of(sel: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        lab_s = lab if sel is None else lab[sel]
-        cnt = np.bincount(lab_s, minlength=n)
-        cen = np.stack([np.bincount(lab_s, weights=coords[a] if sel is None else coords[a][sel], minlength=n)
-                        for a in range(3)], axis=1)
-        return cnt, cen / np.maximum(cnt, 1)[:, None]
-
-    c_cnt, c_cen = centres_of(np.isin(np.asarray(semantic)[coords], CORPUS_BONE))  # centres of the corpus voxels
-    a_cnt, a_cen = centres_of(None)  # centres of all voxels: the fallback
+    corpus = np.isin(np.asarray(semantic).ravel()[idx], CORPUS_BONE)
+    # per (id, corpus or not): voxel counts and coordinate sums, one bincount each (the sums are exact integers)
+    lab = flat[idx].astype(np.int64)
+    key, n2 = lab * 2 + corpus, 2 * (int(lab.max()) + 1)
+    cnt = np.bincount(key, minlength=n2).reshape(-1, 2)
+    sums = np.stack([np.bincount(key, weights=coords[a], minlength=n2) for a in range(3)], axis=1).reshape(-1, 2, 3)
+    c_cnt, a_cnt = cnt[:, 1], cnt.sum(axis=1)
+    ids_all = np.flatnonzero(a_cnt)
+    c_cen = sums[:, 1] / np.maximum(c_cnt, 1)[:, None]  # centres of the corpus voxels
+    a_cen = sums.sum(axis=1) / np.maximum(a_cnt, 1)[:, None]  # centres of all voxels: the fallback
     cen = np.where((c_cnt > 0)[:, None], c_cen, a_cen)[ids_all]
     sac = ids_all == SACRUM_ID
     order = np.lexsort((cen[:, 1], sac))

@@ -71,6 +71,11 @@ _CLASS_OF_ID[ENDPLATE_OFFSET:300] = _E
 _CLASS_OF_ID[SACRUM_ID] = _S
 
 
+#: Each id below 300 that names a vertebra (class 1), else 0: ``np.take(.., mode="clip")`` gives the vertebra ids of a
+#: mask in one pass.
+_VERTEBRA_ID = np.where(_CLASS_OF_ID == _V, np.arange(len(_CLASS_OF_ID)), 0).astype(np.int32)
+
+
 def instance_class(instance: np.ndarray) -> np.ndarray:
     """Class of each instance id (0 none, 1 vertebra, 2 IVD, 3 endplate, 4 sacrum)."""
     return np.take(_CLASS_OF_ID, np.asarray(instance), mode="clip")
@@ -410,16 +415,17 @@ def postprocess(
 
     rep.lap("2_classes")
     # 3: fill holes per instance, only where the semantic mask calls for that class and nothing else is there
-    ids = present_ids(ins)
-    ids = ids[ids > 0]
+    boxes = ndimage.find_objects(ins)  # one pass: the bounding box of every id (None where absent)
+    ids = np.array([k + 1 for k, b in enumerate(boxes) if b is not None], dtype=np.int64)
     if len(ids):
-        boxes = ndimage.find_objects(ins)  # one pass: the bounding box of every id
-        for i in ids:
+        classes = instance_class(ids)
+        for i, cls in zip(ids, classes):
             sl = boxes[int(i) - 1]
-            m = ins[sl] == i
-            filled = fill_voids.fill(m, in_place=False)
-            cls = instance_class(np.array([i]))[0]
-            add = filled & ~m & (ins[sl] == 0) & (need[sl] == cls)
+            # only empty voxels of the instance's class can be filled: without any in its box, no fill is needed
+            cand = (ins[sl] == 0) & (need[sl] == cls)
+            if not cand.any():
+                continue
+            add = fill_voids.fill(ins[sl] == i, in_place=False) & cand
             if add.any():
                 ins[sl][add] = i
                 rep.holes_filled += int(add.sum())
@@ -456,7 +462,7 @@ def postprocess(
     # then larger pieces join the main body of another vertebra they touch (never through a facet joint)
     min_crumb = max(1, int(np.ceil(min_piece_mm3 / vox_mm3)))
     for crumbs in (True, False):
-        vmask = np.where(vertebra_voxels(ins), ins, 0)
+        vmask = np.take(_VERTEBRA_ID, ins, mode="clip")  # vertebra ids, 0 elsewhere
         pieces = cc3d.connected_components(vmask, connectivity=26)
         nz = np.flatnonzero(pieces)  # pieces and vmask are fresh C-ordered arrays: flat views, no copies
         if len(nz) == 0:
