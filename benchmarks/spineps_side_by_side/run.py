@@ -166,6 +166,29 @@ def score(case: dict, pred_dir: Path) -> dict:
     return out
 
 
+def _without_profile(cmd: list[str]) -> list[str]:
+    """The command without its ``--profile PATH`` (only the first run of a case is profiled)."""
+    if "--profile" not in cmd:
+        return cmd
+    i = cmd.index("--profile")
+    return cmd[:i] + cmd[i + 2:]
+
+
+def _median_run(runs: list[dict]) -> dict:
+    """One record for a case's repeated runs of one side: the first run's record (scores, notes), with each phase
+    group, the total, the wall time and the peak memory replaced by their medians over the runs; the per-run values
+    are kept under ``runs``."""
+    first = dict(runs[0])
+    if len(runs) == 1 or any("groups" not in r or "error" in r for r in runs):
+        return first
+    first["groups"] = {k: float(np.median([r["groups"][k] for r in runs])) for k in first["groups"]}
+    for key in ("total_s", "wall_s", "peak_rss_mb"):
+        first[key] = float(np.median([r[key] for r in runs]))
+    first["runs"] = [{"groups": r["groups"], "total_s": r["total_s"], "wall_s": r["wall_s"],
+                      "peak_rss_mb": r.get("peak_rss_mb")} for r in runs]
+    return first
+
+
 def _mean(rows, key):
     vals = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and np.isfinite(r[key])]
     return float(np.mean(vals)) if vals else float("nan")
@@ -188,6 +211,8 @@ def markdown(result: dict) -> str:
     lines = [f"# SPINEPS {result['spineps_version']} vs spineps-like {result['spineps_like_version']}", "",
              f"Taken {result['date']} on {result['machine']}; torch threads {result['settings']['threads']}, "
              f"N4 off, mirroring {result['settings']['mirroring']}"
+             + (f"; {result['settings']['repeats']} runs per case and side, in turn, per-case medians"
+                if result["settings"].get("repeats", 1) > 1 else "")
              + ("; semantic phase skipped on both sides (reference semantic mask given)"
                 if result["settings"].get("given_semantic") else "") + f"; load: {result['load_note']}.", "",
              f"Models: semantic `{result['models']['semantic']}`, instance `{result['models']['instance']}` "
@@ -282,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="skip the semantic phase on both sides: feed the reference semantic mask to instance + post")
     ap.add_argument("--work", default=str(HERE / "work"), help="exported models, phantoms and predictions")
     ap.add_argument("--results", default=str(HERE / "results"))
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="runs per case and side, the sides in turn; per-case medians are reported")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per pipeline run before it counts as failed")
     ap.add_argument("--load-note", default="", help="what else ran on the machine (written into the results)")
     a = ap.parse_args(argv)
@@ -311,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
               "load_note": a.load_note or f"loadavg {os.getloadavg()[0]:.1f} at start",
               "settings": {"threads": a.threads, "mirroring": a.mirroring, "n4": False, "spacing": a.spacing,
                            "restore_ours": a.restore,
-                           "given_semantic": a.given_semantic},
+                           "given_semantic": a.given_semantic, "repeats": a.repeats},
               "models": {"semantic": str(sem_dir), "instance": str(inst_dir)}, "cases": []}
     for i, case in enumerate(cases):
         row = {"case": case["case"], "seed": case["seed"], "fov": case["fov"], "variant": case["variant"]}
@@ -326,22 +353,26 @@ def main(argv: list[str] | None = None) -> int:
             cmd_ours += ["--semantic-mask", case["gt_sem"]]
         if a.profile and i == 0:
             cmd_ours += ["--profile", str(Path(a.results) / f"profile_ours{_suffix(a)}.prof")]
-        for side, cmd, e in (("spineps", cmd_sp, env), ("ours", cmd_ours, None)):
-            print(f"[{case['case']}] {side} ...", flush=True)
-            try:
-                r, wall = _subprocess_json(cmd, env=e, timeout=a.timeout)
-            except subprocess.TimeoutExpired:
-                r, wall = {"error": f"timeout after {a.timeout:.0f} s"}, a.timeout
-            r["wall_s"] = wall
-            if "error" not in r and "timings" in r and "errcode" in r and "OK" not in r["errcode"]:
-                r["error"] = r["errcode"]
-            if "timings" in r:  # also for a run that stopped early (e.g. an empty semantic mask): its phases so far
-                r["groups"] = _phase_groups(side, r["timings"])
-                r["total_s"] = sum(v for k, v in r["groups"].items() if k != "load_models")
-            if "error" not in r:
-                r["scores"] = score(case, pred / side)
-            row[side] = r
-            print(f"    {json.dumps({k: r.get(k) for k in ('total_s', 'peak_rss_mb', 'error')})}", flush=True)
+        runs: dict[str, list[dict]] = {"spineps": [], "ours": []}
+        for rep in range(a.repeats):  # the two sides in turn, so a slow spell of the machine hits both
+            for side, cmd, e in (("spineps", cmd_sp, env), ("ours", cmd_ours, None)):
+                print(f"[{case['case']}] {side} ({rep + 1}/{a.repeats}) ...", flush=True)
+                try:
+                    r, wall = _subprocess_json(cmd if rep == 0 else _without_profile(cmd), env=e, timeout=a.timeout)
+                except subprocess.TimeoutExpired:
+                    r, wall = {"error": f"timeout after {a.timeout:.0f} s"}, a.timeout
+                r["wall_s"] = wall
+                if "error" not in r and "timings" in r and "errcode" in r and "OK" not in r["errcode"]:
+                    r["error"] = r["errcode"]
+                if "timings" in r:  # also for a run that stopped early (e.g. an empty semantic mask): its phases so far
+                    r["groups"] = _phase_groups(side, r["timings"])
+                    r["total_s"] = sum(v for k, v in r["groups"].items() if k != "load_models")
+                if "error" not in r and rep == 0:
+                    r["scores"] = score(case, pred / side)  # the same masks every repeat (both sides are deterministic)
+                runs[side].append(r)
+                print(f"    {json.dumps({k: r.get(k) for k in ('total_s', 'peak_rss_mb', 'error')})}", flush=True)
+        for side in ("spineps", "ours"):
+            row[side] = _median_run(runs[side])
         result["cases"].append(row)
         _write_results(result, a)
     return _write_results(result, a, final=True)
