@@ -115,7 +115,10 @@ def _nearest_corpus(corpus_seed: np.ndarray, targets: np.ndarray, sp: np.ndarray
         return np.zeros(len(t), np.int64), t + origin, t + origin, box
     surface = surface_voxels(fg)
     if len(t):
-        _, k = cKDTree(surface * sp).query(t * sp, k=1, workers=-1)
+        # coordinates from the targets' first voxel less the margin, not from the (clipped) box: the same numbers, so
+        # the same k-d tree and the same choice between equidistant seeds, wherever the arrays start in a volume
+        ref = t.min(axis=0) - margin
+        _, k = cKDTree((surface - ref) * sp).query((t - ref) * sp, k=1, workers=-1)
         near = surface[k]
     else:
         near = np.zeros((0, 3), np.int64)

@@ -48,13 +48,26 @@ def same_grid(a_shape: Sequence[int], a_affine: np.ndarray, b_shape: Sequence[in
 
 
 def resample_to(scan: Scan, shape: Sequence[int], affine: np.ndarray, *, order: int = 3, mode: str = "nearest",
-                threads: int = 1) -> Scan:
+                threads: int = 1, box: Sequence[slice] | None = None) -> Scan:
     """Resample onto the grid (shape, affine). ``order`` 0 for masks (nearest), 1 linear, 3 cubic spline.
 
     Returns ``scan`` itself when the grids coincide. Between axis-aligned grids (a rescale, as :func:`rescale_grid`
     makes) with ``mode='nearest'``, order 0 is one gather and higher orders run scipy's zoom-shift algorithm split
     over ``threads`` threads (the general path's values to float rounding).
+
+    ``box`` (order 0 only): return just ``result.array[box]`` (a C-ordered array; the Scan keeps the whole grid's
+    affine), computed on the box alone where the grids are axis-aligned. Each voxel is mapped exactly as for the whole
+    grid, so the values are those of the whole result cropped (a crop's own affine would move ties at half voxels).
     """
+    if box is not None:
+        if order != 0:
+            raise ValueError("resample_to: a box is only supported for order 0")
+        index = nearest_indices(scan.shape, scan.affine, shape, affine) if mode == "nearest" else None
+        if index is None:
+            arr = np.ascontiguousarray(resample_to(scan, shape, affine, order=0, mode=mode).array[tuple(box)])
+        else:
+            arr = scan.array[np.ix_(*(ix[b] for ix, b in zip(index, box)))]
+        return Scan(arr, np.asarray(affine, dtype=float), scan.path)
     if same_grid(scan.shape, scan.affine, shape, affine):
         return scan
     if order == 0 and mode == "nearest":
@@ -230,14 +243,6 @@ def surface_voxels(mask: np.ndarray) -> np.ndarray:
             edge[ax] = end
             interior[tuple(edge)] = False
     return np.argwhere(mask & ~interior)
-
-
-def crop_affine(affine: np.ndarray, box: Sequence[slice]) -> np.ndarray:
-    """The affine of ``array[box]`` for an array with ``affine``: the same axes, the origin moved to the box's first
-    voxel."""
-    shift = np.eye(4)
-    shift[:3, 3] = [s.start or 0 for s in box]
-    return np.asarray(affine, dtype=float) @ shift
 
 
 def bbox(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...] | None:

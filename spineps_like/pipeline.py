@@ -15,7 +15,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from spineps_like.geometry import bbox, clamp_spacing, crop_affine, reorient, rescale, resample_to
+from spineps_like.geometry import bbox, clamp_spacing, reorient, rescale, resample_to
 from spineps_like.io import Scan, atomic_write_json, derivative_name, derivatives_dir, load_scan
 from spineps_like.labels import VERTEBRA_LABELS
 
@@ -205,8 +205,8 @@ def _network_vertebrae(sem_pir: Scan, model: Any, box: tuple[slice, ...], *, dev
         notes.extend(fused.warnings)
     with timings.phase("instance_restore"):
         sem_box = sem_pir.array[box]
-        back = resample_to(Scan(fused.instance.astype(np.uint16, copy=False), grid.affine), sem_box.shape,
-                           crop_affine(sem_pir.affine, box), order=0).array
+        back = resample_to(Scan(fused.instance.astype(np.uint16, copy=False), grid.affine), sem_pir.shape,
+                           sem_pir.affine, order=0, box=box).array
         back[~_IS_BONE[np.minimum(sem_box, len(_IS_BONE) - 1)]] = 0
     return back
 

@@ -175,3 +175,24 @@ def test_nearest_corpus_is_exact_in_mm():
     got = np.linalg.norm((near - t) * sp, axis=1)
     assert np.allclose(got, exact)
     assert np.array_equal(lab, seeds[tuple(near.T)]) and (lab > 0).all()
+
+
+def test_nearest_corpus_is_the_same_wherever_the_arrays_start():
+    """Equidistant seeds (a grid is full of ties) are chosen the same way whether the margin box is clipped by the
+    volume's edge or not: the instance phase runs this on the spine's bounding box, and must match the whole volume."""
+    from spineps_like.assign import _nearest_corpus
+
+    rng = np.random.default_rng(5)
+    seeds = np.zeros((30, 40, 10), np.int32)
+    seeds[3:9, 5:15, 2:8] = 1
+    seeds[3:9, 25:35, 2:8] = 2  # a 'disc' between two 'corpora', at equal distance from both in its middle row
+    seeds[rng.random(seeds.shape) < 0.1] = 0
+    targets = np.zeros(seeds.shape, bool)
+    targets[2:10, 15:25, 1:9] = True
+    sp = np.array([0.7, 0.9, 3.1])
+    lab0, near0, t0, _ = _nearest_corpus(seeds, targets, sp, margin_mm=20.0)  # margin box clipped at the volume edge
+    for pad in (5, 40):
+        big = np.pad(seeds, pad)
+        lab, near, t, _ = _nearest_corpus(big, np.pad(targets, pad), sp, margin_mm=20.0)
+        assert np.array_equal(t - pad, t0) and np.array_equal(near - pad, near0) and np.array_equal(lab, lab0)
+    assert set(np.unique(lab0)) == {1, 2}

@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from spineps_like.geometry import bbox, crop_affine, rescale, reorient, resample_to, to_input_grid, to_model_grid
+from spineps_like.geometry import bbox, rescale, reorient, resample_to, to_input_grid, to_model_grid
 from spineps_like.io import (Scan, ScanError, atomic_path, derivative_name, derivatives_dir, load_scan, save_mask,
                              save_scan)
 
@@ -214,18 +214,23 @@ def test_bbox():
     assert bbox(m, margin=3) == (slice(0, 7), slice(2, 9), slice(4, 10))
 
 
-def test_crop_affine_is_the_grid_of_the_cropped_array():
-    rng = np.random.default_rng(3)
-    aff = np.diag([0.9, 0.9, 3.3, 1.0])
-    aff[:3, 3] = [4.0, -7.0, 2.0]
-    mask = Scan(rng.integers(0, 5, (20, 30, 12)).astype(np.uint8), aff)
-    box = (slice(3, 17), slice(0, 25), slice(5, 12))
-    coarse_shape, coarse_aff = (10, 15, 4), aff @ np.diag([2.0, 2.0, 3.0, 1.0])
-    coarse = resample_to(mask, coarse_shape, coarse_aff, order=0)
-    # the crop's world coordinates are the volume's: resampling onto the crop's grid gives the crop of the whole
-    back = resample_to(coarse, mask.array[box].shape, crop_affine(mask.affine, box), order=0)
-    assert np.array_equal(back.array, resample_to(coarse, mask.shape, mask.affine, order=0).array[box])
-    assert np.allclose(crop_affine(aff, box) @ [0, 0, 0, 1], aff @ [3, 0, 5, 1])
+@pytest.mark.parametrize("seed", range(4))
+def test_nearest_resampling_onto_a_box_is_the_crop_of_the_whole(seed):
+    """resample_to(..., box=) maps each voxel as for the whole grid: a crop's own affine would move ties at half
+    voxels (a coarse instance grid restored onto a fine scan's spine box)."""
+    rng = np.random.default_rng(seed)
+    for _ in range(10):
+        shape = tuple(int(n) for n in rng.integers(20, 60, 3))
+        aff = np.diag([*rng.choice([0.5, 0.6, 0.75, 0.9, 1.0, 1.2, 3.3], 3), 1.0])
+        aff[:3, 3] = rng.normal(0, 50, 3)
+        fine = Scan(np.zeros(shape, np.uint8), aff)
+        coarse = rescale(fine, rng.choice([1.5, 2.0, 3.0], 3), order=0)
+        coarse = Scan(rng.integers(0, 9, coarse.shape).astype(np.uint16), coarse.affine)
+        lo = [int(rng.integers(0, n // 2)) for n in shape]
+        box = tuple(slice(a, int(rng.integers(a + 1, n + 1))) for a, n in zip(lo, shape))
+        got = resample_to(coarse, shape, aff, order=0, box=box)
+        assert np.array_equal(got.array, resample_to(coarse, shape, aff, order=0).array[box])
+        assert got.array.flags.c_contiguous
 
 
 def test_atomic_write_gives_usual_permissions(tmp_path):
