@@ -50,6 +50,16 @@ def vertebra_voxels(instance: np.ndarray) -> np.ndarray:
     return (instance > 0) & (instance < IVD_OFFSET) & (instance != SACRUM_ID)
 
 
+#: Each id below 300 that names a vertebra (1-99 without the sacrum), else 0: the lookup table of :func:`vertebra_ids`.
+_VERTEBRA_ID = np.arange(300, dtype=np.int32)
+_VERTEBRA_ID[(_VERTEBRA_ID >= IVD_OFFSET) | (_VERTEBRA_ID == SACRUM_ID)] = 0
+
+
+def vertebra_ids(instance: np.ndarray) -> np.ndarray:
+    """The mask's vertebra ids where :func:`vertebra_voxels` holds, 0 elsewhere (int32), by one lookup."""
+    return np.take(_VERTEBRA_ID, instance, mode="clip")
+
+
 def vertebra_order(vertebrae: np.ndarray, semantic: np.ndarray, spacing: Sequence[float] = (1.0, 1.0, 1.0)
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Vertebra ids present (sacrum included) in spine order, their corpus centres (voxel coords) and axes.

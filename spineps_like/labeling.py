@@ -31,7 +31,7 @@ import cc3d
 import nibabel as nib
 import numpy as np
 
-from spineps_like.assign import map_aliases, vertebra_order, vertebra_voxels
+from spineps_like.assign import map_aliases, vertebra_ids, vertebra_order
 from spineps_like.instance.centres import check_mask, check_spacing, present_ids
 from spineps_like.io import atomic_write_json
 from spineps_like.labels import (
@@ -237,7 +237,7 @@ def label_vertebrae(
         raise ValueError(f"first_id must be a vertebra id (1-25, 28), got {first_id}")
     sem = map_aliases(sem_raw)
     res = LabelingResult()
-    vert = np.where(vertebra_voxels(inst), inst, 0)
+    vert = vertebra_ids(inst)
     ids, _, _ = vertebra_order(vert, sem, sp)
     n = len(ids)
     if n == 0:

@@ -38,7 +38,7 @@ import fill_voids
 import numpy as np
 from scipy import ndimage
 
-from spineps_like.assign import assign_ivds_endplates, map_aliases, vertebra_order, vertebra_voxels
+from spineps_like.assign import assign_ivds_endplates, map_aliases, vertebra_ids, vertebra_order, vertebra_voxels
 from spineps_like.geometry import bbox
 from spineps_like.instance.centres import check_mask, check_spacing, present_ids
 from spineps_like.instance.geometric import count_pairs, dominant_partner, facet_free_contacts
@@ -69,11 +69,6 @@ _CLASS_OF_ID[1:IVD_OFFSET] = _V
 _CLASS_OF_ID[IVD_OFFSET:ENDPLATE_OFFSET] = _I
 _CLASS_OF_ID[ENDPLATE_OFFSET:300] = _E
 _CLASS_OF_ID[SACRUM_ID] = _S
-
-
-#: Each id below 300 that names a vertebra (class 1), else 0: ``np.take(.., mode="clip")`` gives the vertebra ids of a
-#: mask in one pass.
-_VERTEBRA_ID = np.where(_CLASS_OF_ID == _V, np.arange(len(_CLASS_OF_ID)), 0).astype(np.int32)
 
 
 def instance_class(instance: np.ndarray) -> np.ndarray:
@@ -462,7 +457,7 @@ def postprocess(
     # then larger pieces join the main body of another vertebra they touch (never through a facet joint)
     min_crumb = max(1, int(np.ceil(min_piece_mm3 / vox_mm3)))
     for crumbs in (True, False):
-        vmask = np.take(_VERTEBRA_ID, ins, mode="clip")  # vertebra ids, 0 elsewhere
+        vmask = vertebra_ids(ins)
         pieces = cc3d.connected_components(vmask, connectivity=26)
         nz = np.flatnonzero(pieces)  # pieces and vmask are fresh C-ordered arrays: flat views, no copies
         if len(nz) == 0:

@@ -196,3 +196,12 @@ def test_nearest_corpus_is_the_same_wherever_the_arrays_start():
         lab, near, t, _ = _nearest_corpus(big, np.pad(targets, pad), sp, margin_mm=20.0)
         assert np.array_equal(t - pad, t0) and np.array_equal(near - pad, near0) and np.array_equal(lab, lab0)
     assert set(np.unique(lab0)) == {1, 2}
+
+
+def test_vertebra_ids_are_the_vertebra_voxels_ids():
+    from spineps_like.assign import vertebra_ids, vertebra_voxels
+
+    inst = np.random.default_rng(0).integers(-5, 400, (20, 30, 10)).astype(np.int32)
+    inst[0, 0, :3] = [26, 99, 100]
+    assert np.array_equal(vertebra_ids(inst), np.where(vertebra_voxels(inst), inst, 0))
+    assert np.array_equal(vertebra_ids(inst.astype(np.uint16).clip(0)), np.where(vertebra_voxels(inst.clip(0)), inst.clip(0), 0))
