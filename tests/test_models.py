@@ -154,7 +154,8 @@ def test_loaded_network_equals_checkpoint_and_mismatch_is_refused(model_dir, tmp
 
 def test_threaded_nnunet_resampling_is_nnunets_bit_for_bit(model_dir):
     """The preprocessing resampling to the plans' spacing, split over threads, gives nnU-Net's own result exactly:
-    one-step 3D (cubic, clipped) in both directions, and the per-slice ("separate z") path, which stays nnU-Net's."""
+    one-step 3D (cubic, clipped) in both directions, and the per-slice ("separate z") path (slices on threads, the
+    nearest slice gathered) with the thick axis first, in the middle or last, up- and downsampled across slices."""
     import numpy as np
     from nnunetv2.preprocessing.resampling.default_resampling import resample_data_or_seg_to_shape
 
@@ -162,7 +163,10 @@ def test_threaded_nnunet_resampling_is_nnunets_bit_for_bit(model_dir):
 
     rng = np.random.default_rng(4)
     cases = [((2, 21, 46, 33), (25, 40, 37), (3.6, 1.2, 1.3), (3.0, 1.38, 1.16), None),  # one 3D step
-             ((1, 9, 40, 30), (12, 35, 33), (4.0, 0.9, 0.9), (3.0, 1.03, 0.82), None)]  # anisotropic: per slice
+             ((1, 9, 40, 30), (12, 35, 33), (4.0, 0.9, 0.9), (3.0, 1.03, 0.82), None),  # anisotropic: per slice
+             ((2, 40, 9, 30), (35, 12, 33), (0.9, 4.0, 0.9), (1.03, 3.0, 0.82), None),
+             ((1, 40, 30, 9), (45, 25, 13), (0.9, 0.9, 4.2), (0.8, 1.1, 3.0), None),
+             ((1, 31, 30, 33), (12, 30, 33), (2.0, 0.5, 0.5), (5.0, 0.5, 0.5), None)]  # fewer slices, same plane
     for shape, new, spacing, new_spacing, force in cases:
         data = (rng.random(shape) * 900 - 100).astype(np.float32)
         ref = resample_data_or_seg_to_shape(data, new, spacing, new_spacing, False, 3, 0, force)

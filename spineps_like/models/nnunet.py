@@ -17,6 +17,7 @@ import json
 import os
 import pickle
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
@@ -140,13 +141,16 @@ def build_network(plans_manager, configuration_manager, dataset_json: dict):
 def resample_image_threaded(data, new_shape, current_spacing, new_spacing, is_seg: bool = False, order: int = 3,
                             order_z: int = 0, force_separate_z: bool | None = False,
                             separate_z_anisotropy_threshold: float | None = None, *, threads: int | None = None):
-    """nnU-Net's ``resample_data_or_seg_to_shape`` (its preprocessing step to the plans' spacing), with images that
-    it resamples in one 3D step split over ``threads`` threads.
+    """nnU-Net's ``resample_data_or_seg_to_shape`` (its preprocessing step to the plans' spacing) for images, split
+    over ``threads`` threads, bit for bit nnU-Net's result.
 
-    That step is skimage's ``resize`` (spline of ``order``, edge mode, clipped to the channel's range) per channel;
-    here it is :func:`spineps_like.geometry.spline_resample` (scipy's zoom-shift algorithm on the same grid mapping,
-    equal to float rounding) and the same clip. Segmentations, per-slice ("separate z") resampling and single-threaded
-    calls go to nnU-Net's own function. ``threads`` defaults to torch's CPU thread count.
+    nnU-Net's one-step 3D path is skimage's ``resize`` (spline of ``order``, edge mode, clipped to the channel's
+    range) per channel; here it is :func:`spineps_like.geometry.spline_resample` (scipy's zoom-shift algorithm on the
+    same grid mapping) and the same clip. Its per-slice ("separate z") path, taken for anisotropic spacings, is the same
+    ``resize`` on each slice (here the slices on threads) and then nearest neighbour along the slice axis (``order_z``
+    0), which nnU-Net computes by ``map_coordinates`` on three volume-sized float64 coordinate maps and here is one
+    gather of whole slices. Segmentations, ``order_z`` > 0 and single-threaded calls go to nnU-Net's own function.
+    ``threads`` defaults to torch's CPU thread count.
     """
     import torch
     from nnunetv2.preprocessing.resampling.default_resampling import (
@@ -156,8 +160,8 @@ def resample_image_threaded(data, new_shape, current_spacing, new_spacing, is_se
     threads = torch.get_num_threads() if threads is None else int(threads)
     threshold = ANISO_THRESHOLD if separate_z_anisotropy_threshold is None else separate_z_anisotropy_threshold
     data = data.numpy() if hasattr(data, "numpy") else np.asarray(data)
-    separate_z, _ = determine_do_sep_z_and_axis(force_separate_z, current_spacing, new_spacing, threshold)
-    if is_seg or separate_z or order < 2 or data.ndim != 4 or threads < 2:
+    separate_z, axis = determine_do_sep_z_and_axis(force_separate_z, current_spacing, new_spacing, threshold)
+    if is_seg or order < 2 or data.ndim != 4 or threads < 2 or (separate_z and order_z != 0):
         return resample_data_or_seg_to_shape(data, new_shape, current_spacing, new_spacing, is_seg, order, order_z,
                                              force_separate_z, threshold)
     new_shape = tuple(int(n) for n in new_shape)
@@ -166,11 +170,39 @@ def resample_image_threaded(data, new_shape, current_spacing, new_spacing, is_se
     out = np.zeros((data.shape[0], *new_shape), dtype=data.dtype)
     for c in range(data.shape[0]):
         image = data[c]
+        if separate_z:
+            out[c] = _resample_per_slice(image, new_shape, axis, order, threads)
+            continue
         scale = np.asarray(image.shape, dtype=float) / np.asarray(new_shape, dtype=float)
         # skimage's resize is scipy's zoom in grid mode: output voxel j samples input (j + 0.5) * scale - 0.5
         resized = spline_resample(image, scale, 0.5 * scale - 0.5, new_shape, order, threads)  # prefilters in float64
         out[c] = np.clip(resized, image.min(), image.max(), out=resized)
     return out
+
+
+def _resample_per_slice(image: np.ndarray, new_shape: Sequence[int], axis: int, order: int, threads: int) -> np.ndarray:
+    """nnU-Net's separate-z resampling of one channel with ``order_z`` 0: skimage's ``resize`` of every slice across
+    ``axis`` (float64, edge mode, no anti-aliasing, as nnU-Net calls it), then the nearest slice for each new one.
+    nnU-Net's ``map_coordinates`` samples slice coordinate ``(k + 0.5) * n_old / n_new - 0.5`` (the in-plane ones are
+    whole numbers after the resize); scipy's order 0 takes ``floor(x + 0.5)``, clamped (mode 'nearest')."""
+    from skimage.transform import resize
+
+    in_plane = tuple(int(n) for a, n in enumerate(new_shape) if a != axis)
+    n_old, n_new = image.shape[axis], int(new_shape[axis])
+    resized = np.zeros(tuple(n_old if a == axis else int(n) for a, n in enumerate(new_shape)))  # float64, as nnU-Net
+
+    def slices(ids: np.ndarray) -> None:
+        for i in ids:
+            index = tuple(int(i) if a == axis else slice(None) for a in range(3))
+            resized[index] = resize(image[index].astype(float), in_plane, order, mode="edge", anti_aliasing=False)
+
+    chunks = [c for c in np.array_split(np.arange(n_old), min(threads, n_old)) if len(c)]
+    with ThreadPoolExecutor(len(chunks)) as pool:
+        list(pool.map(slices, chunks))
+    if n_old == n_new:
+        return resized
+    x = float(n_old) / n_new * (np.arange(n_new) + 0.5) - 0.5
+    return np.take(resized, np.clip(np.floor(x + 0.5).astype(np.intp), 0, n_old - 1), axis=axis)
 
 
 def threaded_configuration(configuration_manager):
