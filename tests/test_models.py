@@ -152,10 +152,11 @@ def test_loaded_network_equals_checkpoint_and_mismatch_is_refused(model_dir, tmp
         load_semantic_model(m)
 
 
-def test_threaded_nnunet_resampling_is_nnunets_bit_for_bit(model_dir):
-    """The preprocessing resampling to the plans' spacing, split over threads, gives nnU-Net's own result exactly:
-    one-step 3D (cubic, clipped) in both directions, and the per-slice ("separate z") path (slices on threads, the
-    nearest slice gathered) with the thick axis first, in the middle or last, up- and downsampled across slices."""
+def test_threaded_nnunet_resampling_is_nnunets(model_dir):
+    """The preprocessing resampling to the plans' spacing gives nnU-Net's own result: one-step 3D (cubic, clipped;
+    one axis at a time) to float rounding in both directions, and the per-slice ("separate z") path (slices on
+    threads, the nearest slice gathered) bit for bit, with the thick axis first, in the middle or last, up- and
+    downsampled across slices."""
     import numpy as np
     from nnunetv2.preprocessing.resampling.default_resampling import resample_data_or_seg_to_shape
 
@@ -167,13 +168,16 @@ def test_threaded_nnunet_resampling_is_nnunets_bit_for_bit(model_dir):
              ((2, 40, 9, 30), (35, 12, 33), (0.9, 4.0, 0.9), (1.03, 3.0, 0.82), None),
              ((1, 40, 30, 9), (45, 25, 13), (0.9, 0.9, 4.2), (0.8, 1.1, 3.0), None),
              ((1, 31, 30, 33), (12, 30, 33), (2.0, 0.5, 0.5), (5.0, 0.5, 0.5), None)]  # fewer slices, same plane
-    for shape, new, spacing, new_spacing, force in cases:
+    for k, (shape, new, spacing, new_spacing, force) in enumerate(cases):
         data = (rng.random(shape) * 900 - 100).astype(np.float32)
         ref = resample_data_or_seg_to_shape(data, new, spacing, new_spacing, False, 3, 0, force)
         for threads in (2, 3):
             got = resample_image_threaded(data, new, spacing, new_spacing, False, 3, 0, force, threads=threads)
             assert got.dtype == ref.dtype and got.shape == ref.shape
-            np.testing.assert_array_equal(got, ref)
+            if k == 0:
+                np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-4)
+            else:
+                np.testing.assert_array_equal(got, ref)
     # a loaded model's preprocessing uses it, with the plans' own arguments
     fn = load_semantic_model(model_dir).nnunet.configuration_manager.resampling_fn_data
     assert fn.func is resample_image_threaded and "order" in fn.keywords

@@ -141,15 +141,16 @@ def build_network(plans_manager, configuration_manager, dataset_json: dict):
 def resample_image_threaded(data, new_shape, current_spacing, new_spacing, is_seg: bool = False, order: int = 3,
                             order_z: int = 0, force_separate_z: bool | None = False,
                             separate_z_anisotropy_threshold: float | None = None, *, threads: int | None = None):
-    """nnU-Net's ``resample_data_or_seg_to_shape`` (its preprocessing step to the plans' spacing) for images, split
-    over ``threads`` threads, bit for bit nnU-Net's result.
+    """nnU-Net's ``resample_data_or_seg_to_shape`` (its preprocessing step to the plans' spacing) for images, on
+    ``threads`` threads.
 
     nnU-Net's one-step 3D path is skimage's ``resize`` (spline of ``order``, edge mode, clipped to the channel's
     range) per channel; here it is :func:`spineps_like.geometry.spline_resample` (scipy's zoom-shift algorithm on the
-    same grid mapping) and the same clip. Its per-slice ("separate z") path, taken for anisotropic spacings, is the same
-    ``resize`` on each slice (here the slices on threads) and then nearest neighbour along the slice axis (``order_z``
-    0), which nnU-Net computes by ``map_coordinates`` on three volume-sized float64 coordinate maps and here is one
-    gather of whole slices. Segmentations, ``order_z`` > 0 and single-threaded calls go to nnU-Net's own function.
+    same grid mapping; cubic one axis at a time, equal to float rounding) and the same clip. Its per-slice ("separate
+    z") path, taken for anisotropic spacings, is the same ``resize`` on each slice (here the slices on threads) and
+    then nearest neighbour along the slice axis (``order_z`` 0), which nnU-Net computes by ``map_coordinates`` on
+    three volume-sized float64 coordinate maps and here is one gather of whole slices (bit for bit). Segmentations,
+    ``order_z`` > 0 and single-threaded calls go to nnU-Net's own function.
     ``threads`` defaults to torch's CPU thread count.
     """
     import torch
