@@ -183,6 +183,27 @@ def test_threaded_nnunet_resampling_is_nnunets(model_dir):
     assert fn.func is resample_image_threaded and "order" in fn.keywords
 
 
+def test_image_preprocessing_skips_only_the_discarded_mask_resampling():
+    """Our preprocessing of an image alone gives nnU-Net's data and properties without resampling crop_to_nonzero's
+    mask (which nnU-Net's inference discards); the configuration that networks and nnU-Net's own predictor use still
+    resamples segmentations (a cascade's previous stage needs it)."""
+    import numpy as np
+
+    model = load_semantic_model("semantic-phantom").nnunet
+    rng = np.random.default_rng(3)
+    img = np.zeros((1, 30, 70, 60), np.float32)
+    img[:, 2:28, 5:66, 4:50] = rng.random((1, 26, 61, 46)) * 300 + 1  # a zero border: crop_to_nonzero crops
+    props = {"spacing": [1.2, 1.2, 2.6]}  # one 3D resampling step to the plans' (3.0, 1.2, 1.2)
+    runs = []
+    for cm in (model.configuration_manager, model.image_configuration_manager):
+        pre = cm.preprocessor_class(verbose=False)
+        runs.append(pre.run_case_npy(img, None, dict(props), model.plans_manager, cm, model.dataset_json))
+    (data_all, seg_all, props_all), (data, seg, props_image) = runs
+    np.testing.assert_array_equal(data, data_all)
+    assert props_image.keys() == props_all.keys() and props_image["bbox_used_for_cropping"] == [[2, 28], [5, 66], [4, 50]]
+    assert seg.size == 1 and seg_all.shape[1:] == data.shape[1:]
+
+
 def test_label_safe_mirror_axes():
     from spineps_like.models.nnunet import label_safe_mirror_axes
 

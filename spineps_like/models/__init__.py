@@ -138,7 +138,7 @@ class SemanticModel:
         import torch
 
         predictor, img, props = self._nnunet_input(array, spacing, folds, step_size, mirroring)
-        pm, cm = self.nnunet.plans_manager, self.nnunet.configuration_manager
+        pm, cm = self.nnunet.plans_manager, self.nnunet.image_configuration_manager  # no segmentation resampled
         preprocessor = cm.preprocessor_class(verbose=False)
         data, _, props = preprocessor.run_case_npy(img, None, props, pm, cm, self.nnunet.dataset_json)
         with self._autocast(amp):

@@ -206,9 +206,19 @@ def _resample_per_slice(image: np.ndarray, new_shape: Sequence[int], axis: int, 
     return np.take(resized, np.clip(np.floor(x + 0.5).astype(np.intp), 0, n_old - 1), axis=axis)
 
 
-def threaded_configuration(configuration_manager):
+def _no_segmentation(seg, *args, **kwargs):
+    """Stands in for the segmentation resampling of a preprocessing run without a segmentation: one background
+    voxel (nnU-Net still takes its maximum to choose the dtype)."""
+    return np.zeros((1,) * np.ndim(seg), np.int8)
+
+
+def threaded_configuration(configuration_manager, *, resample_segmentation: bool = True):
     """A copy of an nnU-Net ``ConfigurationManager`` whose image resampling runs :func:`resample_image_threaded` when
-    the plans name nnU-Net's default resampling function (any other stays as it is)."""
+    the plans name nnU-Net's default resampling function (any other stays as it is).
+
+    ``resample_segmentation=False`` is for ``run_case_npy`` called without a segmentation (nor a previous stage's):
+    nnU-Net then resamples the non-zero mask that ``crop_to_nonzero`` made (per label, about 0.2 s on a whole spine)
+    and inference discards it; this copy skips that and returns one background voxel for it."""
     from nnunetv2.preprocessing.resampling.default_resampling import resample_data_or_seg_to_shape
     from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
@@ -219,6 +229,10 @@ def threaded_configuration(configuration_manager):
             if getattr(fn, "func", None) is not resample_data_or_seg_to_shape:
                 return fn
             return functools.partial(resample_image_threaded, **fn.keywords)
+
+        @property
+        def resampling_fn_seg(self):
+            return ConfigurationManager.resampling_fn_seg.fget(self) if resample_segmentation else _no_segmentation
 
     return ThreadedResamplingConfiguration(configuration_manager.configuration)
 
@@ -299,6 +313,9 @@ class NnUNetModel:
             self.configuration = configuration_name(self.dir, first, self.plans)
             configuration_manager = self.plans_manager.get_configuration(self.configuration)
             self.configuration_manager = threaded_configuration(configuration_manager)
+            #: for our own preprocessing of an image alone (no segmentation): see threaded_configuration
+            self.image_configuration_manager = threaded_configuration(configuration_manager,
+                                                                      resample_segmentation=False)
             self.label_manager = self.plans_manager.get_label_manager(self.dataset_json)
             self.network = build_network(self.plans_manager, self.configuration_manager, self.dataset_json)
         except (KeyError, RuntimeError, ImportError, TypeError, AssertionError) as e:
