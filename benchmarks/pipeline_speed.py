@@ -105,13 +105,17 @@ def _loaded_total(row: dict) -> float:
     return row["total_s"] - row["semantic_steps_s"].get("load", 0.0) - row["phases_s"].get("load_instance_model", 0.0)
 
 
+def _overhead_share(row: dict) -> float:
+    """Non-network share of the time with the models loaded."""
+    return (_loaded_total(row) - row["network_s"]) / _loaded_total(row)
+
+
 def _second(row: dict) -> str:
     """The same scan run again in the same process (a cohort worker's later scans)."""
     w = row.get("second_scan")
     if not w:
         return "-"
-    loaded = _loaded_total(w)
-    return f"{w['total_s']:.1f}, {w['network_s']:.1f}, {(loaded - w['network_s']) / loaded:.0%}"
+    return f"{w['total_s']:.1f}, {w['network_s']:.1f}, {_overhead_share(w):.0%}"
 
 
 def main() -> int:
@@ -140,7 +144,7 @@ def main() -> int:
         lines.append(f"| {r['fov']} {r['seed']} | {r['shape']} | {r['method']} | "
                      + " | ".join(f"{r['phases_s'].get(p, 0):.2f}" for p in phases)
                      + f" | {r['total_s']:.1f} | {r['network_s']:.1f} | {1 - r['network_s'] / r['total_s']:.0%} "
-                     f"| {over / _loaded_total(r):.0%} | {_second(r)} | {f'{w:.1f}' if w is not None else '-'} "
+                     f"| {_overhead_share(r):.0%} | {_second(r)} | {f'{w:.1f}' if w is not None else '-'} "
                      f"| {f'{over / (over + w):.0%}' if w is not None else '-'} | {r['peak_rss_mb']:.0f} |")
     (res / "pipeline_speed.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
