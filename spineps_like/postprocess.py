@@ -550,14 +550,22 @@ def postprocess(
             _flat(s)[drop] = 0
 
     rep.lap("7_missing")
-    # 8: discs and endplates whose vertebra was released or dropped above get their ids from the final vertebrae
-    vert_before = present_ids(inst0[(inst0 > 0) & (inst0 < IVD_OFFSET)])
-    vert_after = present_ids(ins[vertebra_voxels(ins)])
-    if len(np.setdiff1d(vert_before[vert_before != SACRUM_ID], vert_after)):
-        full, _ = assign_ivds_endplates(s, ins, sp)  # it reads the vertebra ids of ins only
-        re = (ins >= IVD_OFFSET) & (ins < 300)  # IVD and endplate ids
-        rep.reassigned_discs_endplates = int(np.count_nonzero(re & (full != ins)))
-        ins[re] = full[re]
+    # 8: discs and endplates that name a vertebra no longer there (released, dropped, or never there) get their ids
+    # from the final vertebrae; the others keep theirs. A disc above the topmost vertebra names the one out of view
+    # (top id - 1, see assign_ivds_endplates): that one is right as it is
+    disc_or_endplate = (ins >= IVD_OFFSET) & (ins < 300)
+    named = np.where(disc_or_endplate, ins % 100, 0)  # 100 + v, 200 + v -> v
+    stale = disc_or_endplate & ~np.isin(named, present_ids(ins[vertebra_voxels(ins)]))
+    if stale.any():
+        top = _spine_order(ins, s, sp)[0][:1]
+        if len(top):
+            stale &= ins != IVD_OFFSET + top[0] - 1
+    if stale.any():
+        # only the stale voxels are targets: the other discs and endplates are hidden from the assignment (it reads
+        # the vertebra ids of ins and the bone of s)
+        full, _ = assign_ivds_endplates(np.where(disc_or_endplate & ~stale, 0, s), ins, sp)
+        rep.reassigned_discs_endplates = int(np.count_nonzero(stale & (full != ins)))
+        ins[stale] = full[stale]
 
     rep.lap("8_reassign")
     sem[box] = s

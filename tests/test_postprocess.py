@@ -265,4 +265,8 @@ def test_discs_and_endplates_follow_when_a_vertebra_disappears():
     assert 21 not in vert and 23 not in vert
     assert rep.reassigned_discs_endplates > 0
     assert all(e - 200 in vert for e in np.unique(i[i >= 200]).tolist())
+    # only the discs and endplates of the vanished vertebra move; the others keep their ids
+    others = (bad >= 100) & (bad % 100 != 21)
+    assert others.any() and np.array_equal(i[others], bad[others])
+    assert rep.reassigned_discs_endplates == np.count_nonzero((bad == 121) | (bad == 221))
     _assert_invariants(s, i)
