@@ -224,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if extra and args.command != "train":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from spineps_like.runtime import tune_allocator
+
+    tune_allocator()  # networks' activations reuse heap memory instead of fresh mmaps per forward call
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -66,6 +66,9 @@ class CohortWorker:
 
     def __init__(self, settings: dict[str, Any], *, snapshot: bool = True, threads: int | None = None,
                  segment_fn: Callable | None = None):
+        from spineps_like.runtime import tune_allocator
+
+        tune_allocator()  # once per worker process (see spineps_like.runtime)
         if threads:
             import torch
 

@@ -1,0 +1,60 @@
+"""Process-wide settings for inference: the C allocator.
+
+glibc's malloc serves every block above a dynamic threshold (at most 32 MB) with its own ``mmap`` and gives it back
+with ``munmap`` when freed. The networks' activations are such blocks (4 tiles x 32 channels x 24 x 80 x 80 float32 is
+78 MB): every forward call maps fresh memory and page-faults through it again, which costs more than a third of the
+semantic network's time on a 512 x 512 x 20 scan (benchmarks/README.md). :func:`tune_allocator` raises the mmap
+threshold so such blocks come from the heap and are reused, and lets the heap keep up to ``trim_threshold`` bytes of
+free memory at its top instead of returning it after every scan.
+
+The command line and every cohort worker call it once; a library user calls it once per process. It changes nothing
+where the C library is not glibc, when ``SPINEPS_LIKE_MALLOC_TUNING=0``, or when the user already set glibc's own
+``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` (or ``GLIBC_TUNABLES``) environment variables.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import platform
+
+# mallopt(3) parameters
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+MMAP_THRESHOLD = 1 << 30  # blocks below 1 GiB come from the heap (the largest activations of SPINEPS-wide networks fit)
+TRIM_THRESHOLD = 256 << 20  # free memory the heap keeps at its top between scans
+
+_applied: dict[str, int] | None = None
+
+
+def tune_allocator(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = TRIM_THRESHOLD) -> dict[str, int] | None:
+    """Set glibc malloc's mmap and trim thresholds for this process (idempotent).
+
+    Returns the settings applied (``{"mmap_threshold": ..., "trim_threshold": ...}``), or None where nothing was changed
+    (not glibc, opted out with ``SPINEPS_LIKE_MALLOC_TUNING=0``, or the user's own glibc malloc variables are set).
+    """
+    global _applied
+    if _applied is not None:
+        return _applied
+    if os.environ.get("SPINEPS_LIKE_MALLOC_TUNING", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    if any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")):
+        return None
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return None
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    limit = 2**31 - 1  # mallopt takes a C int
+    settings = {"mmap_threshold": min(int(mmap_threshold), limit), "trim_threshold": min(int(trim_threshold), limit)}
+    if not (mallopt(_M_MMAP_THRESHOLD, settings["mmap_threshold"]) and mallopt(_M_TRIM_THRESHOLD,
+                                                                               settings["trim_threshold"])):
+        return None
+    _applied = settings
+    return _applied
