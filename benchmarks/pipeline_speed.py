@@ -10,6 +10,11 @@ and ``overhead, models loaded`` the same without the two model loads. The first 
 first-call costs (oneDNN primitives per tile shape, MKL's first FFT, cached resampling operators), so each child then
 segments the same scan a second time: ``second scan`` is what every later scan of a cohort worker costs.
 
+Each child tunes glibc's allocator as the command line and cohort workers do (``spineps_like.runtime``); to measure
+with glibc's defaults instead::
+
+    SPINEPS_LIKE_MALLOC_TUNING=0 .venv/bin/python benchmarks/pipeline_speed.py --out-suffix _glibc_defaults
+
 The overhead's seconds do not depend on the networks' widths, its share does: the bundled networks are small (semantic
 features 8..64, instance ``dim=8``). ``overhead at SPINEPS widths`` puts the same overhead seconds against the forward
 time of networks as wide as the published SPINEPS ones (nnU-Net's default PlainConvUNet widths 32..320 with two
@@ -33,6 +38,8 @@ CASES = [("lumbar", 900100), ("whole", 900101), ("sagittal512", 0)]
 CHILD = r"""
 import json, sys, time, torch
 torch.set_num_threads(2)
+from spineps_like.runtime import tune_allocator
+malloc = tune_allocator()  # as the command line and cohort workers do (SPINEPS_LIKE_MALLOC_TUNING=0: glibc defaults)
 from spineps_like.phantom import make_phantom
 from spineps_like.pipeline import segment
 fov, seed, method = sys.argv[1], int(sys.argv[2]), sys.argv[3]
@@ -95,7 +102,7 @@ if len(sys.argv) > 4 and sys.argv[4] == "wide":
 print(json.dumps({"fov": fov, "seed": seed, "method": method, "shape": list(image.shape),
                   "spacing": [round(s, 3) for s in image.spacing], "total_s": total, "network_s": net["s"],
                   "phases_s": dict(r.timings), "semantic_steps_s": r.settings.get("semantic_timings_s", {}),
-                  "peak_rss_mb": hwm / 1024, "network_calls": len(calls), "wide_network_s": wide_s,
+                  "peak_rss_mb": hwm / 1024, "malloc_tuning": malloc, "network_calls": len(calls), "wide_network_s": wide_s,
                   "second_scan": second}))
 """
 
@@ -120,6 +127,7 @@ def _second(row: dict) -> str:
 
 def main() -> int:
     wide = "--no-spineps-widths" not in sys.argv
+    suffix = sys.argv[sys.argv.index("--out-suffix") + 1] if "--out-suffix" in sys.argv else ""
     rows = []
     for fov, seed in CASES:
         for method in (("network",) if fov == "sagittal512" else ("network", "geometric")):
@@ -131,12 +139,12 @@ def main() -> int:
     load = Path("/proc/loadavg").read_text().split()[:3]
     res = ROOT / "benchmarks" / "results"
     res.mkdir(parents=True, exist_ok=True)
-    (res / "pipeline_speed.json").write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), "loadavg": load,
-                                                         "rows": rows}, indent=2) + "\n")
+    (res / f"pipeline_speed{suffix}.json").write_text(
+        json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), "loadavg": load, "rows": rows}, indent=2) + "\n")
     phases = sorted({k for r in rows for k in r["phases_s"]}, key=lambda k: list(rows[0]["phases_s"]).index(k)
                     if k in rows[0]["phases_s"] else 99)
     lines = [f"# Pipeline speed per phase (CPU, 2 threads; {time.strftime('%Y-%m-%d')}, load average after: "
-             f"{' '.join(load)})", "", "| case | shape | method | " + " | ".join(phases) + " | total s | network s | overhead | overhead, models loaded | second scan: total s, network s, overhead (models loaded) | network s at SPINEPS widths | overhead at SPINEPS widths, models loaded | peak RSS MB |",
+             f"{' '.join(load)}; malloc tuning: {rows[0].get('malloc_tuning') or 'off, glibc defaults'})", "", "| case | shape | method | " + " | ".join(phases) + " | total s | network s | overhead | overhead, models loaded | second scan: total s, network s, overhead (models loaded) | network s at SPINEPS widths | overhead at SPINEPS widths, models loaded | peak RSS MB |",
              "|---|---|---|" + "---|" * (len(phases) + 8)]
     for r in rows:
         over = _loaded_total(r) - r["network_s"]
@@ -146,7 +154,7 @@ def main() -> int:
                      + f" | {r['total_s']:.1f} | {r['network_s']:.1f} | {1 - r['network_s'] / r['total_s']:.0%} "
                      f"| {_overhead_share(r):.0%} | {_second(r)} | {f'{w:.1f}' if w is not None else '-'} "
                      f"| {f'{over / (over + w):.0%}' if w is not None else '-'} | {r['peak_rss_mb']:.0f} |")
-    (res / "pipeline_speed.md").write_text("\n".join(lines) + "\n")
+    (res / f"pipeline_speed{suffix}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

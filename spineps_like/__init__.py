@@ -6,6 +6,7 @@ Public API (imported lazily, so ``import spineps_like`` stays cheap)::
     Cohort(inputs, out_dir, ...), segment_cohort  # many scans, resumable
     evaluate(pred, gt, spacing, protocol=...)     # PQ/SQ/RQ, SPIDER, Endplate3D-QCT
     make_phantom(seed, ...)                       # synthetic spine with exact ground truth
+    tune_allocator()                              # once per process: glibc malloc reuses the networks' memory
 """
 
 from importlib import import_module
@@ -26,6 +27,7 @@ _LAZY = {
     "make_phantom": "spineps_like.phantom",
     "load_semantic_model": "spineps_like.models",
     "load_instance_model": "spineps_like.instance.network",
+    "tune_allocator": "spineps_like.runtime",
 }
 
 __all__ = ["__version__", *_LAZY]

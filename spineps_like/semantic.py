@@ -380,8 +380,9 @@ def labels_from_probabilities(
     """Semantic labels on ``reference``'s grid from class probabilities on a model grid.
 
     Each label's probability (channels sharing a label are summed) is interpolated linearly onto the reference grid
-    and the most probable label wins: nnU-Net's own way back to the input spacing, which keeps sub-voxel boundaries
-    that nearest-neighbour label resampling turns into model-grid staircases.
+    and the most probable label wins: linear interpolation back to the input spacing as in nnU-Net (which
+    interpolates the logits; probabilities here, so that clean-up overrides are simply 0 or 1), keeping sub-voxel
+    boundaries that nearest-neighbour label resampling turns into model-grid staircases.
 
     Parameters
     ----------
@@ -521,8 +522,9 @@ def predict_semantic(
     normalize : SPINEPS' [0, 1500] intensity normalisation; default on for MRI models, off for CT models.
     clean : apply :func:`clean_semantic` on the model grid.
     restore : how labels return from the model grid to the scan's grid when it was resampled: 'linear' interpolates
-        the class probabilities (:func:`labels_from_probabilities`, nnU-Net's way), 'nearest' moves the label mask
-        (SPINEPS' way; faster, staircased boundaries). A grid that was only reoriented is restored exactly either way.
+        the class probabilities (:func:`labels_from_probabilities`; nnU-Net interpolates its logits), 'nearest'
+        moves the label mask (SPINEPS' way; faster, staircased boundaries). A grid that was only reoriented is
+        restored exactly either way.
     timings : if a dict is given, it receives seconds per step (prepare, n4, resample, predict, clean, restore).
 
     Raises

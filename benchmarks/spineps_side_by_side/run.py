@@ -13,6 +13,11 @@ score both with :func:`spineps_like.evaluation.evaluate` (vertebra/IVD PQ, RQ, S
 sides, test-time mirroring and the torch thread count are the same on both. ``--profile`` adds a cProfile of our
 pipeline on the first case (``results/profile_ours.txt``).
 
+Our side tunes glibc's allocator (:func:`spineps_like.runtime.tune_allocator`, as our command line and cohort workers
+do); SPINEPS runs with glibc's defaults, as its users run it. ``--spineps-malloc-tuning`` gives SPINEPS the same
+thresholds through glibc's environment variables (how much of the gap is the allocator);
+``SPINEPS_LIKE_MALLOC_TUNING=0`` turns ours off.
+
 Results: ``results/side_by_side.json`` and ``results/side_by_side.md`` (ratios SPINEPS / spineps-like).
 """
 
@@ -73,6 +78,9 @@ def ours_worker(image: str, sem_dir: str, inst_dir: str, out_dir: str, *, mirror
     """Load both exported folders with our loaders, :func:`spineps_like.pipeline.segment` the image, save masks."""
     import torch
 
+    from spineps_like.runtime import tune_allocator
+
+    malloc = tune_allocator()  # what our command line and cohort workers do; API users call it once per process
     torch.set_num_threads(threads)
     from spineps_like.instance.network import load_instance_model
     from spineps_like.io import save_mask
@@ -110,7 +118,7 @@ def ours_worker(image: str, sem_dir: str, inst_dir: str, out_dir: str, *, mirror
     save_mask(res.instance, out / "seg-vert.nii.gz")
     timings = {"load_models": load_models, **{k: float(v) for k, v in res.timings.items()}}
     return {"timings": timings, "semantic_timings": res.settings.get("semantic_timings_s", {}),
-            "notes": res.notes[:10], "threads": torch.get_num_threads()}
+            "notes": res.notes[:10], "threads": torch.get_num_threads(), "malloc_tuning": malloc}
 
 
 # ---------------------------------------------------------------- orchestration
@@ -214,7 +222,10 @@ def markdown(result: dict) -> str:
              + (f"; {result['settings']['repeats']} runs per case and side, in turn, per-case medians"
                 if result["settings"].get("repeats", 1) > 1 else "")
              + ("; semantic phase skipped on both sides (reference semantic mask given)"
-                if result["settings"].get("given_semantic") else "") + f"; load: {result['load_note']}.", "",
+                if result["settings"].get("given_semantic") else "")
+             + "; glibc malloc: spineps-like " + ("tuned" if result["settings"].get("malloc_tuning_ours") else "defaults")
+             + ", SPINEPS " + ("tuned (same thresholds)" if result["settings"].get("malloc_tuning_spineps") else "defaults")
+             + f"; load: {result['load_note']}.", "",
              f"Models: semantic `{result['models']['semantic']}`, instance `{result['models']['instance']}` "
              "(same exported folders on both sides).", "",
              "| case | side | load models s | semantic s | instance s | post s | total s (no load) | wall s | "
@@ -310,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=1,
                     help="runs per case and side, the sides in turn; per-case medians are reported")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per pipeline run before it counts as failed")
+    ap.add_argument("--spineps-malloc-tuning", action="store_true",
+                    help="run SPINEPS with our glibc malloc thresholds (MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_)")
     ap.add_argument("--load-note", default="", help="what else ran on the machine (written into the results)")
     a = ap.parse_args(argv)
 
@@ -332,13 +345,20 @@ def main(argv: list[str] | None = None) -> int:
     ver = subprocess.run([str(py), "-c", "import importlib.metadata as m; print(m.version('spineps'))"],
                          capture_output=True, text=True).stdout.strip()
     env = dict(os.environ, SPINEPS_SEGMENTOR_MODELS=str(work / "models"), PYTHONPATH="")
+    if a.spineps_malloc_tuning:
+        from spineps_like.runtime import MMAP_THRESHOLD, TRIM_THRESHOLD
+
+        env.update(MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD), MALLOC_TRIM_THRESHOLD_=str(TRIM_THRESHOLD))
     result = {"spineps_version": ver, "spineps_like_version": __version__,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
               "load_note": a.load_note or f"loadavg {os.getloadavg()[0]:.1f} at start",
               "settings": {"threads": a.threads, "mirroring": a.mirroring, "n4": False, "spacing": a.spacing,
                            "restore_ours": a.restore,
-                           "given_semantic": a.given_semantic, "repeats": a.repeats},
+                           "given_semantic": a.given_semantic, "repeats": a.repeats,
+                           "malloc_tuning_ours": os.environ.get("SPINEPS_LIKE_MALLOC_TUNING", "1").strip().lower()
+                           not in ("0", "false", "no", "off"),
+                           "malloc_tuning_spineps": a.spineps_malloc_tuning},
               "models": {"semantic": str(sem_dir), "instance": str(inst_dir)}, "cases": []}
     for i, case in enumerate(cases):
         row = {"case": case["case"], "seed": case["seed"], "fov": case["fov"], "variant": case["variant"]}
@@ -407,7 +427,8 @@ def _write_results(result: dict, a: argparse.Namespace, final: bool = False) -> 
 
 
 def _suffix(a: argparse.Namespace) -> str:
-    return ("_smoke" if a.smoke else "") + ("_given_semantic" if a.given_semantic else "")
+    return (("_smoke" if a.smoke else "") + ("_given_semantic" if a.given_semantic else "")
+            + ("_spineps_malloc_tuned" if a.spineps_malloc_tuning else ""))
 
 
 def _smoke_models(root: Path) -> tuple[Path, Path]:
