@@ -102,8 +102,8 @@ if len(sys.argv) > 4 and sys.argv[4] == "wide":
 print(json.dumps({"fov": fov, "seed": seed, "method": method, "shape": list(image.shape),
                   "spacing": [round(s, 3) for s in image.spacing], "total_s": total, "network_s": net["s"],
                   "phases_s": dict(r.timings), "semantic_steps_s": r.settings.get("semantic_timings_s", {}),
-                  "peak_rss_mb": hwm / 1024, "malloc_tuning": malloc, "network_calls": len(calls), "wide_network_s": wide_s,
-                  "second_scan": second}))
+                  "peak_rss_mb": hwm / 1024, "malloc_tuning": malloc, "network_calls": len(calls),
+                  "wide_network_s": wide_s, "second_scan": second}))
 """
 
 

@@ -29,6 +29,11 @@ TRIM_THRESHOLD = 256 << 20  # free memory the heap keeps at its top between scan
 _applied: dict[str, int] | None = None
 
 
+def tuning_wanted() -> bool:
+    """False when the user opted out with ``SPINEPS_LIKE_MALLOC_TUNING=0`` (or false/no/off)."""
+    return os.environ.get("SPINEPS_LIKE_MALLOC_TUNING", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 def tune_allocator(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = TRIM_THRESHOLD) -> dict[str, int] | None:
     """Set glibc malloc's mmap and trim thresholds for this process (idempotent).
 
@@ -38,7 +43,7 @@ def tune_allocator(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = T
     global _applied
     if _applied is not None:
         return _applied
-    if os.environ.get("SPINEPS_LIKE_MALLOC_TUNING", "1").strip().lower() in ("0", "false", "no", "off"):
+    if not tuning_wanted():
         return None
     if any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")):
         return None

@@ -344,10 +344,10 @@ def main(argv: list[str] | None = None) -> int:
                         work, a.spacing or ((1.2, 1.2, 3.5) if a.smoke else None))
     ver = subprocess.run([str(py), "-c", "import importlib.metadata as m; print(m.version('spineps'))"],
                          capture_output=True, text=True).stdout.strip()
+    from spineps_like.runtime import MMAP_THRESHOLD, TRIM_THRESHOLD, tuning_wanted
+
     env = dict(os.environ, SPINEPS_SEGMENTOR_MODELS=str(work / "models"), PYTHONPATH="")
     if a.spineps_malloc_tuning:
-        from spineps_like.runtime import MMAP_THRESHOLD, TRIM_THRESHOLD
-
         env.update(MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD), MALLOC_TRIM_THRESHOLD_=str(TRIM_THRESHOLD))
     result = {"spineps_version": ver, "spineps_like_version": __version__,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -356,8 +356,7 @@ def main(argv: list[str] | None = None) -> int:
               "settings": {"threads": a.threads, "mirroring": a.mirroring, "n4": False, "spacing": a.spacing,
                            "restore_ours": a.restore,
                            "given_semantic": a.given_semantic, "repeats": a.repeats,
-                           "malloc_tuning_ours": os.environ.get("SPINEPS_LIKE_MALLOC_TUNING", "1").strip().lower()
-                           not in ("0", "false", "no", "off"),
+                           "malloc_tuning_ours": tuning_wanted(),
                            "malloc_tuning_spineps": a.spineps_malloc_tuning},
               "models": {"semantic": str(sem_dir), "instance": str(inst_dir)}, "cases": []}
     for i, case in enumerate(cases):
