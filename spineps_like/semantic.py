@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import cc3d
@@ -150,18 +151,30 @@ def _component_surfaces(cc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return pts, cc[tuple(pts.T)]
 
 
-def _distance_to(reference: np.ndarray, pts: np.ndarray, component: np.ndarray, n: int, spacing: Sequence[float],
-                 limit_mm: float) -> np.ndarray:
-    """Smallest distance (mm) from each component 1..n to the ``reference`` voxels (inf beyond ``limit_mm``, without
-    reference, or for components without points), by a k-d tree on surface voxels: ``reference`` (N, 3) and the
-    components' ``pts`` with their ``component`` ids."""
-    out = np.full(n + 1, np.inf)
+def _within(reference: np.ndarray, pts: np.ndarray, component: np.ndarray, n: int, spacing: Sequence[float],
+            limit_mm: float, sample_step: int = 16) -> np.ndarray:
+    """Whether each component 1..n comes within ``limit_mm`` (mm) of the ``reference`` voxels (N, 3), by a k-d tree on
+    surface voxels: the components' ``pts`` with their ``component`` ids.
+
+    Only the answer per component matters, not its distance: every ``sample_step``-th point is measured first, which
+    settles most components that touch the reference (a vertebra's surface has thousands of points); the points of
+    the components still unsettled are then all measured. The same answer as measuring every point."""
+    hit = np.zeros(n + 1, bool)
     if len(reference) == 0 or len(pts) == 0:
-        return out[1:]
+        return hit[1:]
     sp = np.asarray(spacing, dtype=float)
-    d, _ = cKDTree(reference * sp).query(pts * sp, k=1, distance_upper_bound=limit_mm + 1e-6, workers=-1)
-    np.minimum.at(out, component, d)
-    return out[1:]
+    tree = cKDTree(reference * sp)
+    bound = limit_mm + 1e-6
+    sample = np.arange(0, len(pts), max(1, sample_step))
+    for idx in (sample, None):
+        if idx is None:
+            idx = np.flatnonzero(~hit[component])
+            if len(idx) == 0:
+                break
+        d, _ = tree.query(pts[idx] * sp, k=1, distance_upper_bound=bound, workers=-1)
+        hit[component[idx][d <= limit_mm]] = True
+    hit[0] = False
+    return hit[1:]
 
 
 def _chain(keep: np.ndarray, pts: np.ndarray, component: np.ndarray, spacing: Sequence[float], gap_mm: float
@@ -176,8 +189,7 @@ def _chain(keep: np.ndarray, pts: np.ndarray, component: np.ndarray, spacing: Se
         todo = ~keep[component]
         if not todo.any() or not added[1:].any():
             return keep
-        new = (_distance_to(pts[added[component]], pts[todo], component[todo], n, spacing, gap_mm) <= gap_mm) \
-            & ~keep[1:]
+        new = _within(pts[added[component]], pts[todo], component[todo], n, spacing, gap_mm) & ~keep[1:]
         if not new.any():
             return keep
         keep[1:] |= new
@@ -220,7 +232,7 @@ def _near_canal(mask: np.ndarray, labels: Sequence[int], spacing: Sequence[float
     cc, n = cc3d.connected_components(column, connectivity=26, return_N=True)
     pts, component = _component_surfaces(cc)
     keep = np.zeros(n + 1, bool)
-    keep[1:] = _distance_to(surface_voxels(tube), pts, component, n, spacing, canal_mm) <= canal_mm
+    keep[1:] = _within(surface_voxels(tube), pts, component, n, spacing, canal_mm)
     keep = _chain(keep, pts, component, spacing, gap_mm)
     drop = column & ~keep[cc]
     mask[box][drop] = 0
@@ -289,6 +301,7 @@ def clean_semantic(
     inferior_axis: int | None = 1,
     fill_labels: Sequence[int] = FILL_HOLES_LABELS,
     stats: dict | None = None,
+    threads: int = 1,
 ) -> np.ndarray:
     """Clean a semantic mask the way SPINEPS does after its semantic model, plus three anatomical rules.
 
@@ -312,6 +325,7 @@ def clean_semantic(
     spacing : voxel size in mm along the array axes.
     inferior_axis : the cranio-caudal axis (1 on a PIR grid), grown twice as much; None for isotropic growth.
     stats : if a dict is given, it receives the voxel counts removed/filled per step.
+    threads : with 2 or more, the column and arch rules (3) run side by side (same result).
 
     Returns
     -------
@@ -338,10 +352,13 @@ def clean_semantic(
         info["small_removed"] = _remove_small_components(sub, small_labels, min_voxels)
         if canal_gap_mm is not None:
             info["canal_removed"] = _canal_tube(sub, spacing, canal_gap_mm)
-        if column_canal_mm is not None:
-            info["column_removed"] = _near_canal(sub, COLUMN_LABELS, spacing, column_canal_mm, COLUMN_GAP_MM)
-        if arch_canal_mm is not None:
-            info["arch_removed"] = _near_canal(sub, ARCH_LABELS, spacing, arch_canal_mm, ARCH_GAP_MM)
+        rules = [(key, labels, mm, gap) for key, labels, mm, gap in (
+            ("column_removed", COLUMN_LABELS, column_canal_mm, COLUMN_GAP_MM),
+            ("arch_removed", ARCH_LABELS, arch_canal_mm, ARCH_GAP_MM)) if mm is not None]
+        # both rules read the canal and clear only their own labels: with two threads they run side by side
+        with ThreadPoolExecutor(max(1, min(int(threads), len(rules)))) as pool:
+            removed = pool.map(lambda r: _near_canal(sub, r[1], spacing, r[2], r[3]), rules)
+            info.update((r[0], n) for r, n in zip(rules, removed))
         if keep_spine_region:
             info["region_removed"] = _spine_region(sub, spacing, margin_mm, inferior_axis)
         info["holes_filled"] = _fill_holes(sub, fill_labels)
@@ -589,7 +606,7 @@ def predict_semantic(
     if clean:
         tic = time.perf_counter()
         labels = clean_semantic(labels, Scan(labels, label_affine).spacing,
-                                inferior_axis=_inferior_axis(cfg.orientation))
+                                inferior_axis=_inferior_axis(cfg.orientation), threads=torch.get_num_threads())
         t["clean"] = time.perf_counter() - tic
 
     tic = time.perf_counter()

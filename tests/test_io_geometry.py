@@ -214,6 +214,25 @@ def test_bbox():
     assert bbox(m, margin=3) == (slice(0, 7), slice(2, 9), slice(4, 10))
 
 
+@pytest.mark.parametrize("shape", [(7,), (5, 9), (6, 7, 8), (3, 4, 5, 6), (1, 1, 1), (4, 1, 3)])
+def test_bbox_is_the_extent_of_the_non_zero_voxels_on_every_axis(shape):
+    """bbox's one-projection shortcut against the definition: per axis, the first and last index whose slice holds a
+    non-zero voxel (random sparse masks, integer masks, margins that clip)."""
+    rng = np.random.default_rng(len(shape) * 100 + shape[0])
+    for _ in range(200):
+        m = (rng.random(shape) > rng.choice([0.5, 0.9, 0.99, 1.0])) * rng.integers(1, 300, shape)
+        for margin in (0, 2):
+            if not m.any():
+                assert bbox(m, margin) is None
+                continue
+            expected = []
+            for ax in range(m.ndim):
+                nz = np.flatnonzero(np.moveaxis(m, ax, 0).reshape(m.shape[ax], -1).any(axis=1))
+                expected.append(slice(max(0, nz[0] - margin), min(m.shape[ax], nz[-1] + 1 + margin)))
+            assert bbox(m, margin) == tuple(expected)
+            assert bbox(m.astype(bool), margin) == tuple(expected)
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_nearest_resampling_onto_a_box_is_the_crop_of_the_whole(seed):
     """resample_to(..., box=) maps each voxel as for the whole grid: a crop's own affine would move ties at half

@@ -146,6 +146,31 @@ def test_clean_semantic_thresholds_are_in_mm():
         clean_semantic(np.zeros((5, 5), np.uint8), (1, 1))
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_within_limit_per_component_equals_all_pairwise_distances(seed):
+    """The canal/column rules' per-component test (a sampled pass, then every point of the components still open)
+    against the definition: some point of the component within the limit of some reference point, in mm."""
+    from scipy.spatial.distance import cdist
+
+    from spineps_like.semantic import _within
+
+    rng = np.random.default_rng(seed)
+    n = 12
+    component = rng.integers(1, n + 1, 3000)
+    component[component == 5] = 6  # a component without points: never within
+    centres = rng.integers(0, 80, (n + 1, 3))  # each component a cluster of points, some near the reference
+    pts = centres[component] + rng.integers(-6, 7, (len(component), 3))
+    reference = rng.integers(30, 45, (200, 3))
+    spacing = (0.5, 0.5, 4.0)
+    d = cdist(pts * np.array(spacing), reference * np.array(spacing)).min(axis=1)
+    for limit in (1.0, 8.0, 20.0):
+        expected = np.array([(d[component == c] <= limit).any() for c in range(1, n + 1)])
+        assert np.array_equal(_within(reference, pts, component, n, spacing, limit), expected)
+        assert np.array_equal(_within(reference, pts, component, n, spacing, limit, sample_step=1), expected)
+    assert 0 < expected.sum() < n - 1  # the case tells within from not within
+    assert not _within(reference[:0], pts, component, n, spacing, 5.0).any()
+
+
 # ---------------------------------------------------------------- intensities
 def test_normalize_intensity_and_n4_removes_a_smooth_bias():
     x = normalize_intensity(np.array([[[-1024.0, 0.0, 3000.0]]]))
