@@ -383,6 +383,67 @@ def _most_probable(labels: Sequence[int], maps) -> np.ndarray:
     return out
 
 
+#: Above this share of voxels in mixed cells, :func:`labels_from_probabilities` interpolates a slab whole.
+SPARSE_RESTORE_SHARE = 0.25
+
+
+def _uniform_cells(labels: np.ndarray) -> np.ndarray:
+    """int16 label of each model-grid cell (the voxel and its successors along every axis, the last voxel its own
+    successor) whose 8 corners share one label; -1 where they differ."""
+    pad = np.pad(labels, [(0, 1)] * labels.ndim, mode="edge")
+    same = np.ones(labels.shape, bool)
+    for shift in np.ndindex(*(2,) * labels.ndim):
+        if any(shift):
+            same &= pad[tuple(slice(d, d + n) for d, n in zip(shift, labels.shape))] == labels
+    return np.where(same, labels.astype(np.int16), np.int16(-1))
+
+
+def _interpolate_separable(v: np.ndarray, w_slab, order: Sequence[int]) -> np.ndarray:
+    """Linear interpolation of ``v`` along each axis in ``order``: ``w_slab[ax]`` = (lower, upper indices, weights)."""
+    for ax in order:
+        i0, i1, w = w_slab[ax]
+        shape = [1] * v.ndim
+        shape[ax] = -1
+        w = w.reshape(shape)
+        v = np.take(v, i0, axis=ax) * (1 - w) + np.take(v, i1, axis=ax) * w
+    return v
+
+
+def _flat_view(v: np.ndarray) -> tuple[np.ndarray, tuple[int, ...]]:
+    """A 1-D view of the memory ``v`` spans (no copy for positive strides) and ``v``'s strides in elements."""
+    item = v.itemsize
+    if any(st < 0 or st % item for st in v.strides):
+        v = np.ascontiguousarray(v)
+    span = sum((n - 1) * st for n, st in zip(v.shape, v.strides)) // item + 1
+    return (np.lib.stride_tricks.as_strided(v, shape=(span,), strides=(item,), writeable=False),
+            tuple(st // item for st in v.strides))
+
+
+def _corner_offsets(per_axis, strides: Sequence[int]) -> np.ndarray:
+    """Offsets ``(2, 2, 2, M)``, for an array of ``strides`` (in elements), of the 8 cell corners of M points from
+    ``per_axis[ax]`` = (lower, upper indices) of each point."""
+    off = np.zeros((2, 2, 2, len(per_axis[0][0])), dtype=np.intp)
+    for ax in range(3):
+        for k in (0, 1):
+            index = [slice(None)] * 3
+            index[ax] = k
+            off[tuple(index)] += per_axis[ax][k] * strides[ax]
+    return off
+
+
+def _interpolate_corners(v: np.ndarray, weights: list[np.ndarray], order: Sequence[int]) -> np.ndarray:
+    """Linear interpolation at M points from the values ``(2, 2, 2, M)`` at their 8 cell corners, axis by axis in
+    ``order``: the same arithmetic, in the same order, as :func:`_interpolate_separable` at those points (the same
+    float32 values)."""
+    left = [0, 1, 2]
+    for ax in order:
+        k = left.index(ax)
+        w = weights[ax]
+        v = np.take(v, 0, axis=k) * (1 - w) + np.take(v, 1, axis=k) * w
+        left.pop(k)
+    return v
+
+
 def labels_from_probabilities(
     probabilities: np.ndarray,
     channel_labels: Sequence[int],
@@ -474,6 +535,7 @@ def labels_from_probabilities(
             # interpolate the shrinking axes first: the intermediates stay small
             order = sorted(range(3), key=lambda a: (sub_out[a].stop - sub_out[a].start) / (box[a].stop - box[a].start))
             sub = out[tuple(sub_out)]
+            cell = _uniform_cells(fg[box])
 
             def slab(index: tuple[slice, ...]) -> None:
                 # this slab's rows of the weights, and the model-grid range they read
@@ -484,18 +546,43 @@ def labels_from_probabilities(
                     w_slab.append((i0 - first, i1 - first, w))
                     src.append(slice(box[ax].start + first, box[ax].start + int(i1.max()) + 1))
                 src = tuple(src)
+                # where the model-grid cell around a voxel has one label at all 8 corners, that label wins there (each
+                # corner prefers it to every other label, and so does any convex combination of them): only the
+                # voxels in mixed cells are interpolated
+                known = cell[np.ix_(*(weights[ax][0][index[ax]] for ax in range(3)))]
+                mixed = np.flatnonzero(known < 0)
+                if len(mixed) > SPARSE_RESTORE_SHARE * known.size:
+                    sub[index] = _most_probable(labels, (_interpolate_separable(overridden(p, lab, src), w_slab, order)
+                                                         for lab, p in zip(labels, per_label)))
+                    return
+                labs = known.astype(np.uint8, order="C")  # C order: its flat view takes the mixed voxels
+                if len(mixed):
+                    at = np.unravel_index(mixed, known.shape)
+                    at = [[a[at[ax]] for a in w_slab[ax]] for ax in range(3)]  # (lower, upper, weight) per point
+                    corners: dict[tuple[int, ...], np.ndarray] = {}  # offsets per memory layout of the maps
 
-                def interpolated(lab: int, p: np.ndarray) -> np.ndarray:
-                    v = overridden(p, lab, src)
-                    for ax in order:
-                        i0, i1, w = w_slab[ax]
-                        shape = [1, 1, 1]
-                        shape[ax] = -1
-                        w = w.reshape(shape)
-                        v = np.take(v, i0, axis=ax) * (1 - w) + np.take(v, i1, axis=ax) * w
-                    return v
+                    def corner_values(v: np.ndarray) -> np.ndarray:
+                        flat, strides = _flat_view(v)
+                        if strides not in corners:
+                            corners[strides] = _corner_offsets(at, strides)
+                        return np.take(flat, corners[strides])
 
-                sub[index] = _most_probable(labels, (interpolated(lab, p) for lab, p in zip(labels, per_label)))
+                    # the clean-up's decisions at the corners: 1 for the label it set, 0 for the others
+                    forced = None if changed is None else corner_values(changed[src])
+                    if forced is not None and forced.any():
+                        forced_label = corner_values(override[src])
+                    else:
+                        forced = None
+
+                    def at_mixed(lab: int, p: np.ndarray) -> np.ndarray:
+                        v = corner_values(p[src])
+                        if forced is not None:
+                            v = np.where(forced, forced_label == lab, v).astype(np.float32, copy=False)
+                        return _interpolate_corners(v, [a[2] for a in at], order)
+
+                    labs.reshape(-1)[mixed] = _most_probable(labels, (at_mixed(lab, p)
+                                                                      for lab, p in zip(labels, per_label)))
+                sub[index] = labs
 
             in_slabs(sub.shape, threads, slab)
     return reorient(Scan(out, out_affine), reference.orientation).array

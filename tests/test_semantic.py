@@ -300,11 +300,25 @@ def test_labels_from_probabilities_equals_whole_volume_interpolation(monkeypatch
     probs = np.exp(logits - logits.max(0))
     probs = (probs / probs.sum(0)).astype(np.float32)
     fast = sem.labels_from_probabilities(probs, [0, 49, 61, 100], grid.affine, ref)
-    # split into slabs over threads, from a strided view of the probabilities: the same labels
+    # split into slabs over threads, from a strided view of the probabilities, interpolating every voxel (share 0)
+    # or only those in cells with mixed labels (share 1), with and without clean-up overrides: the same labels
     strided = np.ascontiguousarray(probs.transpose(0, 3, 2, 1)).transpose(0, 3, 2, 1)
-    for threads in (2, 3):
-        assert np.array_equal(sem.labels_from_probabilities(strided, [0, 49, 61, 100], grid.affine, ref,
-                                                            threads=threads), fast)
+    network = sem.labels_from_probabilities(probs, [0, 49, 61, 100], grid.affine, Scan(probs[0], grid.affine))
+    cleaned = network.copy()
+    cleaned[network == 61] = 0  # the clean-up removed a label ...
+    cleaned[8:12, 10:14, 2:5] = 49  # ... and painted one
+    with_override = []
+    for share in (0.0, 1.0):
+        monkeypatch.setattr(sem, "SPARSE_RESTORE_SHARE", share)
+        for threads in (1, 2, 3):
+            assert np.array_equal(sem.labels_from_probabilities(strided, [0, 49, 61, 100], grid.affine, ref,
+                                                                threads=threads), fast)
+            with_override.append(sem.labels_from_probabilities(strided, [0, 49, 61, 100], grid.affine, ref,
+                                                               override=cleaned, threads=threads))
+    assert all(np.array_equal(w, with_override[0]) for w in with_override)
+    # the removed label is gone (but for a voxel between two other labels), the painted block is there
+    assert (with_override[0] == 61).sum() <= 0.01 * (fast == 61).sum()
+    assert (with_override[0] == 49).sum() > (fast == 49).sum() + 30
     monkeypatch.setattr(sem, "axis_aligned_map", lambda *a, **k: None)
     slow = sem.labels_from_probabilities(probs, [0, 49, 61, 100], grid.affine, ref)
     assert fast.shape == ref.shape and len(np.unique(fast)) == 4
