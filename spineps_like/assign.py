@@ -26,11 +26,14 @@ from scipy.spatial import cKDTree
 
 from spineps_like.geometry import bbox, surface_voxels
 from spineps_like.instance.centres import check_mask, check_spacing, present_ids, spine_axes
+from spineps_like.instance.geometric import unique_ints
 from spineps_like.labels import ENDPLATE_OFFSET, IVD_OFFSET, SACRUM_ID, SEMANTIC_ALIASES
 
 IVD = 100
 ENDPLATE_LIKE: tuple[int, ...] = (52, 53, 62)
 CORPUS_BONE: tuple[int, ...] = (49, 50, 51)
+_IS_CORPUS = np.zeros(256, bool)
+_IS_CORPUS[list(CORPUS_BONE)] = True
 
 
 def map_aliases(semantic: np.ndarray) -> np.ndarray:
@@ -74,18 +77,19 @@ def vertebra_order(vertebrae: np.ndarray, semantic: np.ndarray, spacing: Sequenc
     idx = np.flatnonzero((flat > 0) & (flat < IVD_OFFSET))
     if len(idx) == 0:
         return np.zeros(0, np.int64), np.zeros((0, 3)), np.zeros((0, 3))
-    coords = np.unravel_index(idx, v.shape)
-    corpus = np.isin(np.asarray(semantic).ravel()[idx], CORPUS_BONE)
-    # per (id, corpus or not): voxel counts and coordinate sums, one bincount each (the sums are exact integers)
     lab = flat[idx].astype(np.int64)
-    key, n2 = lab * 2 + corpus, 2 * (int(lab.max()) + 1)
-    cnt = np.bincount(key, minlength=n2).reshape(-1, 2)
-    sums = np.stack([np.bincount(key, weights=coords[a], minlength=n2) for a in range(3)], axis=1).reshape(-1, 2, 3)
-    c_cnt, a_cnt = cnt[:, 1], cnt.sum(axis=1)
+    a_cnt = np.bincount(lab)
     ids_all = np.flatnonzero(a_cnt)
-    c_cen = sums[:, 1] / np.maximum(c_cnt, 1)[:, None]  # centres of the corpus voxels
-    a_cen = sums.sum(axis=1) / np.maximum(a_cnt, 1)[:, None]  # centres of all voxels: the fallback
-    cen = np.where((c_cnt > 0)[:, None], c_cen, a_cen)[ids_all]
+    # centres from the corpus voxels (coordinates only of those); all voxels of a vertebra without corpus
+    corpus = np.take(_IS_CORPUS, np.asarray(semantic).ravel()[idx], mode="clip")
+    c_lab = lab[corpus]
+    c_cnt = np.bincount(c_lab, minlength=len(a_cnt))
+    c_xyz = np.unravel_index(idx[corpus], v.shape)
+    cen = np.stack([np.bincount(c_lab, weights=c_xyz[a], minlength=len(a_cnt)) for a in range(3)], axis=1)
+    cen /= np.maximum(c_cnt, 1)[:, None]
+    for i in ids_all[c_cnt[ids_all] == 0]:  # rare: a vertebra without corpus voxels
+        cen[i] = [c.sum() / a_cnt[i] for c in np.unravel_index(idx[lab == i], v.shape)]
+    cen = cen[ids_all]
     sac = ids_all == SACRUM_ID
     order = np.lexsort((cen[:, 1], sac))
     ids, cen = ids_all[order], cen[order]
@@ -141,7 +145,7 @@ def _smooth_components(comp: np.ndarray, lab: np.ndarray, min_fraction: float) -
     if len(lab) == 0:
         return lab
     base = int(lab.max()) + 1  # labels are vertebra ids (>= 0): one int64 key per (component, label) pair
-    keys, inv = np.unique(comp.astype(np.int64) * base + lab, return_inverse=True)
+    keys, inv = unique_ints(comp.astype(np.int64) * base + lab, return_inverse=True)
     pairs = np.stack([keys // base, keys % base], axis=1)
     inv = inv.reshape(-1)
     cnt = np.bincount(inv)

@@ -205,3 +205,18 @@ def test_vertebra_ids_are_the_vertebra_voxels_ids():
     inst[0, 0, :3] = [26, 99, 100]
     assert np.array_equal(vertebra_ids(inst), np.where(vertebra_voxels(inst), inst, 0))
     assert np.array_equal(vertebra_ids(inst.astype(np.uint16).clip(0)), np.where(vertebra_voxels(inst.clip(0)), inst.clip(0), 0))
+
+
+@pytest.mark.parametrize("spread", [3, 40, 10**9])
+def test_unique_ints_equals_numpy_unique(spread):
+    """The bincount shortcut (small key ranges) and the sorting fallback (wide ones) give np.unique's outputs."""
+    from spineps_like.instance.geometric import unique_ints
+
+    rng = np.random.default_rng(spread % 97)
+    for n in (0, 1, 50, 5000):
+        keys = rng.integers(0, spread, n, dtype=np.int64)
+        ref = np.unique(keys, return_inverse=True, return_counts=True)
+        got = unique_ints(keys, return_inverse=True, return_counts=True)
+        assert all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(got, ref))
+        assert np.array_equal(unique_ints(keys), np.unique(keys))
+        assert np.array_equal(unique_ints(keys, return_counts=True)[1], ref[2])

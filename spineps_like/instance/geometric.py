@@ -81,12 +81,28 @@ def _face_neighbours(a: np.ndarray, b: np.ndarray, semantic: np.ndarray | None =
     return cat(xs), cat(ys), *((None, None) if semantic is None else (cat(gx), cat(gy)))
 
 
+def unique_ints(keys: np.ndarray, *, return_inverse: bool = False, return_counts: bool = False):
+    """``np.unique`` of non-negative integer keys (flat), with the same outputs: by one ``bincount`` when the keys'
+    range is at most a few times their number (label pairs, component x vertebra keys), without sorting."""
+    keys = np.asarray(keys).reshape(-1)
+    if len(keys) == 0 or keys.min() < 0 or keys.max() > 4 * len(keys) + 4096:
+        return np.unique(keys, return_inverse=return_inverse, return_counts=return_counts)
+    counts = np.bincount(keys)
+    present = np.flatnonzero(counts).astype(keys.dtype, copy=False)
+    out = [present]
+    if return_inverse:
+        out.append((np.cumsum(counts > 0) - 1)[keys])
+    if return_counts:
+        out.append(counts[present])
+    return out[0] if len(out) == 1 else tuple(out)
+
+
 def count_pairs(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Unique ``(x, y)`` pairs (sorted by x, then y) with their counts."""
     if len(x) == 0:
         return x, y, np.zeros(0, np.int64)
     base = int(y.max()) + 1
-    keys, counts = np.unique(x * base + y, return_counts=True)
+    keys, counts = unique_ints(x * base + y, return_counts=True)
     return keys // base, keys % base, counts.astype(np.int64)
 
 
