@@ -384,7 +384,7 @@ def _most_probable(labels: Sequence[int], maps) -> np.ndarray:
 
 
 #: Above this share of voxels in mixed cells, :func:`labels_from_probabilities` interpolates a slab whole.
-SPARSE_RESTORE_SHARE = 0.25
+SPARSE_RESTORE_SHARE = 0.5
 
 
 def _uniform_cells(labels: np.ndarray) -> np.ndarray:
@@ -444,6 +444,20 @@ def _interpolate_corners(v: np.ndarray, weights: list[np.ndarray], order: Sequen
     return v
 
 
+def _most_probable_at(n: int, labels: Sequence[int], maps) -> np.ndarray:
+    """As :func:`_most_probable` for ``n`` points, each label's map given on a subset of them as ``(points, values)``
+    (``points`` an index array or ``slice(None)``); a label absent at a point cannot win there."""
+    top = np.full(n, -np.inf, dtype=np.float32)
+    out = np.zeros(n, dtype=np.uint8)
+    for lab, (points, v) in zip(labels, maps):
+        idx = np.arange(n)[points]
+        take = v > top[idx]
+        idx = idx[take]
+        top[idx] = v[take]
+        out[idx] = lab
+    return out
+
+
 def labels_from_probabilities(
     probabilities: np.ndarray,
     channel_labels: Sequence[int],
@@ -454,6 +468,7 @@ def labels_from_probabilities(
     argmax: np.ndarray | None = None,
     margin: int = 2,
     threads: int = 1,
+    normalized: bool = False,
 ) -> np.ndarray:
     """Semantic labels on ``reference``'s grid from class probabilities on a model grid.
 
@@ -474,6 +489,8 @@ def labels_from_probabilities(
         before clean-up); computed here otherwise.
     margin : model-grid voxels around the foreground's bounding box that are interpolated; outside is background.
     threads : the reference grid's box is split into this many slabs, interpolated in parallel (same values).
+    normalized : the probabilities sum to 1 at every voxel (softmax, not region-based sigmoids): a label is then
+        interpolated only where it reaches 0.9 / (number of labels) at a corner of the voxel's cell (same labels).
 
     Returns
     -------
@@ -487,6 +504,8 @@ def labels_from_probabilities(
     labels = np.unique(channel_labels)
     if labels[0] != 0:
         labels = np.concatenate([[0], labels])
+    label_index = np.zeros(max(256, int(labels[-1]) + 1), dtype=np.intp)  # label -> its position in labels
+    label_index[labels] = np.arange(len(labels))
     per_label = []  # one probability map per label: a view of its channel, or the sum of its channels
     for lab in labels:
         idx = np.flatnonzero(channel_labels == lab)
@@ -561,11 +580,12 @@ def labels_from_probabilities(
                     at = [[a[at[ax]] for a in w_slab[ax]] for ax in range(3)]  # (lower, upper, weight) per point
                     corners: dict[tuple[int, ...], np.ndarray] = {}  # offsets per memory layout of the maps
 
-                    def corner_values(v: np.ndarray) -> np.ndarray:
+                    def corner_values(v: np.ndarray, points: np.ndarray | slice = slice(None)) -> np.ndarray:
+                        """``v`` (a map on ``src``) at the 8 cell corners ``(2, 2, 2, m)`` of the mixed voxels."""
                         flat, strides = _flat_view(v)
                         if strides not in corners:
                             corners[strides] = _corner_offsets(at, strides)
-                        return np.take(flat, corners[strides])
+                        return np.take(flat, corners[strides][..., points])
 
                     # the clean-up's decisions at the corners: 1 for the label it set, 0 for the others
                     forced = None if changed is None else corner_values(changed[src])
@@ -573,15 +593,31 @@ def labels_from_probabilities(
                         forced_label = corner_values(override[src])
                     else:
                         forced = None
+                    candidates = None
+                    if normalized and len(labels) <= 64:
+                        # a label under 0.9 / n at all 8 corners of a cell stays under it inside the cell, where the
+                        # winner holds at least 1 / n (n labels whose probabilities sum to 1): per voxel, only the
+                        # labels reaching that at a corner of its cell are interpolated
+                        floor = np.float32(0.9 / len(labels))
+                        bits = np.zeros(tuple(sl.stop - sl.start for sl in src), np.uint64)
+                        for j, p in enumerate(per_label):
+                            np.bitwise_or(bits, np.uint64(1 << j), out=bits, where=p[src] >= floor)
+                        if changed is not None:
+                            ch = changed[src]
+                            bits[ch] = np.left_shift(np.uint64(1), label_index[override[src][ch]].astype(np.uint64))
+                        candidates = np.bitwise_or.reduce(corner_values(bits).reshape(8, -1), axis=0)
 
-                    def at_mixed(lab: int, p: np.ndarray) -> np.ndarray:
-                        v = corner_values(p[src])
+                    def at_mixed(j: int, lab: int, p: np.ndarray) -> tuple[np.ndarray | slice, np.ndarray]:
+                        """The mixed voxels where label ``lab`` may win and its interpolated probability there."""
+                        points = slice(None) if candidates is None else np.flatnonzero(candidates & np.uint64(1 << j))
+                        v = corner_values(p[src], points)
                         if forced is not None:
-                            v = np.where(forced, forced_label == lab, v).astype(np.float32, copy=False)
-                        return _interpolate_corners(v, [a[2] for a in at], order)
+                            v = np.where(forced[..., points], forced_label[..., points] == lab, v).astype(
+                                np.float32, copy=False)
+                        return points, _interpolate_corners(v, [a[2][points] for a in at], order)
 
-                    labs.reshape(-1)[mixed] = _most_probable(labels, (at_mixed(lab, p)
-                                                                      for lab, p in zip(labels, per_label)))
+                    labs.reshape(-1)[mixed] = _most_probable_at(len(mixed), labels, (
+                        at_mixed(j, lab, p) for j, (lab, p) in enumerate(zip(labels, per_label))))
                 sub[index] = labs
 
             in_slabs(sub.shape, threads, slab)
@@ -699,7 +735,8 @@ def predict_semantic(
     tic = time.perf_counter()
     if probabilities is not None:
         out = Scan(labels_from_probabilities(probabilities, model.lut, label_affine, scan, override=labels,
-                                             argmax=network_labels, threads=torch.get_num_threads()), scan.affine)
+                                             argmax=network_labels, threads=torch.get_num_threads(),
+                                             normalized=not model.nnunet.label_manager.has_regions), scan.affine)
         del probabilities
     else:
         out = to_input_grid(Scan(labels, grid.affine), scan)

@@ -308,13 +308,15 @@ def test_labels_from_probabilities_equals_whole_volume_interpolation(monkeypatch
     cleaned[network == 61] = 0  # the clean-up removed a label ...
     cleaned[8:12, 10:14, 2:5] = 49  # ... and painted one
     with_override = []
-    for share in (0.0, 1.0):
+    # normalized: labels far below the winner at every corner of a cell are not interpolated there
+    for share, normalized in ((0.0, False), (1.0, False), (1.0, True)):
         monkeypatch.setattr(sem, "SPARSE_RESTORE_SHARE", share)
         for threads in (1, 2, 3):
             assert np.array_equal(sem.labels_from_probabilities(strided, [0, 49, 61, 100], grid.affine, ref,
-                                                                threads=threads), fast)
+                                                                threads=threads, normalized=normalized), fast)
             with_override.append(sem.labels_from_probabilities(strided, [0, 49, 61, 100], grid.affine, ref,
-                                                               override=cleaned, threads=threads))
+                                                               override=cleaned, threads=threads,
+                                                               normalized=normalized))
     assert all(np.array_equal(w, with_override[0]) for w in with_override)
     # the removed label is gone (but for a voxel between two other labels), the painted block is there
     assert (with_override[0] == 61).sum() <= 0.01 * (fast == 61).sum()
