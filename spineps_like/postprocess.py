@@ -554,13 +554,21 @@ def postprocess(
     # from the final vertebrae; the others keep theirs. A disc above the topmost vertebra names the one out of view
     # (top id - 1, see assign_ivds_endplates): that one is right as it is
     disc_or_endplate = (ins >= IVD_OFFSET) & (ins < 300)
-    named = np.where(disc_or_endplate, ins % 100, 0)  # 100 + v, 200 + v -> v
-    stale = disc_or_endplate & ~np.isin(named, present_ids(ins[vertebra_voxels(ins)]))
-    if stale.any():
+    de_index = np.flatnonzero(disc_or_endplate)
+    de_ids = flat_ins[de_index]
+    # 100 + v, 200 + v -> v; the sacrum's endplate (226) names the sacrum, which counts when it is there (a disc
+    # "below the sacrum", 126, names nothing)
+    named_present = np.isin(de_ids % 100, present_ids(ins[vertebra_voxels(ins)]))
+    if (flat_ins == SACRUM_ID).any():
+        named_present |= de_ids == ENDPLATE_OFFSET + SACRUM_ID
+    stale_index = de_index[~named_present]
+    if len(stale_index):
         top = _spine_order(ins, s, sp)[0][:1]
         if len(top):
-            stale &= ins != IVD_OFFSET + top[0] - 1
-    if stale.any():
+            stale_index = stale_index[flat_ins[stale_index] != IVD_OFFSET + top[0] - 1]
+    if len(stale_index):
+        stale = np.zeros(ins.shape, bool)
+        _flat(stale)[stale_index] = True
         # only the stale voxels are targets: the other discs and endplates are hidden from the assignment (it reads
         # the vertebra ids of ins and the bone of s)
         full, _ = assign_ivds_endplates(np.where(disc_or_endplate & ~stale, 0, s), ins, sp)

@@ -270,3 +270,32 @@ def test_discs_and_endplates_follow_when_a_vertebra_disappears():
     assert others.any() and np.array_equal(i[others], bad[others])
     assert rep.reassigned_discs_endplates == np.count_nonzero((bad == 121) | (bad == 221))
     _assert_invariants(s, i)
+
+
+def test_sacrum_endplate_names_the_sacrum_and_a_disc_below_it_names_nothing(monkeypatch):
+    """Step 8 reassigns discs and endplates whose vertebra is gone. The sacrum's endplate (226) names the sacrum, so it
+    stays as it is while the sacrum is there; a disc 'below the sacrum' (126) names nothing and is reassigned."""
+    import spineps_like.postprocess as pp
+
+    sem, inst, sp = _spine(ids=[20, 21, 22], endplates=True)
+    sem, inst = sem.copy(), inst.copy()
+    # the bottom vertebra becomes the sacrum: its body is sacrum bone, its endplates the sacrum's, its arch gone
+    arch = (inst == 22) & (sem != 49)
+    sem[arch], inst[arch] = 0, 0
+    body = (inst == 22) & (sem == 49)
+    sem[body], inst[body] = 26, 26
+    inst[inst == 222] = 226
+    assert (inst == 226).any() and (inst == 121).any()
+    calls = []
+    real = pp.assign_ivds_endplates
+    monkeypatch.setattr(pp, "assign_ivds_endplates", lambda *a, **k: calls.append(1) or real(*a, **k))
+    s, i, rep = postprocess(sem, inst, sp)
+    assert not calls and rep.reassigned_discs_endplates == 0  # nothing stale: no reassignment ran
+    assert np.array_equal(i[inst == 226], inst[inst == 226])
+    # a disc voxel named after the sacrum is stale: reassigned to a vertebra that is there
+    bad = inst.copy()
+    disc = np.flatnonzero(bad == 121)[:5]
+    bad.reshape(-1)[disc] = 126
+    s, i, rep = postprocess(sem, bad, sp)
+    assert calls and not (i == 126).any() and set(np.unique(i.reshape(-1)[disc]).tolist()) <= {120, 121}
+    _assert_invariants(s, i)
