@@ -44,21 +44,10 @@ malloc = tune_allocator()  # as the command line and cohort workers do (SPINEPS_
 from spineps_like.phantom import make_phantom
 from spineps_like.pipeline import segment
 fov, seed, method = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-net = {"depth": 0, "t": 0.0, "s": 0.0}
-calls = []  # (network class, input shape) of every outermost forward call
-def _pre(m, a):
-    if net["depth"] == 0:
-        calls.append((type(m).__name__, tuple(a[0].shape)))
-        net["t"] = time.perf_counter()
-    net["depth"] += 1
-def _post(m, a, o):
-    net["depth"] -= 1
-    if net["depth"] == 0:
-        net["s"] += time.perf_counter() - net["t"]
-torch.nn.modules.module.register_module_forward_pre_hook(_pre)
-torch.nn.modules.module.register_module_forward_hook(_post)
+sys.path.insert(0, "benchmarks")
+from forward_timer import ForwardTimer
+net = ForwardTimer()  # time in the outermost forward calls; calls: (network class, input shape) of each
 if fov == "sagittal512":
-    sys.path.insert(0, "benchmarks")
     from semantic_speed import make_scan
     image = make_scan(seed)
 else:
@@ -66,24 +55,24 @@ else:
 t0 = time.perf_counter()
 r = segment(image, instance_method=method)
 total = time.perf_counter() - t0
-first_net, n_calls = net["s"], len(calls)
+first_net, n_calls = net.seconds, len(net.calls)
 hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))  # the first scan's peak
 # the same scan again in the same process: what each later scan of a cohort worker costs (warm caches, primitives);
 # REPEATS times, and the run with the median overhead share is reported (a shared machine's noise is +-10%)
 later = []
 for _ in range(int(sys.argv[5])):
-    net["s"] = 0.0
+    net.seconds = 0.0
     t0 = time.perf_counter()
     r2 = segment(image, instance_method=method)
-    later.append({"total_s": time.perf_counter() - t0, "network_s": net["s"], "phases_s": dict(r2.timings),
+    later.append({"total_s": time.perf_counter() - t0, "network_s": net.seconds, "phases_s": dict(r2.timings),
                   "semantic_steps_s": r2.settings.get("semantic_timings_s", {})})
 def _share(w):
     loaded = w["total_s"] - w["semantic_steps_s"].get("load", 0.0) - w["phases_s"].get("load_instance_model", 0.0)
     return (loaded - w["network_s"]) / loaded
 later.sort(key=_share)
 second = dict(later[len(later) // 2], repeats=len(later), shares=[round(_share(w), 4) for w in later])
-net["s"] = first_net
-del calls[n_calls:]
+net.seconds = first_net
+del net.calls[n_calls:]
 wide_s = None
 if sys.argv[4] == "wide":
     # the same forward calls through networks as wide as SPINEPS' (random weights)
@@ -98,20 +87,19 @@ if sys.argv[4] == "wide":
     pm = PlansManager(plans)
     wide = {"PlainConvUNet": build_network(pm, pm.get_configuration("3d_fullres"), sm.dataset_json).eval(),
             "Unet3D": Unet3D(dim=16).eval()}
-    torch.nn.modules.module._global_forward_pre_hooks.clear()
-    torch.nn.modules.module._global_forward_hooks.clear()
+    net.remove()
     wide_s = 0.0
     with torch.inference_mode():
-        for name, shape in calls:
+        for name, shape in net.calls:
             x = torch.randn(shape) if name == "PlainConvUNet" else torch.nn.functional.one_hot(
                 torch.randint(0, 10, (shape[0], *shape[2:])), 10).permute(0, 4, 1, 2, 3).float()
             tic = time.perf_counter()
             wide[name](x)
             wide_s += time.perf_counter() - tic
 print(json.dumps({"fov": fov, "seed": seed, "method": method, "shape": list(image.shape),
-                  "spacing": [round(s, 3) for s in image.spacing], "total_s": total, "network_s": net["s"],
+                  "spacing": [round(s, 3) for s in image.spacing], "total_s": total, "network_s": net.seconds,
                   "phases_s": dict(r.timings), "semantic_steps_s": r.settings.get("semantic_timings_s", {}),
-                  "peak_rss_mb": hwm / 1024, "malloc_tuning": malloc, "network_calls": len(calls),
+                  "peak_rss_mb": hwm / 1024, "malloc_tuning": malloc, "network_calls": len(net.calls),
                   "wide_network_s": wide_s, "second_scan": second}))
 """
 
