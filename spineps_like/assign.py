@@ -24,7 +24,7 @@ import cc3d
 import numpy as np
 from scipy.spatial import cKDTree
 
-from spineps_like.geometry import bbox, surface_voxels
+from spineps_like.geometry import bbox, surface_voxels, voxel_coords
 from spineps_like.instance.centres import check_mask, check_spacing, present_ids, spine_axes
 from spineps_like.instance.geometric import unique_ints
 from spineps_like.labels import ENDPLATE_OFFSET, IVD_OFFSET, SACRUM_ID, SEMANTIC_ALIASES
@@ -123,7 +123,7 @@ def _nearest_corpus(corpus_seed: np.ndarray, targets: np.ndarray, sp: np.ndarray
         box = bbox(targets | (corpus_seed > 0), margin=1)
         seeds = corpus_seed[box]
     origin = np.array([s.start for s in box])
-    t = np.argwhere(targets[box])
+    t = voxel_coords(targets[box])
     fg = seeds > 0
     if not fg.any():
         return np.zeros(len(t), np.int64), t + origin, t + origin, box

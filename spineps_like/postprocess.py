@@ -456,26 +456,30 @@ def postprocess(
     # 6: stray pieces of vertebra instances (not the main body): small crumbs first join whatever surrounds them,
     # then larger pieces join the main body of another vertebra they touch (never through a facet joint)
     min_crumb = max(1, int(np.ceil(min_piece_mm3 / vox_mm3)))
+    current = False  # whether the pieces below describe ins as it is (the second pass reuses the first's)
     for crumbs in (True, False):
-        vmask = vertebra_ids(ins)
-        pieces = cc3d.connected_components(vmask, connectivity=26)
-        nz = np.flatnonzero(pieces)  # pieces and vmask are fresh C-ordered arrays: flat views, no copies
-        if len(nz) == 0:
-            break
-        pv = pieces.reshape(-1)[nz].astype(np.int64)
-        counts = np.bincount(pv)
-        piece_ids = np.arange(len(counts))
-        piece_inst = np.zeros(len(counts), dtype=np.int64)
-        piece_inst[pv] = vmask.reshape(-1)[nz]
-        main = np.zeros(int(piece_inst.max()) + 1, dtype=np.int64)
-        order = np.lexsort((counts[1:], piece_inst[1:]))  # per instance, largest last
-        main[piece_inst[1:][order]] = piece_ids[1:][order]
-        is_stray = np.zeros(len(counts), bool)
-        is_stray[1:] = main[piece_inst[1:]] != piece_ids[1:]
+        if not current:
+            vmask = vertebra_ids(ins)
+            pieces = cc3d.connected_components(vmask, connectivity=26)
+            nz = np.flatnonzero(pieces)  # pieces and vmask are fresh C-ordered arrays: flat views, no copies
+            if len(nz) == 0:
+                break
+            pv = pieces.reshape(-1)[nz].astype(np.int64)
+            counts = np.bincount(pv)
+            piece_ids = np.arange(len(counts))
+            piece_inst = np.zeros(len(counts), dtype=np.int64)
+            piece_inst[pv] = vmask.reshape(-1)[nz]
+            main = np.zeros(int(piece_inst.max()) + 1, dtype=np.int64)
+            order = np.lexsort((counts[1:], piece_inst[1:]))  # per instance, largest last
+            main[piece_inst[1:][order]] = piece_ids[1:][order]
+            not_main = np.zeros(len(counts), bool)
+            not_main[1:] = main[piece_inst[1:]] != piece_ids[1:]
+            current = True
         if crumbs:
-            is_stray &= counts < min_crumb
+            is_stray = not_main & (counts < min_crumb)
             partner = vmask
         else:
+            is_stray = not_main
             is_main = np.zeros(len(counts), bool)
             is_main[main[main > 0]] = True
             partner = vmask.copy()
@@ -489,7 +493,9 @@ def postprocess(
         a_ids, b_ids, n = facet_free_contacts(stray_img[near], partner[near], s[near])
         other = b_ids != piece_inst[a_ids]
         owner = dominant_partner(a_ids[other], b_ids[other], n[other], 1.0)
-        rep.stray_relabelled += _relabel_components(stray_img, owner, ins)
+        moved = _relabel_components(stray_img, owner, ins)
+        rep.stray_relabelled += moved
+        current = current and moved == 0
 
     rep.lap("6_stray")
     # 6b: a piece of the end vertebra beyond its corpus, cut off by the field of view, is the next vertebra's

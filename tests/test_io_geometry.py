@@ -367,3 +367,14 @@ def test_cubic_resampling_one_axis_at_a_time(shift):
     scale, offset, shape = np.array([2.4, 1.3, 1.0]), np.array([1.1, -0.2, shift]), (13, 31, 9)
     ref = ndimage.affine_transform(arr, scale, offset, output_shape=shape, order=3, mode="nearest")
     np.testing.assert_allclose(separable_cubic_resample(arr, scale, offset, shape), ref, rtol=1e-6, atol=1e-4)
+
+def test_voxel_coords_is_argwhere():
+    """The flat-index route gives np.argwhere's coordinates, order, shape and dtype (empty, full, 1-D to 4-D)."""
+    from spineps_like.geometry import voxel_coords
+
+    rng = np.random.default_rng(3)
+    for shape in [(5,), (4, 6), (7, 8, 9), (2, 3, 4, 5), (0, 3, 4), (3, 1, 2)]:
+        for p in (0.0, 0.3, 1.0):
+            m = (rng.random(shape) < p) * rng.integers(1, 5, shape)
+            got, ref = voxel_coords(m), np.argwhere(m)
+            assert got.shape == ref.shape and got.dtype == ref.dtype and np.array_equal(got, ref)

@@ -32,7 +32,7 @@ import fastremap
 import numpy as np
 from scipy import ndimage as ndi
 
-from spineps_like.geometry import bbox
+from spineps_like.geometry import bbox, voxel_coords
 
 #: Semantic labels counted as corpus when looking for vertebral bodies.
 CORPUS_LIKE: tuple[int, ...] = (49, 50, 51, 52, 53, 62)
@@ -173,7 +173,7 @@ class _Pieces:
 def _pieces(labels: np.ndarray, sp: np.ndarray, full_shape_axis1: tuple[int, int], reach: int = 1,
             body_fraction: float = 0.5) -> _Pieces:
     """Geometry of every piece of ``labels`` (crop, labels 1..K sorted top to bottom) in one vectorised pass."""
-    coords = np.argwhere(labels > 0)
+    coords = voxel_coords(labels > 0)
     lab = labels[tuple(coords.T)].astype(np.int64)
     k = int(labels.max(initial=0))
     counts = np.bincount(lab, minlength=k + 1)[1:].astype(np.int64)
