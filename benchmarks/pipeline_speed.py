@@ -66,11 +66,9 @@ for _ in range(int(sys.argv[5])):
     r2 = segment(image, instance_method=method)
     later.append({"total_s": time.perf_counter() - t0, "network_s": net.seconds, "phases_s": dict(r2.timings),
                   "semantic_steps_s": r2.settings.get("semantic_timings_s", {})})
-def _share(w):
-    loaded = w["total_s"] - w["semantic_steps_s"].get("load", 0.0) - w["phases_s"].get("load_instance_model", 0.0)
-    return (loaded - w["network_s"]) / loaded
-later.sort(key=_share)
-second = dict(later[len(later) // 2], repeats=len(later), shares=[round(_share(w), 4) for w in later])
+from pipeline_speed import _overhead_share
+later.sort(key=_overhead_share)
+second = dict(later[len(later) // 2], repeats=len(later), shares=[round(_overhead_share(w), 4) for w in later])
 net.seconds = first_net
 del net.calls[n_calls:]
 wide_s = None

@@ -562,11 +562,11 @@ def postprocess(
     disc_or_endplate = (ins >= IVD_OFFSET) & (ins < 300)
     de_index = np.flatnonzero(disc_or_endplate)
     de_ids = flat_ins[de_index]
-    # 100 + v, 200 + v -> v; the sacrum's endplate (226) names the sacrum, which counts when it is there (a disc
-    # "below the sacrum", 126, names nothing)
-    named_present = np.isin(de_ids % 100, present_ids(ins[vertebra_voxels(ins)]))
-    if (flat_ins == SACRUM_ID).any():
-        named_present |= de_ids == ENDPLATE_OFFSET + SACRUM_ID
+    # 100 + v, 200 + v -> v, among the vertebrae and the sacrum present: the sacrum's endplate (226) names the
+    # sacrum, a disc "below the sacrum" (126) names nothing
+    named = de_ids % 100
+    named_present = (np.isin(named, present_ids(ins[(ins > 0) & (ins < IVD_OFFSET)]))
+                     & ((named != SACRUM_ID) | (de_ids >= ENDPLATE_OFFSET)))
     stale_index = de_index[~named_present]
     if len(stale_index):
         top = _spine_order(ins, s, sp)[0][:1]
