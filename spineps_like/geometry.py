@@ -35,6 +35,14 @@ def reorient(scan: Scan, axcodes: str = "PIR") -> Scan:
     return Scan(np.ascontiguousarray(arr), affine, scan.path)
 
 
+def oriented_view(array: np.ndarray, affine: np.ndarray, axcodes: str = "PIR") -> np.ndarray:
+    """``array`` (on the grid of ``affine``) with its axes pointing to ``axcodes``, as a view (flips and a transpose)
+    that writes through: what :func:`reorient` copies. Writing a box of a reoriented result back this way moves only
+    the box, not the whole volume."""
+    transform = nio.ornt_transform(nio.io_orientation(affine), nio.axcodes2ornt(tuple(axcodes)))
+    return nio.apply_orientation(array, transform)
+
+
 def reoriented_grid(shape: Sequence[int], affine: np.ndarray, axcodes: str) -> tuple[tuple[int, ...], np.ndarray]:
     """The (shape, affine) :func:`reorient` gives a grid, without touching any array."""
     transform = nio.ornt_transform(nio.io_orientation(affine), nio.axcodes2ornt(tuple(axcodes)))

@@ -15,7 +15,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from spineps_like.geometry import bbox, clamp_spacing, reorient, rescale, resample_to
+from spineps_like.geometry import bbox, clamp_spacing, oriented_view, reorient, rescale, resample_to
 from spineps_like.io import Scan, atomic_write_json, derivative_name, derivatives_dir, load_scan
 from spineps_like.labels import VERTEBRA_LABELS
 
@@ -163,14 +163,12 @@ def instance_phase(semantic: Scan, *, method: str = "network", model: Any = None
             notes.append(f"labelling: {int(dropped.sum())} voxels without an anatomical instance (a disc above C1) "
                          "removed from both masks")
         instance = labelled
-    with timings.phase("restore"):
-        sem_full = np.zeros(sem_pir.shape, sem_arr.dtype)
-        sem_full[box] = sem_arr
-        ins_full = np.zeros(sem_pir.shape, instance.dtype)
-        ins_full[box] = instance
-        sem_out = reorient(Scan(sem_full, sem_pir.affine, semantic.path), semantic.orientation)
-        ins_out = reorient(Scan(ins_full, sem_pir.affine, semantic.path), semantic.orientation)
-    return sem_out, ins_out, labeling
+    with timings.phase("restore"):  # the box goes straight into the input's orientation: no whole-volume copy
+        sem_full = np.zeros(semantic.shape, sem_arr.dtype)
+        oriented_view(sem_full, semantic.affine, "PIR")[box] = sem_arr
+        ins_full = np.zeros(semantic.shape, instance.dtype)
+        oriented_view(ins_full, semantic.affine, "PIR")[box] = instance
+    return Scan(sem_full, semantic.affine, semantic.path), Scan(ins_full, semantic.affine, semantic.path), labeling
 
 
 def _network_vertebrae(sem_pir: Scan, model: Any, box: tuple[slice, ...], *, device: str, amp: bool,

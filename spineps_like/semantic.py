@@ -25,6 +25,7 @@ from typing import Sequence
 import cc3d
 import fill_voids
 import numpy as np
+from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from spineps_like.geometry import (
@@ -132,16 +133,18 @@ def n4_bias_correction(
 def _remove_small_components(mask: np.ndarray, labels: Sequence[int], min_voxels: int) -> int:
     """In place: drop 6-connected components of ``labels`` smaller than ``min_voxels``. Returns voxels removed."""
     cc = cc3d.connected_components(mask, connectivity=6)  # multi-label: one component never mixes labels
-    counts = np.bincount(cc.ravel())
-    comp_label = np.zeros(len(counts), dtype=mask.dtype)
-    comp_label[cc.ravel()] = mask.ravel()
-    drop = (counts < min_voxels) & np.isin(comp_label, labels)
-    drop[0] = False
-    if not drop.any():
+    small = np.bincount(cc.ravel()) < min_voxels
+    small[0] = False
+    if not small.any():
         return 0
-    hit = drop[cc]
+    # a component is one label, so "a small component of one of the labels" is decided voxel by voxel
+    top = np.iinfo(mask.dtype).max if mask.dtype.itemsize == 1 else int(mask.max())
+    of_labels = np.zeros(max(top, *labels, 0) + 1, bool)
+    of_labels[list(labels)] = True
+    hit = small[cc]
+    hit &= of_labels[mask]
     mask[hit] = 0
-    return int(hit.sum())
+    return int(np.count_nonzero(hit))
 
 
 def _component_surfaces(cc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -246,9 +249,8 @@ def _spine_region(mask: np.ndarray, spacing: Sequence[float], margin_mm: float, 
     cc, n = cc3d.connected_components(mask > 0, connectivity=26, return_N=True)
     if n <= 1:
         return 0
-    stats = cc3d.statistics(cc)
-    counts = np.asarray(stats["voxel_counts"])[1:]
-    boxes = stats["bounding_boxes"][1:]
+    counts = np.bincount(cc.ravel(), minlength=n + 1)[1:]
+    boxes = ndimage.find_objects(cc, max_label=n)  # voxel counts and boxes only: cc3d.statistics adds centroids
     lo = np.array([[s.start for s in b] for b in boxes], dtype=float)
     hi = np.array([[s.stop for s in b] for b in boxes], dtype=float)
     grow = np.array([margin_mm / s for s in spacing])
@@ -275,10 +277,15 @@ def _spine_region(mask: np.ndarray, spacing: Sequence[float], margin_mm: float, 
 def _fill_holes(mask: np.ndarray, labels: Sequence[int]) -> int:
     """In place: fill 3D holes of each label, background voxels only. Returns voxels filled."""
     filled_total = 0
+    if not len(labels):
+        return 0
+    # every label's bounding box in one pass; filling one label's holes (inside its box, on background) moves no other
+    boxes = ndimage.find_objects(mask, max_label=max(labels)) if mask.size else []
     for lab in labels:
-        box = bbox(mask == lab, margin=1)
-        if box is None:
+        tight = boxes[lab - 1] if lab <= len(boxes) else None
+        if tight is None:
             continue
+        box = tuple(slice(max(0, s.start - 1), min(n, s.stop + 1)) for s, n in zip(tight, mask.shape))
         sub = mask[box]
         filled = fill_voids.fill(sub == lab, in_place=False)
         new = filled & (sub == 0)

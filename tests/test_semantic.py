@@ -494,3 +494,52 @@ def test_batched_sliding_window_equals_nnunets_tile_by_tile(model, mirroring):
     single = nnUNetPredictor._internal_predict_sliding_window_return_logits(ref, data, slicers, False)
     trusted = (wsum > 0.5 * wsum.max()).expand_as(exact)
     torch.testing.assert_close(single.double()[trusted], exact[trusted], rtol=1e-2, atol=1e-2)
+
+
+def test_network_grid_probabilities_are_nnunets_softmax(model, monkeypatch):
+    """The softmax written over the sliding window's logits (a cropped view of its padded accumulator, as nnU-Net
+    returns it) equals nnU-Net's own ``apply_inference_nonlin`` on a copy, bit for bit; the labels are its argmax."""
+    import torch
+
+    rng = np.random.default_rng(3)
+    kept = {}
+
+    class FakePredictor:
+        @torch.inference_mode()  # as nnU-Net's sliding window: the logits are inference tensors
+        def predict_logits_from_preprocessed_data(self, data):
+            padded = torch.from_numpy(rng.normal(0, 4, (len(model.lut), *(n + 2 for n in data.shape[1:])))
+                                      .astype(np.float32))
+            logits = padded[:, 1:-1, 1:-1, 1:-1]  # a strided view, as after nnU-Net's padding is cropped away
+            kept["logits"] = logits.clone()
+            return logits
+
+    monkeypatch.setattr(model.nnunet, "predictor", lambda *a, **k: FakePredictor())
+    grid = to_model_grid(_ras_scan(), "PIR", model.config.resolution_range)
+    labels, probs, _ = model.predict_network_grid(grid.array, grid.spacing, grid.affine)
+    expected = model.nnunet.label_manager.apply_inference_nonlin(kept["logits"]).numpy()
+    # back to nnU-Net's axis order (predict_network_grid returns the model grid's): model axis m is nnU-Net's 2 - m
+    tf = list(model.nnunet.plans_manager.transpose_forward)
+    axes = [tf.index(2 - m) for m in range(3)]
+    np.testing.assert_array_equal(probs, expected.transpose(0, *(1 + t for t in axes)))
+    assert np.array_equal(labels, model.lut[np.argmax(probs, axis=0)])
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_small_components_go_only_for_the_listed_labels(dtype):
+    """Rule 1 alone: a small component goes when its label is listed, stays when it is not (whatever the mask's
+    dtype, labels above 255 included); big components stay."""
+    m = np.zeros((30, 30, 30), dtype)
+    m[2:12, 2:12, 2:12] = 49  # big, listed
+    m[20:22, 20:21, 20:21] = 41  # small, listed
+    m[25:27, 5:6, 5:6] = 60  # small, not listed
+    m[15, 15, 15] = 49  # small, listed, one voxel
+    if dtype == np.uint16:
+        m[5, 25, 25] = 300  # small, not listed
+    out = clean_semantic(m, (1.0, 1.0, 1.0), min_volume_mm3=5, small_labels=(41, 49), canal_gap_mm=None,
+                         column_canal_mm=None, arch_canal_mm=None, keep_spine_region=False, fill_labels=(),
+                         stats=(st := {}))
+    assert st["small_removed"] == 3 and st["holes_filled"] == 0
+    assert not out[20:22, 20, 20].any() and out[15, 15, 15] == 0
+    assert (out[25:27, 5, 5] == 60).all() and (out[2:12, 2:12, 2:12] == 49).all()
+    if dtype == np.uint16:
+        assert out[5, 25, 25] == 300

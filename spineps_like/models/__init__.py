@@ -136,6 +136,7 @@ class SemanticModel:
         and that grid's affine (nnU-Net's resampling maps voxel centres as ``src = (dst + 0.5) * n_src / n_dst - 0.5``).
         """
         import torch
+        from nnunetv2.utilities.helpers import softmax_helper_dim0
 
         predictor, img, props = self._nnunet_input(array, spacing, folds, step_size, mirroring)
         pm, cm = self.nnunet.plans_manager, self.nnunet.image_configuration_manager  # no segmentation resampled
@@ -143,7 +144,12 @@ class SemanticModel:
         data, _, props = preprocessor.run_case_npy(img, None, props, pm, cm, self.nnunet.dataset_json)
         with self._autocast(amp):
             logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).cpu().float()
-        probs = torch.as_tensor(self.nnunet.label_manager.apply_inference_nonlin(logits), dtype=torch.float32)
+        lm = self.nnunet.label_manager
+        if lm.inference_nonlin is softmax_helper_dim0 and logits.dtype == torch.float32:
+            with torch.inference_mode():  # the logits are inference tensors
+                probs = torch.softmax(logits, 0, out=logits)  # nnU-Net's softmax, over the logits: no second volume
+        else:
+            probs = torch.as_tensor(lm.apply_inference_nonlin(logits), dtype=torch.float32)
         del logits
         # nnU-Net axis t is input axis transpose_forward[t]; input axis a is model-grid axis 2 - a
         tf = list(pm.transpose_forward)
