@@ -29,12 +29,12 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", type=Path, default=HERE / "results")
     args = ap.parse_args(argv)
+    from spineps_like.runtime import tune_allocator
+
+    malloc = tune_allocator()  # before torch loads, as in the command line (torch's huge pages, see runtime)
     import torch
 
     torch.set_num_threads(2)
-    from spineps_like.runtime import tune_allocator
-
-    malloc = tune_allocator()
     from forward_timer import ForwardTimer
     from run import CASES  # the side-by-side benchmark's held-out phantoms
 

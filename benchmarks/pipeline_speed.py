@@ -37,10 +37,11 @@ ROOT = Path(__file__).resolve().parents[1]
 CASES = [("lumbar", 900100), ("whole", 900101), ("sagittal512", 0)]
 
 CHILD = r"""
-import json, sys, time, torch
-torch.set_num_threads(2)
+import json, sys, time
 from spineps_like.runtime import tune_allocator
 malloc = tune_allocator()  # as the command line and cohort workers do (SPINEPS_LIKE_MALLOC_TUNING=0: glibc defaults)
+import torch
+torch.set_num_threads(2)
 from spineps_like.phantom import make_phantom
 from spineps_like.pipeline import segment
 fov, seed, method = sys.argv[1], int(sys.argv[2]), sys.argv[3]

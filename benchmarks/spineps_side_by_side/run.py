@@ -76,11 +76,10 @@ def peak_rss_mb() -> float:
 def ours_worker(image: str, sem_dir: str, inst_dir: str, out_dir: str, *, mirroring: bool, threads: int,
                 profile: str | None, semantic_mask: str | None = None, restore: str = "linear") -> dict:
     """Load both exported folders with our loaders, :func:`spineps_like.pipeline.segment` the image, save masks."""
-    import torch
-
     from spineps_like.runtime import tune_allocator
 
     malloc = tune_allocator()  # what our command line and cohort workers do; API users call it once per process
+    import torch  # after the tuning, which asks torch for huge pages before it loads (as the command line)
     torch.set_num_threads(threads)
     from spineps_like.instance.network import load_instance_model
     from spineps_like.io import save_mask
