@@ -352,4 +352,9 @@ def bbox(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...] | None:
         nz = [nz0] + [np.array([b.start, b.stop - 1]) for b in rest_box]
     if len(nz[0]) == 0:
         return None
-    return tuple(slice(max(0, int(n[0]) - margin), min(size, int(n[-1]) + 1 + margin)) for n, size in zip(nz, mask.shape))
+    return grow_box(tuple(slice(int(n[0]), int(n[-1]) + 1) for n in nz), mask.shape, margin)
+
+
+def grow_box(box: Sequence[slice], shape: Sequence[int], margin: int) -> tuple[slice, ...]:
+    """A box (slices with explicit starts and stops) grown by ``margin`` voxels per side, clipped to ``shape``."""
+    return tuple(slice(max(0, int(b.start) - margin), min(int(n), int(b.stop) + margin)) for b, n in zip(box, shape))

@@ -39,7 +39,7 @@ import numpy as np
 from scipy import ndimage
 
 from spineps_like.assign import assign_ivds_endplates, map_aliases, vertebra_ids, vertebra_order, vertebra_voxels
-from spineps_like.geometry import bbox
+from spineps_like.geometry import bbox, grow_box
 from spineps_like.instance.centres import check_mask, check_spacing, present_ids
 from spineps_like.instance.geometric import count_pairs, dominant_partner, facet_free_contacts
 from spineps_like.labels import ENDPLATE_OFFSET, IVD_OFFSET, SACRUM_ID
@@ -86,8 +86,7 @@ def _flat(a: np.ndarray) -> np.ndarray:
 def _box_of(flat_index: np.ndarray, shape: Sequence[int], margin: int = 0) -> tuple[slice, ...]:
     """Bounding box (slices, grown by ``margin`` and clipped) of the voxels at ``flat_index`` (non-empty)."""
     coords = np.unravel_index(flat_index, shape)
-    return tuple(slice(max(0, int(c.min()) - margin), min(int(n), int(c.max()) + 1 + margin))
-                 for c, n in zip(coords, shape))
+    return grow_box([slice(int(c.min()), int(c.max()) + 1) for c in coords], shape, margin)
 
 
 def check_consistency(semantic: np.ndarray, instance: np.ndarray) -> list[str]:

@@ -24,6 +24,7 @@ import ctypes
 import ctypes.util
 import os
 import platform
+import sys
 
 # mallopt(3) parameters
 _M_TRIM_THRESHOLD = -1
@@ -75,8 +76,6 @@ def tune_allocator(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = T
 def enable_torch_huge_pages() -> bool:
     """Ask PyTorch to back its large CPU tensors with transparent huge pages (``THP_MEM_ALLOC_ENABLE=1``, Linux),
     unless the user set that variable. True when it is on and can still take effect (torch not imported yet)."""
-    import sys
-
     if platform.system() != "Linux":
         return False
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")

@@ -29,7 +29,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from spineps_like.geometry import (
-    axis_aligned_map, bbox, in_slabs, linear_weights, reorient, reoriented_grid, resample_to, same_grid,
+    axis_aligned_map, bbox, grow_box, in_slabs, linear_weights, reorient, reoriented_grid, resample_to, same_grid,
     surface_voxels, to_input_grid, to_model_grid,
 )
 from spineps_like.io import Scan
@@ -276,17 +276,16 @@ def _spine_region(mask: np.ndarray, spacing: Sequence[float], margin_mm: float, 
 
 def _fill_holes(mask: np.ndarray, labels: Sequence[int]) -> int:
     """In place: fill 3D holes of each label, background voxels only. Returns voxels filled."""
-    filled_total = 0
     if not len(labels):
         return 0
     # every label's bounding box in one pass; filling one label's holes (inside its box, on background) moves no other
     boxes = ndimage.find_objects(mask, max_label=max(labels)) if mask.size else []
+    filled_total = 0
     for lab in labels:
         tight = boxes[lab - 1] if lab <= len(boxes) else None
         if tight is None:
             continue
-        box = tuple(slice(max(0, s.start - 1), min(n, s.stop + 1)) for s, n in zip(tight, mask.shape))
-        sub = mask[box]
+        sub = mask[grow_box(tight, mask.shape, 1)]
         filled = fill_voids.fill(sub == lab, in_place=False)
         new = filled & (sub == 0)
         sub[new] = lab
