@@ -27,7 +27,7 @@ from scipy.spatial import cKDTree
 from spineps_like.geometry import bbox, surface_voxels, voxel_coords
 from spineps_like.instance.centres import check_mask, check_spacing, present_ids, spine_axes
 from spineps_like.instance.geometric import unique_ints
-from spineps_like.labels import ENDPLATE_OFFSET, IVD_OFFSET, SACRUM_ID, SEMANTIC_ALIASES
+from spineps_like.labels import ENDPLATE_OFFSET, IVD_OFFSET, SACRUM_ID, SEMANTIC_ALIASES, label_mask
 
 IVD = 100
 ENDPLATE_LIKE: tuple[int, ...] = (52, 53, 62)
@@ -39,7 +39,7 @@ _IS_CORPUS[list(CORPUS_BONE)] = True
 def map_aliases(semantic: np.ndarray) -> np.ndarray:
     """Semantic mask with the aliases (50 dense corpus, 51 dens) mapped to 49; a copy only when needed."""
     sem = np.asarray(semantic)
-    if not np.isin(sem, list(SEMANTIC_ALIASES)).any():
+    if not label_mask(sem, list(SEMANTIC_ALIASES)).any():
         return sem
     out = sem.copy()
     for a, b in SEMANTIC_ALIASES.items():
@@ -221,7 +221,7 @@ def assign_ivds_endplates(
         extra = np.isin(vert, no_corpus)
         corpus_seed[extra] = vert[extra]
 
-    targets = np.isin(sem, (IVD,) + ENDPLATE_LIKE)
+    targets = label_mask(sem, (IVD,) + ENDPLATE_LIKE)
     near, _, t_xyz, box = _nearest_corpus(corpus_seed, targets, sp)
     if box is None:
         return instance, sem

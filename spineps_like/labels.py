@@ -89,6 +89,17 @@ ANATOMICAL_ORDER: tuple[int, ...] = tuple(
 )
 
 
+def label_mask(mask: np.ndarray, labels) -> np.ndarray:
+    """Boolean array: where ``mask`` holds one of ``labels`` (``np.isin``). A semantic mask (8-bit) is looked up in a
+    256-entry table, about 2.5x faster than ``np.isin``; other integer masks go to ``np.isin``."""
+    mask = np.asarray(mask)
+    if mask.dtype == np.uint8:
+        table = np.zeros(256, bool)
+        table[[v for v in labels if 0 <= v < 256]] = True
+        return table[mask]
+    return np.isin(mask, labels)
+
+
 def is_vertebra(instance_id: int) -> bool:
     """True for a vertebra id (1-28), sacrum and coccyx included."""
     return 1 <= instance_id <= 28

@@ -42,7 +42,7 @@ from spineps_like.assign import assign_ivds_endplates, map_aliases, vertebra_ids
 from spineps_like.geometry import bbox, grow_box
 from spineps_like.instance.centres import check_mask, check_spacing, present_ids
 from spineps_like.instance.geometric import count_pairs, dominant_partner, facet_free_contacts
-from spineps_like.labels import ENDPLATE_OFFSET, IVD_OFFSET, SACRUM_ID
+from spineps_like.labels import ENDPLATE_OFFSET, IVD_OFFSET, SACRUM_ID, label_mask
 
 VERTEBRA_BONE: tuple[int, ...] = tuple(range(41, 50))
 ARTICULAR: tuple[int, ...] = (45, 46, 47, 48)
@@ -263,7 +263,7 @@ def _reconcile_corpora(ins: np.ndarray, s: np.ndarray, crumb_share: float = 0.2)
     to the vertebra holding most of it, from every other vertebra that either owns a body of its own or holds only a
     crumb (< ``crumb_share``) of this one. A vertebra sharing a body without owning one is left alone (a block
     vertebra: two vertebrae in one fused body). Returns the voxels relabelled."""
-    body = np.isin(s, (49, 52, 53)) & vertebra_voxels(ins)
+    body = label_mask(s, (49, 52, 53)) & vertebra_voxels(ins)
     if not body.any():
         return 0
     cc = cc3d.connected_components(body, connectivity=6)
@@ -432,7 +432,7 @@ def postprocess(
 
     rep.lap("4_background")
     # 5: articular components split between vertebrae -> the dominant one
-    art = np.isin(s, ARTICULAR)
+    art = label_mask(s, ARTICULAR)
     if art.any():
         art_cc = cc3d.connected_components(np.where(art, s, 0), connectivity=26)
         sel = np.flatnonzero(art_cc)

@@ -33,6 +33,7 @@ from spineps_like.geometry import (
     surface_voxels, to_input_grid, to_model_grid,
 )
 from spineps_like.io import Scan
+from spineps_like.labels import label_mask
 
 #: SPINEPS' small-component threshold: 30 voxels at its reference 0.75 x 0.75 x 1.65 mm grid (27.8 mm^3).
 SMALL_COMPONENT_MM3: float = 30 * 0.75 * 0.75 * 1.65
@@ -154,6 +155,11 @@ def _component_surfaces(cc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return pts, cc[tuple(pts.T)]
 
 
+def _in_box(pts: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Whether each point (N, 3) lies in the box ``lo <= p <= hi``."""
+    return np.all((pts >= lo) & (pts <= hi), axis=1)
+
+
 def _within(reference: np.ndarray, pts: np.ndarray, component: np.ndarray, n: int, spacing: Sequence[float],
             limit_mm: float, sample_step: int = 16) -> np.ndarray:
     """Whether each component 1..n comes within ``limit_mm`` (mm) of the ``reference`` voxels (N, 3), by a k-d tree on
@@ -166,7 +172,18 @@ def _within(reference: np.ndarray, pts: np.ndarray, component: np.ndarray, n: in
     if len(reference) == 0 or len(pts) == 0:
         return hit[1:]
     sp = np.asarray(spacing, dtype=float)
-    tree = cKDTree(reference * sp)
+    # a point farther than the limit along one axis from the other set's bounding box is farther than the limit
+    # from all of it: such reference points leave the tree, such query points are not measured
+    reach = limit_mm / sp + 1e-6
+    reference = reference[_in_box(reference, pts.min(0) - reach, pts.max(0) + reach)]
+    if len(reference) == 0:
+        return hit[1:]
+    near = _in_box(pts, reference.min(0) - reach, reference.max(0) + reach)
+    pts, component = pts[near], component[near]
+    if len(pts) == 0:
+        return hit[1:]
+    # only distances are compared (never which point is nearest): the quicker unbalanced tree answers the same
+    tree = cKDTree(reference * sp, balanced_tree=False, compact_nodes=False)
     bound = limit_mm + 1e-6
     sample = np.arange(0, len(pts), max(1, sample_step))
     for idx in (sample, None):
@@ -205,7 +222,7 @@ def _canal_tube(mask: np.ndarray, spacing: Sequence[float], gap_mm: float) -> in
     every other canal/cord component that comes within ``gap_mm`` of what is kept (repeated, so pieces split by a
     stenosis chain up); set the rest to background. Fluid far from the spine (bladder, bowel, cysts) looks like CSF
     and is what this removes. Returns voxels removed."""
-    tube = np.isin(mask, CANAL_LABELS)
+    tube = label_mask(mask, CANAL_LABELS)
     box = bbox(tube)
     if box is None:
         return 0
@@ -221,21 +238,30 @@ def _canal_tube(mask: np.ndarray, spacing: Sequence[float], gap_mm: float) -> in
     return int(drop.sum())
 
 
+def _canal_voxels(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The canal/cord voxels of ``mask`` and their surface voxels (N, 3)."""
+    tube = label_mask(mask, CANAL_LABELS)
+    return tube, surface_voxels(tube)
+
+
 def _near_canal(mask: np.ndarray, labels: Sequence[int], spacing: Sequence[float], canal_mm: float,
-                gap_mm: float) -> int:
+                gap_mm: float, canal: tuple[np.ndarray, np.ndarray] | None = None) -> int:
     """In place: vertebral bodies, endplates and discs form a column right in front of the canal, the arches ring it.
     Keep each 26-connected component of ``labels`` that comes within ``canal_mm`` of the canal/cord, then every
     component within ``gap_mm`` of what is kept (repeated, so a column that runs beyond the canal's extent stays); set
-    the rest to background. Nothing is removed when the mask has no canal. Returns voxels removed."""
-    column, tube = np.isin(mask, labels), np.isin(mask, CANAL_LABELS)
+    the rest to background. Nothing is removed when the mask has no canal. ``canal``: the canal/cord voxels of
+    ``mask`` and their surface voxels, when known (``labels`` must not include them). Returns voxels removed."""
+    tube, tube_surface = canal if canal is not None else _canal_voxels(mask)
+    column = label_mask(mask, labels)
     box = bbox(column | tube)
-    if box is None or not tube.any() or not column.any():
+    if box is None or not len(tube_surface) or not column.any():
         return 0
-    column, tube = column[box], tube[box]
+    column = column[box]
     cc, n = cc3d.connected_components(column, connectivity=26, return_N=True)
     pts, component = _component_surfaces(cc)
     keep = np.zeros(n + 1, bool)
-    keep[1:] = _within(surface_voxels(tube), pts, component, n, spacing, canal_mm)
+    # the box holds the whole canal: its surface voxels are the canal's surface voxels, shifted
+    keep[1:] = _within(tube_surface - [b.start for b in box], pts, component, n, spacing, canal_mm)
     keep = _chain(keep, pts, component, spacing, gap_mm)
     drop = column & ~keep[cc]
     mask[box][drop] = 0
@@ -362,8 +388,9 @@ def clean_semantic(
             ("column_removed", COLUMN_LABELS, column_canal_mm, COLUMN_GAP_MM),
             ("arch_removed", ARCH_LABELS, arch_canal_mm, ARCH_GAP_MM)) if mm is not None]
         # both rules read the canal and clear only their own labels: with two threads they run side by side
+        canal = _canal_voxels(sub) if rules else None
         with ThreadPoolExecutor(max(1, min(int(threads), len(rules)))) as pool:
-            removed = pool.map(lambda r: _near_canal(sub, r[1], spacing, r[2], r[3]), rules)
+            removed = pool.map(lambda r: _near_canal(sub, r[1], spacing, r[2], r[3], canal), rules)
             info.update((r[0], n) for r, n in zip(rules, removed))
         if keep_spine_region:
             info["region_removed"] = _spine_region(sub, spacing, margin_mm, inferior_axis)

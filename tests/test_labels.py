@@ -65,3 +65,15 @@ def test_colour_table_round_trip(tmp_path, kind, suffix):
     # distinct colours per semantic label so structures can be told apart in a viewer
     if kind == "semantic":
         assert len({rgb for _, _, rgb in rows}) == len(rows)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int32])
+def test_label_mask_equals_isin(dtype):
+    """The 8-bit table look-up and the np.isin fallback answer exactly what np.isin does (labels past 255 included)."""
+    rng = np.random.default_rng(3)
+    top = 256 if dtype == np.uint8 else 400
+    mask = rng.integers(0, top, (17, 9, 5)).astype(dtype)
+    for labels in [(49, 52, 53), (60, 61), (100, 300), (0,), ()]:
+        got = L.label_mask(mask, labels)
+        assert got.dtype == bool and got.shape == mask.shape
+        assert np.array_equal(got, np.isin(mask, labels)), labels

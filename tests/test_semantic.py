@@ -171,6 +171,19 @@ def test_within_limit_per_component_equals_all_pairwise_distances(seed):
     assert not _within(reference[:0], pts, component, n, spacing, 5.0).any()
 
 
+def test_within_counts_a_point_exactly_at_the_limit_along_one_axis():
+    """The bounding-box pre-filter must not drop a point whose distance equals the limit along a single axis."""
+    from spineps_like.semantic import _within
+
+    spacing = (0.7, 1.3, 3.3)
+    reference = np.array([[10, 10, 10]])
+    limit = 2 * 3.3  # two voxels along axis 2
+    pts = np.array([[10, 10, 12], [10, 10, 7], [40, 40, 40]])  # at the limit, one voxel beyond, far
+    component = np.array([1, 2, 3])
+    assert _within(reference, pts, component, 3, spacing, limit).tolist() == [True, False, False]
+    assert _within(pts, reference, np.array([1]), 1, spacing, limit).tolist() == [True]
+
+
 # ---------------------------------------------------------------- intensities
 def test_normalize_intensity_and_n4_removes_a_smooth_bias():
     x = normalize_intensity(np.array([[[-1024.0, 0.0, 3000.0]]]))

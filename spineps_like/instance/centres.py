@@ -33,6 +33,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from spineps_like.geometry import bbox, voxel_coords
+from spineps_like.labels import label_mask
 
 #: Semantic labels counted as corpus when looking for vertebral bodies.
 CORPUS_LIKE: tuple[int, ...] = (49, 50, 51, 52, 53, 62)
@@ -106,7 +107,7 @@ def check_mask(mask: np.ndarray, name: str = "semantic") -> np.ndarray:
         if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
             raise ValueError(f"{name} mask must hold integer labels, got dtype {arr.dtype}")
         arr = arr.astype(np.int32)
-    if arr.size and arr.min() < 0:
+    if arr.size and arr.dtype.kind == "i" and arr.min() < 0:  # unsigned and boolean masks cannot hold any
         raise ValueError(f"{name} mask holds negative labels")
     return arr
 
@@ -328,7 +329,7 @@ def corpus_centres(
         raise ValueError("corpus_centres: erosion_mm and min_volume_mm3 must be >= 0, 0 < duplicate_fraction < 1, "
                          "split_ratio > 1")
     repairs: list[str] = []
-    corpus = np.isin(sem, CORPUS_LIKE)
+    corpus = label_mask(sem, CORPUS_LIKE)
     box = bbox(corpus, margin=1)
     full_labels = np.zeros(sem.shape, dtype=np.int32)
     empty = CorpusCentres(np.zeros((0, 3)), np.zeros(0, np.int64), np.zeros(0), np.zeros((0, 3)), full_labels,
