@@ -68,9 +68,12 @@ def main(argv=None) -> int:
     total = sum(r["total_s"] for r in rows)
     network = sum(r["network_s"] for r in rows)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "repeats": args.repeats, "torch_threads": 2, "malloc": malloc,
-            "loadavg": Path("/proc/loadavg").read_text().split()[:3]}
-    lines = [f"# Non-network share on the side-by-side phantoms ({meta['date']}, 2 threads, models loaded once, "
-             f"median of {args.repeats} repeats after a warm-up; load average after: {' '.join(meta['loadavg'])})", "",
+            "loadavg": Path("/proc/loadavg").read_text().split()[:3], "cpu": _cpu_model(), "torch": torch.__version__}
+    lines = [f"# Non-network share on the side-by-side phantoms ({meta['date']}, {meta['cpu']}, torch {meta['torch']}, "
+             f"2 threads, models loaded once, median of {args.repeats} repeats after a warm-up; load average after: "
+             f"{' '.join(meta['loadavg'])})", "",
+             "The share depends on the machine: a CPU with faster convolutions shortens the network time and raises it.",
+             "",
              "| case | shape | total s | network s | overhead s | overhead share | shares of the repeats |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -83,6 +86,19 @@ def main(argv=None) -> int:
     atomic_write_text(args.out / "overhead_share.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (Linux), for telling runs on different machines apart."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":

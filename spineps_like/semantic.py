@@ -588,6 +588,8 @@ def labels_from_probabilities(
             order = sorted(range(3), key=lambda a: (sub_out[a].stop - sub_out[a].start) / (box[a].stop - box[a].start))
             sub = out[tuple(sub_out)]
             cell = _uniform_cells(fg[box])
+            # one bit per label (below): the narrowest unsigned type that holds them, less memory to pass over
+            label_bits = next((t for t in (np.uint8, np.uint16, np.uint32) if len(labels) <= 8 * t().itemsize), np.uint64)
 
             def slab(index: tuple[slice, ...]) -> None:
                 # this slab's rows of the weights, and the model-grid range they read
@@ -632,17 +634,17 @@ def labels_from_probabilities(
                         # winner holds at least 1 / n (n labels whose probabilities sum to 1): per voxel, only the
                         # labels reaching that at a corner of its cell are interpolated
                         floor = np.float32(0.9 / len(labels))
-                        bits = np.zeros(tuple(sl.stop - sl.start for sl in src), np.uint64)
+                        bits = np.zeros(tuple(sl.stop - sl.start for sl in src), label_bits)
                         for j, p in enumerate(per_label):
-                            np.bitwise_or(bits, np.uint64(1 << j), out=bits, where=p[src] >= floor)
+                            np.bitwise_or(bits, label_bits(1 << j), out=bits, where=p[src] >= floor)
                         if changed is not None:
                             ch = changed[src]
-                            bits[ch] = np.left_shift(np.uint64(1), label_index[override[src][ch]].astype(np.uint64))
+                            bits[ch] = np.left_shift(label_bits(1), label_index[override[src][ch]].astype(label_bits))
                         candidates = np.bitwise_or.reduce(corner_values(bits).reshape(8, -1), axis=0)
 
                     def at_mixed(j: int, lab: int, p: np.ndarray) -> tuple[np.ndarray | slice, np.ndarray]:
                         """The mixed voxels where label ``lab`` may win and its interpolated probability there."""
-                        points = slice(None) if candidates is None else np.flatnonzero(candidates & np.uint64(1 << j))
+                        points = slice(None) if candidates is None else np.flatnonzero(candidates & label_bits(1 << j))
                         v = corner_values(p[src], points)
                         if forced is not None:
                             v = np.where(forced[..., points], forced_label[..., points] == lab, v).astype(

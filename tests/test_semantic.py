@@ -340,6 +340,26 @@ def test_labels_from_probabilities_equals_whole_volume_interpolation(monkeypatch
     assert np.array_equal(fast, slow)
 
 
+@pytest.mark.parametrize("n_labels", [12, 40])
+def test_labels_from_probabilities_candidate_bits_beyond_eight_labels(n_labels):
+    """With more labels than a byte has bits (16- and 64-bit candidate sets), interpolating only each voxel's
+    candidate labels gives the labels of interpolating all of them."""
+    from scipy import ndimage as ndi
+
+    from spineps_like.semantic import labels_from_probabilities
+
+    ref = _oblique_ref()
+    grid = to_model_grid(ref, "PIR", [[1.2, 1.2, 2.0], [1.2, 1.2, 4.0]], order=0)
+    rng = np.random.default_rng(n_labels)
+    logits = ndi.gaussian_filter(rng.standard_normal((n_labels, *grid.shape)), (0, 1.5, 1.5, 1.0)) * 8
+    probs = np.exp(logits - logits.max(0))
+    probs = (probs / probs.sum(0)).astype(np.float32)
+    channel_labels = list(range(n_labels))
+    every = labels_from_probabilities(probs, channel_labels, grid.affine, ref)
+    candidates = labels_from_probabilities(probs, channel_labels, grid.affine, ref, normalized=True, threads=2)
+    assert len(np.unique(every)) > 8 and np.array_equal(every, candidates)
+
+
 def test_channel_argmax_is_argmax_with_first_wins_on_ties():
     import torch
 
