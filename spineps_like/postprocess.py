@@ -157,14 +157,16 @@ class PostprocessReport:
         return asdict(self)
 
 
-def _relabel_components(comp: np.ndarray, targets: dict[int, int], inst: np.ndarray) -> int:
-    """Write ``targets[c]`` into ``inst`` wherever ``comp == c``; returns the voxels written."""
+def _relabel_components(comp: np.ndarray, targets: dict[int, int], inst: np.ndarray,
+                        index: np.ndarray | None = None) -> int:
+    """Write ``targets[c]`` into ``inst`` wherever ``comp == c``; returns the voxels written. ``index``: the flat
+    indices of ``comp``'s non-zero voxels, when already known (no pass over the volume to find them)."""
     if not targets:
         return 0
     lut = np.zeros(max(targets) + 2, dtype=np.int64)  # the last entry (0) stands for every larger component
     for c, v in targets.items():
         lut[c] = v
-    idx = np.flatnonzero(comp)
+    idx = np.flatnonzero(comp) if index is None else index
     new = lut[np.minimum(comp.reshape(-1)[idx], len(lut) - 1)]
     keep = new > 0
     idx, new = idx[keep], new[keep]
@@ -435,14 +437,14 @@ def postprocess(
     art = label_mask(s, ARTICULAR)
     if art.any():
         art_cc = cc3d.connected_components(np.where(art, s, 0), connectivity=26)
-        sel = np.flatnonzero(art_cc)
-        sel = sel[flat_ins[sel] > 0]
+        art_index = np.flatnonzero(art_cc)
+        sel = art_index[flat_ins[art_index] > 0]
         a_ids, b_ids, counts = count_pairs(art_cc.reshape(-1)[sel].astype(np.int64), flat_ins[sel].astype(np.int64))
         pairs = np.stack([a_ids, b_ids], axis=1)
         multi = np.bincount(pairs[:, 0]) > 1 if len(pairs) else np.zeros(0, bool)
         keep = multi[pairs[:, 0]] if len(pairs) else np.zeros(0, bool)
         owner = dominant_partner(pairs[keep, 0], pairs[keep, 1], counts[keep], dominance)
-        rep.articular_relabelled = _relabel_components(art_cc, owner, ins)
+        rep.articular_relabelled = _relabel_components(art_cc, owner, ins, art_index)
 
     rep.lap("5_articular")
     # 5b: each vertebral body belongs to one vertebra; 5c: a vertebra without a body is a vertebra only when the field
@@ -492,7 +494,7 @@ def postprocess(
         a_ids, b_ids, n = facet_free_contacts(stray_img[near], partner[near], s[near])
         other = b_ids != piece_inst[a_ids]
         owner = dominant_partner(a_ids[other], b_ids[other], n[other], 1.0)
-        moved = _relabel_components(stray_img, owner, ins)
+        moved = _relabel_components(stray_img, owner, ins, stray_vox)
         rep.stray_relabelled += moved
         current = current and moved == 0
 
@@ -520,7 +522,7 @@ def postprocess(
         cand = np.where((want == _E) & (b_cls == _V), ENDPLATE_OFFSET + b_ids, cand)
         ok = cand > 0
         owner = dominant_partner(a_ids[ok], cand[ok], n[ok], 1.0)
-        rep.missing_assigned = _relabel_components(comp, owner, ins)
+        rep.missing_assigned = _relabel_components(comp, owner, ins, comp_index)
         left = np.setdiff1d(present_ids(comp_of), np.fromiter(owner, dtype=np.int64, count=len(owner)))
         if len(left):
             sizes = np.bincount(comp_of, minlength=len(comp_cls))

@@ -29,7 +29,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from spineps_like.geometry import (
-    axis_aligned_map, bbox, grow_box, in_slabs, linear_weights, reorient, reoriented_grid, resample_to, same_grid,
+    axis_aligned_map, bbox, grow_box, in_slabs, linear_weights, oriented_view, reoriented_grid, resample_to, same_grid,
     surface_voxels, to_input_grid, to_model_grid,
 )
 from spineps_like.io import Scan
@@ -559,17 +559,20 @@ def labels_from_probabilities(
             return v
         return np.where(changed[index], override[index] == lab, v).astype(np.float32, copy=False)
 
-    # the reference grid turned into the model grid's orientation: both grids then share their axes
-    out_shape, out_affine = reoriented_grid(reference.shape, reference.affine, Scan(fg, grid_affine).orientation)
+    # the reference grid turned into the model grid's orientation: both grids then share their axes. The labels are
+    # written through a view of that orientation straight into an array on the reference grid (no reorienting copy)
+    grid_orientation = Scan(fg, grid_affine).orientation
+    out_shape, out_affine = reoriented_grid(reference.shape, reference.affine, grid_orientation)
     box = bbox(fg > 0, margin)
-    out = np.zeros(out_shape, dtype=np.uint8)
+    result = np.zeros(reference.shape, dtype=np.uint8)
+    out = oriented_view(result, reference.affine, grid_orientation)
     if box is not None:
         mapping = axis_aligned_map(grid_shape, grid_affine, out_affine)
         whole = tuple(slice(0, n) for n in grid_shape)
         if mapping is None:  # grids not axis-aligned: whole-volume resampling per label
-            out = _most_probable(labels, (resample_to(Scan(np.ascontiguousarray(overridden(p, lab, whole)),
-                                                           grid_affine), out_shape, out_affine, order=1).array
-                                          for lab, p in zip(labels, per_label)))
+            out[...] = _most_probable(labels, (resample_to(Scan(np.ascontiguousarray(overridden(p, lab, whole)),
+                                                                grid_affine), out_shape, out_affine, order=1).array
+                                               for lab, p in zip(labels, per_label)))
         else:
             scale, offset = mapping
             sub_out, weights = [], []
@@ -580,7 +583,7 @@ def labels_from_probabilities(
                       else int(np.floor((box[ax].stop - 1 - offset[ax]) / scale[ax] + 1e-6)))
                 lo, hi = max(lo, 0), min(hi, out_shape[ax] - 1)
                 if hi < lo:
-                    return reorient(Scan(out, out_affine), reference.orientation).array
+                    return result
                 sub_out.append(slice(lo, hi + 1))
                 coords = scale[ax] * np.arange(lo, hi + 1) + offset[ax] - box[ax].start
                 weights.append(linear_weights(box[ax].stop - box[ax].start, coords))  # box-relative indices
@@ -656,7 +659,7 @@ def labels_from_probabilities(
                 sub[index] = labs
 
             in_slabs(sub.shape, threads, slab)
-    return reorient(Scan(out, out_affine), reference.orientation).array
+    return result
 
 
 # ---------------------------------------------------------------- prediction
