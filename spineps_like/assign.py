@@ -246,11 +246,7 @@ def assign_ivds_endplates(
     owner = np.where(is_ivd, ivd_owner, ep_owner)
     owner = _smooth_components(comp, owner, split_min_fraction)
     ids_out = np.where(is_ivd, IVD_OFFSET + owner, ENDPLATE_OFFSET + owner)
-    sub_inst = instance[box]
-    sub_sem = sem[box]
     m = targets[box]
-    sub_inst[m] = ids_out
-    sub_sem[m] = new_sem
-    instance[box] = sub_inst
-    sem[box] = sub_sem
+    instance[box][m] = ids_out  # views of the box: the writes land in the whole arrays
+    sem[box][m] = new_sem
     return instance, sem

@@ -90,14 +90,19 @@ ANATOMICAL_ORDER: tuple[int, ...] = tuple(
 
 
 def label_mask(mask: np.ndarray, labels) -> np.ndarray:
-    """Boolean array: where ``mask`` holds one of ``labels`` (``np.isin``). A semantic mask (8-bit) is looked up in a
-    256-entry table, about 2.5x faster than ``np.isin``; other integer masks go to ``np.isin``."""
+    """Boolean array: where ``mask`` holds one of ``labels`` (``np.isin``). For a semantic mask (8-bit): one
+    comparison when the labels are a run of consecutive values (``mask - first <= last - first`` in wrapping 8-bit
+    arithmetic, ~5x faster than ``np.isin``), else a 256-entry table look-up (~2.5x faster); other integer masks go
+    to ``np.isin``."""
     mask = np.asarray(mask)
-    if mask.dtype == np.uint8:
-        table = np.zeros(256, bool)
-        table[[v for v in labels if 0 <= v < 256]] = True
-        return table[mask]
-    return np.isin(mask, labels)
+    if mask.dtype != np.uint8:
+        return np.isin(mask, labels)
+    wanted = sorted({int(v) for v in labels if 0 <= v < 256})
+    if wanted and wanted[-1] - wanted[0] == len(wanted) - 1:
+        return np.subtract(mask, np.uint8(wanted[0])) <= np.uint8(wanted[-1] - wanted[0])
+    table = np.zeros(256, bool)
+    table[wanted] = True
+    return table[mask]
 
 
 def is_vertebra(instance_id: int) -> bool:

@@ -73,7 +73,7 @@ def test_label_mask_equals_isin(dtype):
     rng = np.random.default_rng(3)
     top = 256 if dtype == np.uint8 else 400
     mask = rng.integers(0, top, (17, 9, 5)).astype(dtype)
-    for labels in [(49, 52, 53), (60, 61), (100, 300), (0,), ()]:
+    for labels in [(49, 52, 53), (60, 61), (45, 46, 47, 48), (0, 1, 2), (250, 255), (255,), (100, 300), (0,), ()]:
         got = L.label_mask(mask, labels)
         assert got.dtype == bool and got.shape == mask.shape
         assert np.array_equal(got, np.isin(mask, labels)), labels
