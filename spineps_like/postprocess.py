@@ -371,7 +371,7 @@ def postprocess(
     sp = check_spacing(spacing)
     rep = PostprocessReport()
     sem = map_aliases(sem0)
-    rep.aliases_mapped = int(np.count_nonzero(sem != sem0))
+    rep.aliases_mapped = 0 if sem is sem0 else int(np.count_nonzero(sem != sem0))
     sem = sem.astype(sem0.dtype, copy=True)
     inst = inst0.astype(np.int32, copy=True)
     vox_mm3 = float(np.prod(sp))
@@ -389,7 +389,8 @@ def postprocess(
     box = bbox((sem > 0) | (inst > 0), margin=1)
     if box is None:
         return sem, inst, rep
-    # C-contiguous working copies of the box (flat indices address them; written back at the end)
+    # C-contiguous working arrays of the box (flat indices address them): views when the box spans the volume (the
+    # usual case: the pipeline passes the spine's box), else copies, written back at the end
     s = np.ascontiguousarray(sem[box])
     ins = np.ascontiguousarray(inst[box])
     need = semantic_class(s)
@@ -583,8 +584,10 @@ def postprocess(
         ins[stale] = full[stale]
 
     rep.lap("8_reassign")
-    sem[box] = s
-    inst[box] = ins
+    if not np.may_share_memory(s, sem):
+        sem[box] = s
+    if not np.may_share_memory(ins, inst):
+        inst[box] = ins
     rep.problems = check_consistency(sem, inst)
     rep.lap("check")
     return sem, inst, rep
