@@ -637,7 +637,9 @@ def labels_from_probabilities(
                         # winner holds at least 1 / n (n labels whose probabilities sum to 1): per voxel, only the
                         # labels reaching that at a corner of its cell are interpolated
                         floor = np.float32(0.9 / len(labels))
-                        bits = np.zeros(tuple(sl.stop - sl.start for sl in src), label_bits)
+                        # in the maps' memory order (a permuted view of nnU-Net's array): 5x faster passes than in
+                        # the grid's C order
+                        bits = np.zeros_like(per_label[0][src], dtype=label_bits)
                         for j, p in enumerate(per_label):
                             np.bitwise_or(bits, label_bits(1 << j), out=bits, where=p[src] >= floor)
                         if changed is not None:
