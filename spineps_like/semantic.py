@@ -650,6 +650,10 @@ def labels_from_probabilities(
                     def at_mixed(j: int, lab: int, p: np.ndarray) -> tuple[np.ndarray | slice, np.ndarray]:
                         """The mixed voxels where label ``lab`` may win and its interpolated probability there."""
                         points = slice(None) if candidates is None else np.flatnonzero(candidates & label_bits(1 << j))
+                        if not isinstance(points, slice) and 2 * len(points) > len(mixed):
+                            # a label that is a candidate at most points: every point costs less than indexing them,
+                            # and where it is no candidate it stays under the floor, so it cannot win there
+                            points = slice(None)
                         v = corner_values(p[src], points)
                         if forced is not None:
                             v = np.where(forced[..., points], forced_label[..., points] == lab, v).astype(
