@@ -14,7 +14,6 @@ labelling. The masks are those of the side-by-side run (same phantoms, same mode
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
