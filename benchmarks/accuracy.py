@@ -152,14 +152,13 @@ def main(argv=None) -> int:
         rows.append(run_case(name, ph.image, ph.semantic, ph.instance, sem_model, ins_model))
         print(name, {k: round(rows[-1][k]["vertebra.pq"], 3) for k in ("instance_geometric", "instance_network",
                                                                         "pipeline")}, flush=True)
-    import TPTBox
+    from spineps_like.phantom import tptbox_sample
 
     for kind in ("mri", "ct"):
-        folder = Path(TPTBox.__file__).parent / "tests" / f"sample_{kind}"
-        files = sorted(folder.glob("*.nii.gz"))
-        image = load_scan(next(f for f in files if "_seg-" not in f.name))
-        sem = load_scan(next(f for f in files if "_seg-subreg" in f.name), kind="mask")
-        ins = load_scan(next(f for f in files if "_seg-vert" in f.name), kind="mask")
+        paths = tptbox_sample(kind)
+        image = load_scan(paths["image"])
+        sem = load_scan(paths["semantic"], kind="mask")
+        ins = load_scan(paths["instance"], kind="mask")
         rows.append(run_case(f"TPTBox sample_{kind} (real)", image, sem, ins, sem_model, ins_model))
         print(rows[-1]["case"], rows[-1]["semantic_dice"], flush=True)
     meta = {"date": time.strftime("%Y-%m-%d"), "semantic_model": args.semantic_model,

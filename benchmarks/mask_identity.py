@@ -27,27 +27,27 @@ sys.path.insert(0, str(HERE / "spineps_side_by_side"))
 
 def cases():
     """(name, image Scan, reference semantic Scan or None) of the 23 cases."""
-    import TPTBox
     from accuracy import CASES as ACCURACY_CASES
+    from pipeline_speed import CASES as PIPELINE_SPEED_CASES
     from run import CASES as SIDE_BY_SIDE_CASES
     from semantic_speed import make_scan
 
     from spineps_like.io import load_scan
-    from spineps_like.phantom import make_phantom
+    from spineps_like.phantom import make_phantom, tptbox_sample
 
     for i, (fov, variant, mode) in enumerate(ACCURACY_CASES):
         ph = make_phantom(900000 + i, fov=fov, mode=mode, variant=variant)
         yield f"accuracy_{900000 + i}", ph.image, ph.semantic
     for seed, fov, variant in SIDE_BY_SIDE_CASES:
         yield f"side_by_side_{seed}", make_phantom(seed, fov=fov, mode="t2w", variant=variant).image, None
-    for fov, seed in [("lumbar", 900100), ("whole", 900101)]:
-        yield f"pipeline_speed_{seed}", make_phantom(seed, fov=fov, mode="t2w", orientation="PIR").image, None
+    for fov, seed in PIPELINE_SPEED_CASES:  # as pipeline_speed.py builds them
+        if fov == "sagittal512":
+            yield "sagittal512", make_scan(seed), None
+        else:
+            yield f"pipeline_speed_{seed}", make_phantom(seed, fov=fov, mode="t2w", orientation="PIR").image, None
     for kind in ("mri", "ct"):
-        files = sorted((Path(TPTBox.__file__).parent / "tests" / f"sample_{kind}").glob("*.nii.gz"))
-        image = load_scan(next(f for f in files if "_seg-" not in f.name))
-        semantic = load_scan(next(f for f in files if "_seg-subreg" in f.name), kind="mask")
-        yield f"tptbox_{kind}", image, semantic
-    yield "sagittal512", make_scan(0), None
+        paths = tptbox_sample(kind)
+        yield f"tptbox_{kind}", load_scan(paths["image"]), load_scan(paths["semantic"], kind="mask")
 
 
 def compare(new: Path, base: Path) -> int:

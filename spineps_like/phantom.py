@@ -1687,7 +1687,9 @@ def label_intensity_stats(image: np.ndarray, semantic: np.ndarray,
     return out
 
 
-def _tptbox_sample(kind: str) -> dict[str, Path]:
+def tptbox_sample(kind: str) -> dict[str, Path]:
+    """Paths of the TPTBox wheel's real sample crop ``kind`` ('mri' or 'ct'), found through the installed package:
+    ``image``, ``semantic`` (seg-subreg) and ``instance`` (seg-vert)."""
     import TPTBox
 
     folder = Path(TPTBox.__file__).parent / "tests" / f"sample_{kind}"
@@ -1732,7 +1734,7 @@ def tptbox_reference_stats() -> dict[str, dict]:
 
     out = {}
     for kind in ("mri", "ct"):
-        f = _tptbox_sample(kind)
+        f = tptbox_sample(kind)
         img = np.asarray(nib.load(str(f["image"])).dataobj, dtype=np.float32)
         sem = np.asarray(nib.load(str(f["semantic"])).dataobj).astype(np.int16)
         sem[sem == 50] = 49
@@ -1828,7 +1830,7 @@ def calibration_figure(path: str | Path, seed: int = 0) -> Path:
 
     fig, axes = plt.subplots(2, 3, figsize=(13, 9.5), gridspec_kw={"width_ratios": [1, 1, 1.25]})
     for row, (kind, fov, mode) in enumerate((("mri", "lumbar", "t2w"), ("ct", "lumbar", "ct"))):
-        f = _tptbox_sample(kind)
+        f = tptbox_sample(kind)
         real = np.asarray(nib.load(str(f["image"])).dataobj, dtype=np.float32)
         rsem = np.asarray(nib.load(str(f["semantic"])).dataobj)
         ph = make_phantom(seed, fov=fov, mode=mode, spacing=(1.5, 1.5, 1.5), orientation="PIR")

@@ -304,7 +304,7 @@ def _spine_region(mask: np.ndarray, spacing: Sequence[float], margin_mm: float, 
         changed = bool(overlap.any())
     if keep.all():
         return 0
-    drop = np.concatenate([[False], ~keep])[cc]
+    drop = _dropped(np.r_[False, keep])[cc]  # keep is per component 1..n here
     mask[drop] = 0
     return int(drop.sum())
 
