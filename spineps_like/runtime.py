@@ -5,7 +5,11 @@ with ``munmap`` when freed. The networks' activations are such blocks (4 tiles x
 78 MB): every forward call maps fresh memory and page-faults through it again, which costs more than a third of the
 semantic network's time on a 512 x 512 x 20 scan (benchmarks/README.md). :func:`tune_allocator` raises the mmap
 threshold so such blocks come from the heap and are reused, and lets the heap keep up to ``trim_threshold`` bytes of
-free memory at its top instead of returning it after every scan.
+free memory at its top instead of returning it after every scan. That is 1 GiB: the sliding window's class volume of
+a whole spine alone is 274 MB (16 classes x 35 x 624 x 196 float32); with 256 MB the heap gave it back to the kernel
+after each scan and page-faulted it in again in the next, 0.6-0.85 s of kernel time per pass over the side-by-side
+phantoms against 0.06-0.35 s (benchmarks/README.md). The peak memory is the same; between scans a worker keeps up to
+that much free heap.
 
 PyTorch's own CPU allocations (the sliding window's class volume, activations) page-fault through 4 KB pages when
 they are fresh; :func:`tune_allocator` also asks PyTorch for transparent huge pages (``THP_MEM_ALLOC_ENABLE=1``, read
@@ -31,7 +35,7 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
 MMAP_THRESHOLD = 1 << 30  # blocks below 1 GiB come from the heap (the largest activations of SPINEPS-wide networks fit)
-TRIM_THRESHOLD = 256 << 20  # free memory the heap keeps at its top between scans
+TRIM_THRESHOLD = 1 << 30  # free memory the heap keeps at its top between phases and scans
 
 _applied: dict[str, int] | None = None
 
