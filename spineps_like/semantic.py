@@ -33,7 +33,7 @@ from spineps_like.geometry import (
     surface_voxels, to_input_grid, to_model_grid,
 )
 from spineps_like.io import Scan
-from spineps_like.labels import label_mask
+from spineps_like.labels import label_counts, label_mask
 
 #: SPINEPS' small-component threshold: 30 voxels at its reference 0.75 x 0.75 x 1.65 mm grid (27.8 mm^3).
 SMALL_COMPONENT_MM3: float = 30 * 0.75 * 0.75 * 1.65
@@ -134,7 +134,7 @@ def n4_bias_correction(
 def _remove_small_components(mask: np.ndarray, labels: Sequence[int], min_voxels: int) -> int:
     """In place: drop 6-connected components of ``labels`` smaller than ``min_voxels``. Returns voxels removed."""
     cc = cc3d.connected_components(mask, connectivity=6)  # multi-label: one component never mixes labels
-    small = np.bincount(cc.ravel()) < min_voxels
+    small = label_counts(cc) < min_voxels
     small[0] = False
     if not small.any():
         return 0
@@ -240,7 +240,7 @@ def _canal_tube(mask: np.ndarray, spacing: Sequence[float], gap_mm: float) -> in
     if n <= 1:
         return 0
     keep = np.zeros(n + 1, bool)
-    keep[1 + int(np.argmax(np.bincount(cc.ravel())[1:]))] = True
+    keep[1 + int(np.argmax(label_counts(cc)[1:]))] = True
     keep = _chain(keep, *_component_surfaces(cc), spacing, gap_mm)
     drop = _dropped(keep)[cc]
     mask[box][drop] = 0
@@ -284,7 +284,7 @@ def _spine_region(mask: np.ndarray, spacing: Sequence[float], margin_mm: float, 
     cc, n = cc3d.connected_components(mask > 0, connectivity=26, return_N=True)
     if n <= 1:
         return 0
-    counts = np.bincount(cc.ravel(), minlength=n + 1)[1:]
+    counts = label_counts(cc, n + 1)[1:]
     boxes = ndimage.find_objects(cc, max_label=n)  # voxel counts and boxes only: cc3d.statistics adds centroids
     lo = np.array([[s.start for s in b] for b in boxes], dtype=float)
     hi = np.array([[s.stop for s in b] for b in boxes], dtype=float)

@@ -77,3 +77,21 @@ def test_label_mask_equals_isin(dtype):
         got = L.label_mask(mask, labels)
         assert got.dtype == bool and got.shape == mask.shape
         assert np.array_equal(got, np.isin(mask, labels)), labels
+
+
+@pytest.mark.parametrize("dtype", [bool, np.uint8, np.uint16, np.uint32, np.int32, np.int64])
+def test_label_counts_equals_bincount(dtype):
+    """Counts per value as np.bincount gives them, for masks with gaps, a large top value, minlength and no voxels."""
+    rng = np.random.default_rng(5)
+    top = 2 if dtype is bool else 300 if dtype != np.uint8 else 256
+    mask = rng.integers(0, top, (13, 11, 7)).astype(dtype)
+    mask[mask % 7 == 3] = 0  # values that never occur
+    for minlength in (0, 5, 1000):
+        got = L.label_counts(mask, minlength)
+        want = np.bincount(mask.ravel().astype(np.int64), minlength=minlength)
+        assert got.dtype == np.int64 and np.array_equal(got, want), minlength
+    assert np.array_equal(L.label_counts(np.zeros((3, 3, 3), dtype)), [27])
+    assert np.array_equal(L.label_counts(np.zeros((0, 3), dtype), 4), np.zeros(4, np.int64))
+    if np.issubdtype(dtype, np.signedinteger):
+        with pytest.raises(ValueError, match="negative"):
+            L.label_counts(np.array([[[0, -1]]], dtype))
