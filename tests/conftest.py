@@ -7,19 +7,7 @@ from pathlib import Path
 
 import pytest
 
-
-def tptbox_sample(kind: str) -> dict[str, Path]:
-    """Paths of the TPTBox sample crop 'mri' or 'ct': image, semantic (subreg) and instance (vert) masks."""
-    import TPTBox
-
-    folder = Path(TPTBox.__file__).parent / "tests" / f"sample_{kind}"
-    files = sorted(folder.glob("*.nii.gz"))
-    out = {
-        "image": next(f for f in files if "_seg-" not in f.name),
-        "semantic": next(f for f in files if "_seg-subreg" in f.name),
-        "instance": next(f for f in files if "_seg-vert" in f.name),
-    }
-    return out
+from spineps_like.phantom import tptbox_sample  # noqa: F401  (the tests import it from here too)
 
 
 @lru_cache(maxsize=None)
