@@ -362,7 +362,8 @@ def postprocess(
     -------
     semantic, instance, report
         New arrays (inputs untouched) and a :class:`PostprocessReport`; ``report.problems`` is empty when the
-        invariants hold (they always should; it is checked, not assumed).
+        invariants hold (they always should; it is checked, not assumed). The instance mask is uint16 (int32 when
+        the input holds ids past 16 bits).
     """
     sem0 = check_mask(semantic)
     inst0 = check_mask(instance, "instance")
@@ -373,7 +374,10 @@ def postprocess(
     sem = map_aliases(sem0)
     rep.aliases_mapped = 0 if sem is sem0 else int(np.count_nonzero(sem != sem0))
     sem = sem.astype(sem0.dtype, copy=True)
-    inst = inst0.astype(np.int32, copy=True)
+    # instance ids are below 300: 16-bit working copies halve the bytes of every whole-box pass (post-processing over
+    # the five side-by-side phantoms' inputs 608 -> 553 ms, same masks); ids past 16 bits keep 32
+    wide = inst0.dtype.itemsize > 2 and int(inst0.max(initial=0)) > np.iinfo(np.uint16).max
+    inst = inst0.astype(np.int32 if wide else np.uint16, copy=True)
     vox_mm3 = float(np.prod(sp))
 
     # 1: unsplit endplates
