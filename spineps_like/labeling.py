@@ -32,6 +32,7 @@ import nibabel as nib
 import numpy as np
 
 from spineps_like.assign import map_aliases, vertebra_ids, vertebra_order
+from spineps_like.geometry import nonzero_coords
 from spineps_like.instance.centres import check_mask, check_spacing, present_ids
 from spineps_like.io import atomic_write_json
 from spineps_like.labels import (
@@ -101,7 +102,7 @@ class _Features:
 def _features(vmask: np.ndarray, sem_raw: np.ndarray, sem: np.ndarray, ids: np.ndarray, sp: np.ndarray) -> _Features:
     """Per-vertebra features from ``vmask``, the instance mask's vertebra ids (0 elsewhere, sacrum excluded)."""
     n = int(ids.max(initial=0)) + 1
-    nz = np.nonzero(vmask)
+    nz = nonzero_coords(vmask)
     lab = vmask[nz].astype(np.int64)
     s = sem[nz]
     bone = np.bincount(lab, minlength=n)

@@ -39,7 +39,7 @@ import numpy as np
 from scipy import ndimage
 
 from spineps_like.assign import assign_ivds_endplates, map_aliases, vertebra_ids, vertebra_order, vertebra_voxels
-from spineps_like.geometry import bbox, grow_box
+from spineps_like.geometry import bbox, grow_box, nonzero_index
 from spineps_like.instance.centres import check_mask, check_spacing, present_ids
 from spineps_like.instance.geometric import count_pairs, dominant_partner, facet_free_contacts
 from spineps_like.labels import ENDPLATE_OFFSET, IVD_OFFSET, SACRUM_ID, label_mask
@@ -166,7 +166,7 @@ def _relabel_components(comp: np.ndarray, targets: dict[int, int], inst: np.ndar
     lut = np.zeros(max(targets) + 2, dtype=np.int64)  # the last entry (0) stands for every larger component
     for c, v in targets.items():
         lut[c] = v
-    idx = np.flatnonzero(comp) if index is None else index
+    idx = nonzero_index(comp) if index is None else index
     new = lut[np.minimum(comp.reshape(-1)[idx], len(lut) - 1)]
     keep = new > 0
     idx, new = idx[keep], new[keep]
@@ -269,7 +269,7 @@ def _reconcile_corpora(ins: np.ndarray, s: np.ndarray, crumb_share: float = 0.2)
     if not body.any():
         return 0
     cc = cc3d.connected_components(body, connectivity=6)
-    sel = np.flatnonzero(cc)
+    sel = nonzero_index(cc)
     flat = _flat(ins)
     cc_sel = cc.reshape(-1)[sel].astype(np.int64)
     comp, inst, counts = count_pairs(cc_sel, flat[sel].astype(np.int64))
@@ -302,7 +302,7 @@ def _release_bodyless(ins: np.ndarray, s: np.ndarray, box: tuple[slice, ...], fu
     """Clear (in place) vertebra instances without corpus voxels unless they touch no other vertebra (facet joints
     aside) and reach the edge of the volume; their voxels then join a touching vertebra (step 7). Returns voxels."""
     vmask = vertebra_voxels(ins)
-    idx = np.flatnonzero(vmask)
+    idx = nonzero_index(vmask)
     if len(idx) == 0:
         return 0
     flat = _flat(ins)
@@ -442,7 +442,7 @@ def postprocess(
     art = label_mask(s, ARTICULAR)
     if art.any():
         art_cc = cc3d.connected_components(np.where(art, s, 0), connectivity=26)
-        art_index = np.flatnonzero(art_cc)
+        art_index = nonzero_index(art_cc)
         sel = art_index[flat_ins[art_index] > 0]
         a_ids, b_ids, counts = count_pairs(art_cc.reshape(-1)[sel].astype(np.int64), flat_ins[sel].astype(np.int64))
         pairs = np.stack([a_ids, b_ids], axis=1)
@@ -467,7 +467,7 @@ def postprocess(
         if not current:
             vmask = vertebra_ids(ins)
             pieces = cc3d.connected_components(vmask, connectivity=26)
-            nz = np.flatnonzero(pieces)  # pieces and vmask are fresh C-ordered arrays: flat views, no copies
+            nz = nonzero_index(pieces)  # pieces and vmask are fresh C-ordered arrays: flat views, no copies
             if len(nz) == 0:
                 break
             pv = pieces.reshape(-1)[nz].astype(np.int64)
@@ -513,7 +513,7 @@ def postprocess(
     missing = (need > 0) & (ins == 0)
     if missing.any():
         comp = cc3d.connected_components(np.where(missing, need, 0), connectivity=26)
-        comp_index = np.flatnonzero(comp)  # the missing voxels
+        comp_index = nonzero_index(comp)  # the missing voxels
         comp_of = comp.reshape(-1)[comp_index].astype(np.int64)
         comp_cls = np.zeros(int(comp_of.max()) + 1, dtype=np.uint8)
         comp_cls[comp_of] = _flat(need)[comp_index]

@@ -29,8 +29,8 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from spineps_like.geometry import (
-    axis_aligned_map, bbox, grow_box, in_slabs, linear_weights, oriented_view, reoriented_grid, resample_to, same_grid,
-    surface_voxels, to_input_grid, to_model_grid,
+    axis_aligned_map, bbox, grow_box, in_slabs, linear_weights, nonzero_index, oriented_view, reoriented_grid,
+    resample_to, same_grid, surface_voxels, to_input_grid, to_model_grid,
 )
 from spineps_like.io import Scan
 from spineps_like.labels import label_counts, label_mask
@@ -658,7 +658,7 @@ def labels_from_probabilities(
 
                     def at_mixed(j: int, lab: int, p: np.ndarray) -> tuple[np.ndarray | slice, np.ndarray]:
                         """The mixed voxels where label ``lab`` may win and its interpolated probability there."""
-                        points = slice(None) if candidates is None else np.flatnonzero(candidates & label_bits(1 << j))
+                        points = slice(None) if candidates is None else nonzero_index(candidates & label_bits(1 << j))
                         if not isinstance(points, slice) and 2 * len(points) > len(mixed):
                             # a label that is a candidate at most points: every point costs less than indexing them,
                             # and where it is no candidate it stays under the floor, so it cannot win there

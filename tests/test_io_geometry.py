@@ -381,6 +381,23 @@ def test_voxel_coords_is_argwhere():
             assert got.shape == ref.shape and got.dtype == ref.dtype and np.array_equal(got, ref)
 
 
+@pytest.mark.parametrize("dtype", [bool, np.uint8, np.uint16, np.int32, np.float32])
+def test_nonzero_index_and_coords_are_numpys(dtype):
+    """nonzero_index / nonzero_coords answer np.flatnonzero / np.nonzero exactly (values, order, index dtype), on
+    C-ordered arrays and on strided views, empty and full ones included."""
+    from spineps_like.geometry import nonzero_coords, nonzero_index
+
+    rng = np.random.default_rng(4)
+    for p in (0.0, 0.2, 1.0):
+        m = ((rng.random((9, 11, 7)) < p) * rng.integers(1, 200, (9, 11, 7))).astype(dtype)
+        for a in (m, m[1:8, ::2, 2:], m.transpose(2, 0, 1)):
+            got, ref = nonzero_index(a), np.flatnonzero(a)
+            assert got.dtype == ref.dtype and np.array_equal(got, ref)
+            coords = nonzero_coords(a)
+            assert len(coords) == 3 and all(g.dtype == r.dtype and np.array_equal(g, r)
+                                            for g, r in zip(coords, np.nonzero(a)))
+
+
 @pytest.mark.parametrize("codes", ["PIR", "RAS", "LPS", "SAL"])
 def test_oriented_view_writes_a_box_where_reorient_puts_it(codes):
     """Writing a box through oriented_view (no copy) gives the array that reorienting a filled copy back gives."""

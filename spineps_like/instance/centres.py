@@ -32,7 +32,7 @@ import fastremap
 import numpy as np
 from scipy import ndimage as ndi
 
-from spineps_like.geometry import bbox, voxel_coords
+from spineps_like.geometry import bbox, nonzero_coords, voxel_coords
 from spineps_like.labels import label_mask
 
 #: Semantic labels counted as corpus when looking for vertebral bodies.
@@ -227,7 +227,7 @@ def _drop_off_spine(labels: np.ndarray, sp: np.ndarray, off_mm: float, repairs: 
     k = int(labels.max())
     if k < 3:
         return labels
-    idx = np.nonzero(labels)
+    idx = nonzero_coords(labels)
     lab = labels[idx].astype(np.int64)
     counts = np.bincount(lab, minlength=k + 1)[1:].astype(float)
     cen = np.stack([np.bincount(lab, weights=idx[a], minlength=k + 1)[1:] for a in range(3)], axis=1)

@@ -35,7 +35,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 
-from spineps_like.geometry import bbox
+from spineps_like.geometry import bbox, nonzero_coords
 from spineps_like.instance.centres import CorpusCentres, check_mask, check_spacing, corpus_centres
 
 CORPUS_BONE: tuple[int, ...] = (49, 50, 51)
@@ -50,7 +50,7 @@ def _face_neighbours(a: np.ndarray, b: np.ndarray, semantic: np.ndarray | None =
     """Every face-adjacent voxel pair with ``a > 0`` on one side and ``b > 0`` on the other: the ``a`` value, the
     ``b`` value and, if given, ``semantic`` on either side. Works from the ``a`` voxels only (no volume-sized
     temporaries), six face shifts, each face counted once per direction."""
-    coords = np.nonzero(a)
+    coords = nonzero_coords(a)
     empty = np.zeros(0, np.int64)
     no_sides = (None, None) if semantic is None else (empty, empty)
     if len(coords[0]) == 0:
@@ -243,7 +243,7 @@ def geometric_instances(
     n_art = int(art_cc.max(initial=0)) + 1
     art_stats = cc3d.statistics(art_cc.astype(np.uint32)) if n_art > 1 else None
     art_kind = np.zeros(n_art, dtype=np.int8)  # 1 superior, 2 inferior articular
-    nz = np.nonzero(art_cc)
+    nz = nonzero_coords(art_cc)
     art_kind[art_cc[nz]] = np.where(np.isin(s[nz], (45, 46)), 1, 2)
     keys: dict[int, float] = {i: float(i) for i in range(1, k + 1)}  # order of every id along the spine
     axes_by_id = {i + 1: cc.axes[i] for i in range(k)}
@@ -288,7 +288,7 @@ def geometric_instances(
         arch_lab = np.where(arch, lab, 0)
         a_ids, b_ids, counts = contact_counts(free_art, arch_lab)
         if len(a_ids):
-            nzl = np.nonzero(arch_lab)
+            nzl = nonzero_coords(arch_lab)
             owners = arch_lab[nzl].astype(np.int64)
             m = int(owners.max()) + 1
             cnt = np.maximum(np.bincount(owners, minlength=m), 1)
