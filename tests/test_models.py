@@ -249,3 +249,39 @@ def test_no_timm_or_torchvision_is_imported(model_dir):
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_one_fold_is_loaded_once_and_fold_switches_reload(model_dir, tmp_path):
+    """Scan after scan with one fold, the network keeps the weights it holds (nnU-Net would copy them in again every
+    time); another fold, or an ensemble, loads what it needs, and the logits are those of the fold asked for."""
+    import numpy as np
+    import torch
+
+    other = write_random_model(tmp_path / "other", labels=LABELS, seed=1)  # same architecture, other weights
+    m = _copy(model_dir, tmp_path / "two_folds")
+    fold0 = next(m.rglob("fold_0"))
+    shutil.copytree(fold0, fold0.parent / "fold_1")
+    shutil.copy(next(other.rglob("checkpoint_final.pth")), fold0.parent / "fold_1" / "checkpoint_final.pth")
+    write_manifest(m)
+    model = load_semantic_model(m)
+    rng = np.random.default_rng(0)
+    patch = tuple(model.nnunet.configuration_manager.patch_size)
+    data = torch.from_numpy(rng.normal(size=(1, *(p + 3 for p in patch))).astype(np.float32))
+    loads = []
+
+    def predict(folds):
+        p = model.nnunet.predictor(folds, step_size=0.5, mirroring=False)
+        if not loads:
+            original = p.network.load_state_dict
+            p.network.load_state_dict = lambda sd, *a, **k: (loads.append(sd), original(sd, *a, **k))[1]
+        return p.predict_logits_from_preprocessed_data(data).clone()
+
+    a = predict(("0",))
+    b = predict(("0",))
+    assert len(loads) == 1 and torch.equal(a, b)
+    c = predict(("1",))
+    assert len(loads) == 2 and not torch.allclose(a, c)
+    assert torch.equal(predict(("0",)), a) and len(loads) == 3  # back to fold 0: loaded again
+    both = predict(("0", "1"))
+    assert len(loads) == 5 and torch.allclose(both, (a + c) / 2, atol=1e-5)
+    assert torch.equal(predict(("1",)), c) and len(loads) == 5  # the ensemble left fold 1 in the network
