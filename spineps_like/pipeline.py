@@ -17,15 +17,14 @@ import numpy as np
 
 from spineps_like.geometry import bbox, clamp_spacing, oriented_view, reorient, rescale, resample_to
 from spineps_like.io import Scan, atomic_write_json, derivative_name, derivatives_dir, load_scan
-from spineps_like.labels import VERTEBRA_LABELS
+from spineps_like.labels import VERTEBRA_LABELS, label_mask
 
 #: Bundled model names (folders in models/) used when the caller names none.
 DEFAULT_SEMANTIC_MODEL = "semantic-phantom"
 DEFAULT_INSTANCE_MODEL = "instance-phantom"
 INSTANCE_METHODS = ("network", "geometric")
 #: Bone labels an instance (vertebra) may cover before assignment: the vertebra labels plus CT aliases.
-_IS_BONE = np.zeros(256, bool)
-_IS_BONE[sorted(set(VERTEBRA_LABELS) | {50, 51})] = True
+_BONE_LABELS = tuple(sorted(set(VERTEBRA_LABELS) | {50, 51}))
 
 
 class Timings(dict):
@@ -205,7 +204,8 @@ def _network_vertebrae(sem_pir: Scan, model: Any, box: tuple[slice, ...], *, dev
         sem_box = sem_pir.array[box]
         back = resample_to(Scan(fused.instance.astype(np.uint16, copy=False), grid.affine), sem_pir.shape,
                            sem_pir.affine, order=0, box=box).array
-        back[~_IS_BONE[np.minimum(sem_box, len(_IS_BONE) - 1)]] = 0
+        # vertebra ids only on bone (41-51 is one run of labels: one comparison for an 8-bit mask), in place
+        np.multiply(back, label_mask(sem_box, _BONE_LABELS), out=back)
     return back
 
 
