@@ -385,3 +385,16 @@ def test_smoke_training_writes_a_loadable_spineps_folder(tmp_path):
     # resuming a finished run trains no further step and rewrites the same folder
     out2 = train(cfg, make_volume=lambda seed, fov, variant: vol, log=lambda m: None, command="pytest smoke")
     assert torch.load(out2 / "instance_weights.ckpt", weights_only=True)["global_step"] == 2
+
+
+def test_network_input_is_one_hot_in_its_layout():
+    """The one-hot input equals F.one_hot(...).permute(...).float() in values and in memory layout (the network's
+    results depend on the layout), labels past the channel count going to channel 0."""
+    from spineps_like.instance.network import _network_input
+
+    labels = torch.randint(0, 13, (3, 6, 7, 5))  # 10 channels: 10-12 are out of range
+    got = _network_input(labels, 10)
+    want = F.one_hot(torch.where(labels < 10, labels, 0), 10).permute(0, 4, 1, 2, 3).float()
+    assert got.dtype == torch.float32 and got.shape == want.shape and got.stride() == want.stride()
+    assert torch.equal(got, want)
+    assert torch.equal(got[:, 0], ((labels == 0) | (labels >= 10)).float())

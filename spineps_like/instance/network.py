@@ -22,7 +22,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from spineps_like.instance.cutouts import SPINEPS_INPUT_MAPPING, Cutouts, SparsePrediction, sparse_prediction
@@ -391,7 +390,10 @@ def _network_input(labels: torch.Tensor, channels: int) -> torch.Tensor:
     if channels == 1:  # spineps' legacy single-channel models
         return (labels.float() / LEGACY_LABEL_NORMALIZATION).unsqueeze(1)
     labels = torch.where(labels < channels, labels, torch.zeros_like(labels))
-    return F.one_hot(labels, channels).permute(0, 4, 1, 2, 3).float()
+    # F.one_hot(labels, channels).permute(0, 4, 1, 2, 3).float(), without its int64 volume: the same channels-last
+    # float layout (the convolutions' results depend on the input's memory layout, so it is kept)
+    one_hot = torch.zeros((*labels.shape, channels), dtype=torch.float32, device=labels.device)
+    return one_hot.scatter_(-1, labels.unsqueeze(-1), 1.0).permute(0, 4, 1, 2, 3)
 
 
 def predict_cutouts(model: InstanceModel | Unet3D, batch: Cutouts, *, batch_size: int = 4,
