@@ -196,16 +196,20 @@ def _cut_fragment_groups(comp_index: np.ndarray, comp_of: np.ndarray, cands: lis
     and the group holds at least ``min_mm3``."""
     if not cands:
         return []
+    voxels = {c: comp_index[comp_of == c] for c in cands}
+    at_edge = {c: _at_volume_edge(_box_of(v, ins.shape), [b.start for b in box], full_shape) for c, v in voxels.items()}
+    vox_mm3 = float(np.prod(sp))
+    # a group needs a piece at the edge and min_mm3 in all: without either, the spine order is not needed
+    if not any(at_edge.values()) or sum(len(v) for v in voxels.values()) * vox_mm3 < min_mm3:
+        return []
     ids, cen, axes, has_sacrum = _spine_order(ins, s, sp)
     if len(ids) == 0:
         return []
     groups: dict[str, list[int]] = {"top": [], "bottom": []}
     touch = {"top": False, "bottom": False}
-    sizes: dict[int, int] = {}
+    sizes = {c: len(v) for c, v in voxels.items()}
     for c in cands:
-        vox = comp_index[comp_of == c]
-        sizes[c] = len(vox)
-        at_edge = _at_volume_edge(_box_of(vox, ins.shape), [b.start for b in box], full_shape)
+        vox = voxels[c]
         x = np.array([a.mean() for a in np.unravel_index(vox, ins.shape)], dtype=float)
         if np.dot((x - cen[0]) * sp, axes[0]) < 0:
             side = "top"
@@ -214,10 +218,9 @@ def _cut_fragment_groups(comp_index: np.ndarray, comp_of: np.ndarray, cands: lis
         else:
             continue
         groups[side].append(c)
-        touch[side] |= at_edge
-    vox = float(np.prod(sp))
+        touch[side] |= at_edge[c]
     return [g for side, g in groups.items()
-            if g and touch[side] and sum(sizes[c] for c in g) * vox >= min_mm3]
+            if g and touch[side] and sum(sizes[c] for c in g) * vox_mm3 >= min_mm3]
 
 
 def _at_volume_edge(bb: Sequence[slice], offset: Sequence[int], full_shape: Sequence[int]) -> bool:
