@@ -7,9 +7,9 @@ semantic network's time on a 512 x 512 x 20 scan (benchmarks/README.md). :func:`
 threshold so such blocks come from the heap and are reused, and lets the heap keep up to ``trim_threshold`` bytes of
 free memory at its top instead of returning it after every scan. That is 1 GiB: the sliding window's class volume of
 a whole spine alone is 274 MB (16 classes x 35 x 624 x 196 float32); with 256 MB the heap gave it back to the kernel
-after each scan and page-faulted it in again in the next, 0.6-0.85 s of kernel time per pass over the side-by-side
-phantoms against 0.06-0.35 s (benchmarks/README.md). The peak memory is the same; between scans a worker keeps up to
-that much free heap.
+after each scan and page-faulted it in again in the next: up to 0.6-0.85 s of kernel time per pass over the five
+side-by-side phantoms, against 0.06-0.35 s with 1 GiB (benchmarks/README.md). The peak memory stays about the same;
+between scans a worker keeps up to that much free heap.
 
 PyTorch's own CPU allocations (the sliding window's class volume, activations) page-fault through 4 KB pages when
 they are fresh; :func:`tune_allocator` also asks PyTorch for transparent huge pages (``THP_MEM_ALLOC_ENABLE=1``, read
