@@ -157,19 +157,17 @@ class PostprocessReport:
         return asdict(self)
 
 
-def _relabel_components(comp: np.ndarray, targets: dict[int, int], inst: np.ndarray,
-                        index: np.ndarray | None = None) -> int:
+def _relabel_components(comp: np.ndarray, targets: dict[int, int], inst: np.ndarray, index: np.ndarray) -> int:
     """Write ``targets[c]`` into ``inst`` wherever ``comp == c``; returns the voxels written. ``index``: the flat
-    indices of ``comp``'s non-zero voxels, when already known (no pass over the volume to find them)."""
+    indices of ``comp``'s non-zero voxels (every caller holds them already: no pass over the volume to find them)."""
     if not targets:
         return 0
     lut = np.zeros(max(targets) + 2, dtype=np.int64)  # the last entry (0) stands for every larger component
     for c, v in targets.items():
         lut[c] = v
-    idx = nonzero_index(comp) if index is None else index
-    new = lut[np.minimum(comp.reshape(-1)[idx], len(lut) - 1)]
+    new = lut[np.minimum(comp.reshape(-1)[index], len(lut) - 1)]
     keep = new > 0
-    idx, new = idx[keep], new[keep]
+    idx, new = index[keep], new[keep]
     flat = _flat(inst)
     changed = int(np.count_nonzero(flat[idx] != new))
     flat[idx] = new
