@@ -374,6 +374,10 @@ def test_channel_argmax_is_argmax_with_first_wins_on_ties():
     assert got.dtype == torch.uint8
     assert torch.equal(got.long(), p.argmax(0))
     assert bool((got[0] == 1).all())
+    # a volume large enough for torch's threads, with ties at most voxels: still the first largest channel
+    q = torch.randint(0, 4, (16, 30, 64, 50), generator=g).float()
+    got = _channel_argmax(q)
+    assert got.dtype == torch.uint8 and torch.equal(got.long(), torch.from_numpy(q.numpy().argmax(0)))
 
 
 def test_labels_from_probabilities_keeps_clean_up_and_merges_aliases():
