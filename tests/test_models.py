@@ -204,6 +204,55 @@ def test_image_preprocessing_skips_only_the_discarded_mask_resampling():
     assert seg.size == 1 and seg_all.shape[1:] == data.shape[1:]
 
 
+def test_image_preprocessing_finds_nnunets_crop_without_filling_holes(model_dir, tmp_path, monkeypatch):
+    """``preprocess_image`` gives nnU-Net's data and properties bit for bit: zero borders and an enclosed zero hole,
+    no zeros, an empty image. nnU-Net's hole filling runs only where normalisation reads the mask: with
+    ``use_mask_for_norm`` the result is still nnU-Net's (normalised inside the filled mask, not the whole box)."""
+    import warnings
+
+    import numpy as np
+    import scipy.ndimage
+
+    def images(shape):
+        rng = np.random.default_rng(5)
+        holed = np.zeros((1, *shape), np.float32)
+        holed[:, 2:-3, 4:-2, 1:-4] = rng.random((1, shape[0] - 5, shape[1] - 6, shape[2] - 5)) * 300 + 1
+        holed[:, 6:9, 10:14, 5:8] = 0  # an enclosed hole: nnU-Net fills it before taking the box
+        full = rng.random((1, *shape)).astype(np.float32) + 0.5
+        return {"holed": holed, "full": full, "empty": np.zeros((1, *shape), np.float32)}
+
+    fills = []
+    original_fill = scipy.ndimage.binary_fill_holes
+    import nnunetv2.preprocessing.cropping.cropping as cropping
+
+    monkeypatch.setattr(cropping, "binary_fill_holes", lambda m: (fills.append(1), original_fill(m))[1])
+    masked = _copy(model_dir, tmp_path / "masked_norm")
+    plans_file = next(masked.rglob("plans.json"))
+    plans = json.loads(plans_file.read_text())
+    for c in plans["configurations"].values():
+        if "use_mask_for_norm" in c:
+            c["use_mask_for_norm"] = [True] * len(c["use_mask_for_norm"])
+    plans_file.write_text(json.dumps(plans))
+    write_manifest(masked)
+    for folder, fills_expected in ((model_dir, False), (masked, True)):
+        model = load_semantic_model(folder).nnunet
+        patch = model.configuration_manager.patch_size
+        for name, img in images(tuple(p + 7 for p in patch)).items():
+            props = {"spacing": [float(s) for s in model.configuration_manager.spacing[::-1]]}
+            pre = model.image_configuration_manager.preprocessor_class(verbose=False)
+            with warnings.catch_warnings():  # an empty image normalised inside its empty mask: nnU-Net's NaNs
+                warnings.simplefilter("ignore", RuntimeWarning)
+                ref, _, ref_props = pre.run_case_npy(img, None, dict(props), model.plans_manager,
+                                                     model.image_configuration_manager, model.dataset_json)
+                fills.clear()
+                data, got_props = model.preprocess_image(img, dict(props))
+            assert bool(fills) == fills_expected, (folder.name, name)
+            assert data.dtype == ref.dtype and data.shape == ref.shape, name
+            np.testing.assert_array_equal(data, ref, err_msg=name)
+            assert got_props == ref_props, name
+    assert any(model.configuration_manager.use_mask_for_norm)
+
+
 def test_label_safe_mirror_axes():
     from spineps_like.models.nnunet import label_safe_mirror_axes
 

@@ -139,9 +139,7 @@ class SemanticModel:
         from nnunetv2.utilities.helpers import softmax_helper_dim0
 
         predictor, img, props = self._nnunet_input(array, spacing, folds, step_size, mirroring)
-        pm, cm = self.nnunet.plans_manager, self.nnunet.image_configuration_manager  # no segmentation resampled
-        preprocessor = cm.preprocessor_class(verbose=False)
-        data, _, props = preprocessor.run_case_npy(img, None, props, pm, cm, self.nnunet.dataset_json)
+        data, props = self.nnunet.preprocess_image(img, props)
         with self._autocast(amp):
             logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).cpu().float()
         lm = self.nnunet.label_manager
@@ -152,7 +150,7 @@ class SemanticModel:
             probs = torch.as_tensor(lm.apply_inference_nonlin(logits), dtype=torch.float32)
         del logits
         # nnU-Net axis t is input axis transpose_forward[t]; input axis a is model-grid axis 2 - a
-        tf = list(pm.transpose_forward)
+        tf = list(self.nnunet.plans_manager.transpose_forward)
         crop = props["bbox_used_for_cropping"]
         n_crop = props["shape_after_cropping_and_before_resampling"]
         axes = [tf.index(2 - m) for m in range(3)]  # nnU-Net axis of each model-grid axis

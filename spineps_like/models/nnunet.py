@@ -237,6 +237,11 @@ def threaded_configuration(configuration_manager, *, resample_segmentation: bool
     return ThreadedResamplingConfiguration(configuration_manager.configuration)
 
 
+#: nnU-Net's normalisation schemes that read the non-zero mask only when ``use_mask_for_norm`` is set
+MASK_OPTIONAL_SCHEMES = frozenset({"ZScoreNormalization", "CTNormalization", "NoNormalization",
+                                   "RescaleTo01Normalization", "RGBTo01Normalization"})
+
+
 #: Sliding-window tiles per network call. nnU-Net predicts one tile at a time; on CPU a batch of 4 small tiles runs
 #: about 2x faster than 4 calls (benchmarks/README.md), on GPU it fills the device better. Same tiles, same Gaussian.
 TILE_BATCH = 4
@@ -379,6 +384,46 @@ class NnUNetModel:
             self._check_weights(fold, w)
             self._weights[fold] = w
         return self._weights[fold]
+
+    def preprocess_image(self, image: np.ndarray, properties: dict) -> tuple[np.ndarray, dict]:
+        """nnU-Net's preprocessing of an image alone (``run_case_npy`` without a segmentation): transpose, crop to the
+        non-zero box, normalise, resample to the plans' spacing. Returns the network's input and ``properties``
+        with nnU-Net's crop and shape entries.
+
+        nnU-Net takes the crop box from the non-zero mask with its holes filled (scipy's ``binary_fill_holes``,
+        about 10-20 ms per scan here) and keeps that mask for normalising within it. When no channel normalises
+        within the mask, the filled mask is never read and its box is that of the non-zero voxels (a hole lies inside
+        the box of what encloses it): the filling is skipped, and the data and properties are nnU-Net's. Otherwise,
+        and for any other preprocessor class, nnU-Net's own ``run_case_npy`` runs."""
+        from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor, compute_new_shape
+
+        from spineps_like.geometry import bbox
+
+        pm, cm = self.plans_manager, self.image_configuration_manager
+        preprocessor = cm.preprocessor_class(verbose=False)
+        if (cm.preprocessor_class is not DefaultPreprocessor or any(cm.use_mask_for_norm)
+                or not set(cm.normalization_schemes) <= MASK_OPTIONAL_SCHEMES):
+            data, _, properties = preprocessor.run_case_npy(image, None, properties, pm, cm, self.dataset_json)
+            return data, properties
+        # nnU-Net's steps, in its order and memory layout (the normalisation's mean and std depend on it)
+        data = image.astype(np.float32)
+        data = data.transpose([0, *[i + 1 for i in pm.transpose_forward]])
+        original_spacing = [properties["spacing"][i] for i in pm.transpose_forward]
+        properties["shape_before_cropping"] = data.shape[1:]
+        nonzero = data[0] != 0
+        for c in range(1, data.shape[0]):
+            nonzero |= data[c] != 0
+        box = bbox(nonzero) or tuple(slice(0, n) for n in nonzero.shape)  # nnU-Net keeps all of an empty image
+        data = data[(slice(None), *box)]
+        properties["bbox_used_for_cropping"] = [[b.start, b.stop] for b in box]
+        properties["shape_after_cropping_and_before_resampling"] = data.shape[1:]
+        target_spacing = list(cm.spacing)
+        if len(target_spacing) < len(data.shape[1:]):  # a 2D configuration keeps the slice spacing
+            target_spacing = [original_spacing[0]] + target_spacing
+        new_shape = compute_new_shape(data.shape[1:], original_spacing, target_spacing)
+        inside = np.zeros((1, *data.shape[1:]), np.int8)  # "inside the mask" everywhere: not read without mask use
+        data = preprocessor._normalize(data, inside, cm, pm.foreground_intensity_properties_per_channel)
+        return cm.resampling_fn_data(data, new_shape, original_spacing, target_spacing), properties
 
     def checkpoint_files(self, folds: Sequence[str]) -> list[Path]:
         return [checkpoint_path(self.dir, f, self.checkpoint) for f in folds]
