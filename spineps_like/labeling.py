@@ -43,6 +43,7 @@ from spineps_like.labels import (
     VERTEBRA_ID_TO_NAME,
     VERTEBRA_NAME_TO_ID,
     instance_name,
+    label_mask,
 )
 
 _C = [VERTEBRA_NAME_TO_ID[f"C{i}"] for i in range(1, 8)]
@@ -108,7 +109,8 @@ def _features(vmask: np.ndarray, sem_raw: np.ndarray, sem: np.ndarray, ids: np.n
     bone = np.bincount(lab, minlength=n)
     corpus_sel = s == 49
     corpus = np.bincount(lab[corpus_sel], minlength=n)
-    costal = np.bincount(lab[np.isin(s, (43, 44))], minlength=n)
+    costal_sel = label_mask(s, (43, 44))
+    costal = np.bincount(lab[costal_sel], minlength=n)
     dens = np.bincount(lab[sem_raw[nz] == 51], minlength=n)
     # left-right extents (axis 2) of the costal processes and of the corpus
     def lr_extent(sel: np.ndarray) -> np.ndarray:
@@ -118,7 +120,7 @@ def _features(vmask: np.ndarray, sem_raw: np.ndarray, sem: np.ndarray, ids: np.n
         np.maximum.at(hi, lab[sel], nz[2][sel])
         return np.where(hi >= 0, (hi - lo + 1) * sp[2], 0.0)
 
-    costal_span = lr_extent(np.isin(s, (43, 44))) / np.maximum(lr_extent(s == 49), 1e-6)
+    costal_span = lr_extent(costal_sel) / np.maximum(lr_extent(s == 49), 1e-6)
     # axis-1 row profile of each corpus: protrusion above the body (dens) and body height
     rows = nz[1][corpus_sel]
     clab = lab[corpus_sel]

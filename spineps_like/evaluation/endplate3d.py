@@ -35,7 +35,7 @@ from scipy import ndimage
 from spineps_like.evaluation.surface import asd, check_pair, check_spacing, hd95
 from spineps_like.geometry import bbox, rescale
 from spineps_like.io import Scan
-from spineps_like.labels import ENDPLATE_LABELS, ENDPLATE_OFFSET
+from spineps_like.labels import ENDPLATE_LABELS, ENDPLATE_OFFSET, label_counts
 
 #: Endplate labels of our semantic (52, 53, 62) and instance (201-228) masks; the two sets do not collide.
 ENDPLATE_FOREGROUND: tuple[int, ...] = tuple(ENDPLATE_LABELS) + tuple(range(ENDPLATE_OFFSET + 1, ENDPLATE_OFFSET + 29))
@@ -63,7 +63,7 @@ def resample_isotropic(binary: np.ndarray, spacing: Sequence[float], target: flo
 def components(binary: np.ndarray, min_size: int = 1000) -> tuple[np.ndarray, int]:
     """6-connected components of at least ``min_size`` voxels, relabelled 1..n. Returns (labels, n)."""
     labels = cc3d.connected_components(np.ascontiguousarray(binary, dtype=np.uint8), connectivity=6)
-    sizes = np.bincount(labels.ravel())
+    sizes = label_counts(labels)
     keep = np.flatnonzero(sizes >= min_size)
     keep = keep[keep > 0]
     lut = np.zeros(sizes.size, np.int32)

@@ -37,6 +37,7 @@ from scipy import ndimage
 from spineps_like.instance.cutouts import (
     CENTRE, CLASS_NAMES, Box, SparseMask, SparsePrediction, box_intersection, box_slices, box_union,
 )
+from spineps_like.labels import label_counts
 
 Key = tuple[int, int]  # (cutout index, class)
 
@@ -407,7 +408,7 @@ class _Fuser:
             if self.min_fragment_voxels > 0:
                 cc, n = cc3d.connected_components(mask, connectivity=26, return_N=True)
                 if n > 1:
-                    sizes = np.bincount(cc.ravel())
+                    sizes = label_counts(cc)
                     sizes[0] = 0
                     small = (sizes < self.min_fragment_voxels) & (np.arange(len(sizes)) != sizes.argmax())
                     small[0] = False

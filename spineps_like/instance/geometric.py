@@ -37,6 +37,7 @@ from skimage.segmentation import watershed
 
 from spineps_like.geometry import bbox, nonzero_coords
 from spineps_like.instance.centres import CorpusCentres, check_mask, check_spacing, corpus_centres
+from spineps_like.labels import label_mask
 
 CORPUS_BONE: tuple[int, ...] = (49, 50, 51)
 ARCH_LABELS: tuple[int, ...] = (41, 42, 43, 44)
@@ -223,17 +224,17 @@ def geometric_instances(
     if cc.labels.shape != sem.shape:
         raise ValueError(f"corpus centres were computed on a grid {cc.labels.shape}, not {sem.shape}")
     out = np.zeros(sem.shape, dtype=np.int32)
-    box = bbox(np.isin(sem, BONE_LABELS) | (cc.labels > 0), margin=1)
+    box = bbox(label_mask(sem, BONE_LABELS) | (cc.labels > 0), margin=1)
     if box is None or len(cc) == 0:
         return out
     s = sem[box]
     k = len(cc)
     corpus_lab = cc.labels[box].astype(np.int32)
-    arch = np.isin(s, ARCH_LABELS)
-    art = np.isin(s, ARTICULAR_LABELS)
-    corpus_bone = np.isin(s, CORPUS_BONE)
+    arch = label_mask(s, ARCH_LABELS)
+    art = label_mask(s, ARTICULAR_LABELS)
+    corpus_bone = label_mask(s, CORPUS_BONE)
     bone = arch | art | corpus_bone
-    seeds = np.where(np.isin(s, CORPUS_BONE + ENDPLATE_LIKE), corpus_lab, 0)
+    seeds = np.where(label_mask(s, CORPUS_BONE + ENDPLATE_LIKE), corpus_lab, 0)
     flat = np.zeros(s.shape, dtype=np.uint8)
 
     # A: corpus + arch (pedicles, laminae, spinous and costal processes), flooded from the corpora
@@ -244,7 +245,7 @@ def geometric_instances(
     art_stats = cc3d.statistics(art_cc.astype(np.uint32)) if n_art > 1 else None
     art_kind = np.zeros(n_art, dtype=np.int8)  # 1 superior, 2 inferior articular
     nz = nonzero_coords(art_cc)
-    art_kind[art_cc[nz]] = np.where(np.isin(s[nz], (45, 46)), 1, 2)
+    art_kind[art_cc[nz]] = np.where(label_mask(s[nz], (45, 46)), 1, 2)
     keys: dict[int, float] = {i: float(i) for i in range(1, k + 1)}  # order of every id along the spine
     axes_by_id = {i + 1: cc.axes[i] for i in range(k)}
 
