@@ -395,7 +395,8 @@ class NnUNetModel:
         within the mask, the filled mask is never read and its box is that of the non-zero voxels (a hole lies inside
         the box of what encloses it): the filling is skipped, and the data and properties are nnU-Net's. Otherwise,
         and for any other preprocessor class, nnU-Net's own ``run_case_npy`` runs."""
-        from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor, compute_new_shape
+        from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+        from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
 
         from spineps_like.geometry import bbox
 
