@@ -17,6 +17,8 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from spineps_like.geometry import bbox
+
 #: spineps 2.1.3 ``DEFAULT_LABEL_MAPPING`` (semantic label -> network input label); unlisted labels map to 0.
 SPINEPS_INPUT_MAPPING: dict[int, int] = {41: 1, 42: 2, 43: 3, 44: 4, 45: 5, 46: 6, 47: 7, 48: 8, 49: 9, 50: 9, 51: 9}
 #: Output classes of the instance network: background, vertebra above, centre vertebra, vertebra below.
@@ -81,16 +83,11 @@ class SparseMask:
     def from_dense(cls, mask: np.ndarray, start: Sequence[int] = (0, 0, 0)) -> "SparseMask | None":
         """Crop a dense boolean array (whose voxel [0,0,0] lies at ``start``) to its bounding box; None if empty."""
         mask = np.asarray(mask, dtype=bool)
-        axes_any = [mask.any(axis=tuple(a for a in range(3) if a != ax)) for ax in range(3)]
-        if not axes_any[0].any():
+        box = bbox(mask)
+        if box is None:
             return None
-        lo, hi = [], []
-        for nz in axes_any:
-            idx = np.flatnonzero(nz)
-            lo.append(int(idx[0]))
-            hi.append(int(idx[-1]) + 1)
-        crop = mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
-        return cls(tuple(int(s) + l for s, l in zip(start, lo)), np.ascontiguousarray(crop))  # type: ignore[arg-type]
+        return cls(tuple(int(s) + b.start for s, b in zip(start, box)),  # type: ignore[arg-type]
+                   np.ascontiguousarray(mask[box]))
 
     def crop(self, box: Box) -> np.ndarray:
         """The mask's voxels inside ``box`` as a bool array of the box's shape (zeros outside the mask)."""

@@ -23,7 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
-from spineps_like.geometry import spline_resample
+from spineps_like.geometry import bbox, spline_resample
 from spineps_like.models.manifest import ModelError
 
 CHECKPOINT_NAMES = ("checkpoint_final.pth", "checkpoint_best.pth")
@@ -397,8 +397,6 @@ class NnUNetModel:
         and for any other preprocessor class, nnU-Net's own ``run_case_npy`` runs."""
         from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
         from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
-
-        from spineps_like.geometry import bbox
 
         pm, cm = self.plans_manager, self.image_configuration_manager
         preprocessor = cm.preprocessor_class(verbose=False)
