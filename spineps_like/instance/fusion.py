@@ -37,6 +37,7 @@ from scipy import ndimage
 from spineps_like.instance.cutouts import (
     CENTRE, CLASS_NAMES, Box, SparseMask, SparsePrediction, box_intersection, box_slices, box_union,
 )
+from spineps_like.geometry import nonzero_coords
 from spineps_like.labels import label_counts
 
 Key = tuple[int, int]  # (cutout index, class)
@@ -435,7 +436,7 @@ class _Fuser:
         heights = []
         for i, sl in enumerate(ndimage.find_objects(self.out), start=1):
             if sl is not None:
-                heights.append((float(np.nonzero(self.out[sl] == i)[1].mean()) + sl[1].start, i))
+                heights.append((float(nonzero_coords(self.out[sl] == i)[1].mean()) + sl[1].start, i))
         lut = np.zeros(max(self.next_id, int(self.out.max(initial=0)) + 1), dtype=np.uint16)
         new_of_old = {}
         for new, (_, old) in enumerate(sorted(heights), start=1):
