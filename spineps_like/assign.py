@@ -25,9 +25,9 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from spineps_like.geometry import bbox, surface_voxels, voxel_coords
-from spineps_like.instance.centres import check_mask, check_spacing, present_ids, spine_axes
+from spineps_like.instance.centres import check_mask, check_spacing, spine_axes
 from spineps_like.instance.geometric import unique_ints
-from spineps_like.labels import ENDPLATE_OFFSET, IVD_OFFSET, SACRUM_ID, SEMANTIC_ALIASES, label_mask
+from spineps_like.labels import ENDPLATE_OFFSET, IVD_OFFSET, SACRUM_ID, SEMANTIC_ALIASES, label_mask, present_ids
 
 IVD = 100
 ENDPLATE_LIKE: tuple[int, ...] = (52, 53, 62)

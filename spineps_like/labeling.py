@@ -33,7 +33,7 @@ import numpy as np
 
 from spineps_like.assign import map_aliases, vertebra_ids, vertebra_order
 from spineps_like.geometry import nonzero_coords
-from spineps_like.instance.centres import check_mask, check_spacing, present_ids
+from spineps_like.instance.centres import check_mask, check_spacing
 from spineps_like.io import atomic_write_json
 from spineps_like.labels import (
     ANATOMICAL_ORDER,
@@ -44,6 +44,7 @@ from spineps_like.labels import (
     VERTEBRA_NAME_TO_ID,
     instance_name,
     label_mask,
+    present_ids,
 )
 
 _C = [VERTEBRA_NAME_TO_ID[f"C{i}"] for i in range(1, 8)]

@@ -106,6 +106,17 @@ def label_mask(mask: np.ndarray, labels) -> np.ndarray:
     return table[mask]
 
 
+def present_ids(mask: np.ndarray) -> np.ndarray:
+    """Sorted distinct values of an integer (or boolean) array as int64, by :func:`fastremap.unique` (a counting
+    pass for small label ranges; ``np.unique`` sorts the whole volume)."""
+    arr = np.asarray(mask)
+    if arr.size == 0:
+        return np.zeros(0, np.int64)
+    if arr.dtype == bool:
+        arr = arr.view(np.uint8)
+    return np.asarray(fastremap.unique(arr), dtype=np.int64)
+
+
 def label_counts(mask: np.ndarray, minlength: int = 0) -> np.ndarray:
     """Voxels per value of a non-negative integer (or boolean) array, as ``np.bincount(mask.ravel(), minlength=...)``
     (int64, indexed by value), by :func:`fastremap.unique`'s counting pass: ``np.bincount`` first copies the array to

@@ -241,7 +241,7 @@ def test_corpus_blobs_off_the_spine_and_disc_fragments_do_not_make_vertebrae():
 
 
 def test_present_ids_equals_unique_for_every_integer_type():
-    from spineps_like.instance.centres import present_ids
+    from spineps_like.labels import present_ids
 
     rng = np.random.default_rng(1)
     for dt in (np.uint8, np.uint16, np.uint32, np.uint64, np.int16, np.int32, np.int64):

@@ -42,7 +42,7 @@ from spineps_like.labels import (
     IVD_OFFSET,
     VERTEBRA_NAME_TO_ID,
     Semantic,
-    label_counts,
+    present_ids,
 )
 
 SPIDER_CANAL = 100
@@ -74,7 +74,7 @@ def to_spider(
     Returns a uint16 array; ValueError for labels outside the instance scheme or a vertebra numbered above 25.
     """
     inst = as_label_array(instance, "instance mask")
-    present = np.flatnonzero(label_counts(inst))
+    present = present_ids(inst)
     present = present[present > 0]
     bad = [int(v) for v in present if v >= 300 or (v % 100) == 0 or (v % 100) > 28]
     if bad:
@@ -124,7 +124,7 @@ def from_spider(
         inst_lut[SPIDER_IVD_OFFSET + n], sem_lut[SPIDER_IVD_OFFSET + n] = IVD_OFFSET + v, int(Semantic.IVD)
     sem_lut[SPIDER_CANAL] = int(Semantic.CANAL)
     valid = (inst_lut > 0) | (sem_lut > 0)
-    present = np.flatnonzero(label_counts(sp))
+    present = present_ids(sp)
     bad = [int(v) for v in present if v > 0 and (v >= valid.size or not valid[v])]
     if bad:
         raise ValueError(f"SPIDER mask holds labels outside the SPIDER scheme (or beyond the column): {bad[:10]}")

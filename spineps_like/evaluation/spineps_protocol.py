@@ -44,7 +44,7 @@ from spineps_like.labels import (
     SEMANTIC_ALIASES,
     VERTEBRA_LABELS,
     Semantic,
-    label_counts,
+    present_ids,
 )
 
 #: Panoptica label groups of the instance mask: name -> (ids, single_instance).
@@ -79,7 +79,7 @@ _INSTANCE_ALLOWED = frozenset(i for ids, _ in INSTANCE_GROUPS.values() for i in 
 
 
 def _check_labels(arr: np.ndarray, allowed: frozenset[int], name: str, scheme: str) -> None:
-    present = np.flatnonzero(label_counts(arr))
+    present = present_ids(arr)
     bad = sorted(int(v) for v in present if v != 0 and int(v) not in allowed)
     if bad:
         raise ValueError(f"{name} holds labels outside the {scheme}: {bad[:10]}{' ...' if len(bad) > 10 else ''}")

@@ -28,7 +28,6 @@ from typing import Sequence
 
 import cc3d
 import edt
-import fastremap
 import numpy as np
 from scipy import ndimage as ndi
 
@@ -85,17 +84,6 @@ def check_spacing(spacing: Sequence[float]) -> np.ndarray:
     if sp.shape != (3,) or not np.all(np.isfinite(sp)) or np.any(sp <= 0):
         raise ValueError(f"spacing must be three positive mm values, got {tuple(np.ravel(spacing))}")
     return sp
-
-
-def present_ids(mask: np.ndarray) -> np.ndarray:
-    """Sorted distinct values of an integer (or boolean) array as int64, by :func:`fastremap.unique` (a counting
-    pass for small label ranges; ``np.unique`` sorts the whole volume)."""
-    arr = np.asarray(mask)
-    if arr.size == 0:
-        return np.zeros(0, np.int64)
-    if arr.dtype == bool:
-        arr = arr.view(np.uint8)
-    return np.asarray(fastremap.unique(arr), dtype=np.int64)
 
 
 def check_mask(mask: np.ndarray, name: str = "semantic") -> np.ndarray:
