@@ -121,7 +121,7 @@ def _features(vmask: np.ndarray, sem_raw: np.ndarray, sem: np.ndarray, ids: np.n
         np.maximum.at(hi, lab[sel], nz[2][sel])
         return np.where(hi >= 0, (hi - lo + 1) * sp[2], 0.0)
 
-    costal_span = lr_extent(costal_sel) / np.maximum(lr_extent(s == 49), 1e-6)
+    costal_span = lr_extent(costal_sel) / np.maximum(lr_extent(corpus_sel), 1e-6)
     # axis-1 row profile of each corpus: protrusion above the body (dens) and body height
     rows = nz[1][corpus_sel]
     clab = lab[corpus_sel]
