@@ -75,6 +75,10 @@ class Phantom:
     semantic: Scan
     instance: Scan
     meta: dict = field(default_factory=dict)
+    #: uint8 tissue label map (:data:`TISSUES`, ids from 1): the generation labels an appearance model paints from
+    #: (:mod:`spineps_like.phantom.appearance`). Finer than the semantic mask: marrow, cortex, nucleus, annulus,
+    #: CSF, ... of the spine, and the body around it (fat, muscle, bowel, vessels, lung, air).
+    tissue: Scan | None = None
 
 
 # ============================================================================================ anatomy tables
@@ -108,6 +112,10 @@ _APP = ["none", "marrow", "cortex", "endplate", "post_marrow", "post_cortex", "n
         "sacrum_marrow", "sacrum_cortex"]
 A = {n: i for i, n in enumerate(_APP)}
 _BG = ["air", "fat", "muscle", "viscera", "fluid", "blood", "lung", "heart"]
+#: Tissue (generation) labels of :attr:`Phantom.tissue`, id = position + 1: the spine's appearance classes, then the
+#: body's. Id 0 is never used, so every voxel of a tissue map is non-zero.
+TISSUES: tuple[str, ...] = tuple(_APP[1:] + _BG)
+TISSUE_ID: dict[str, int] = {n: i + 1 for i, n in enumerate(TISSUES)}
 
 # (mean, high-frequency texture amplitude, low-frequency texture amplitude) per class.
 # t2w: arbitrary units relative to corpus marrow = 1 (scaled afterwards); ct: Hounsfield units.
@@ -1046,8 +1054,12 @@ def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...], spacing: np.
     return out.astype(np.float32, copy=False)
 
 
-def _body(lay: _Layout, P, I, R, spacing: np.ndarray, hab: dict, table: dict, rng: np.random.Generator):
+def _body(lay: _Layout, P, I, R, spacing: np.ndarray, hab: dict, table: dict, rng: np.random.Generator,
+          tissue: np.ndarray | None = None):
     """Analytic body around the spine on the output grid: returns (mean, hf amplitude, lf amplitude) arrays.
+
+    ``tissue`` (uint8, output grid, optional) receives the body's tissue labels (:data:`TISSUE_ID`): each class
+    where its soft weight passes one half, in the same painting order as the intensities.
 
     Classes are composited with soft (about one voxel) edges, each inside its own bounding box: subcutaneous fat,
     paraspinal and neck muscles, airway and trachea, lungs, heart, oesophagus, aorta, vena cava, psoas, bowel with gas
@@ -1105,6 +1117,8 @@ def _body(lay: _Layout, P, I, R, spacing: np.ndarray, hab: dict, table: dict, rn
         sub += w * (h - sub)
         sub = alf[sl]
         sub += w * (l_ - alf[sl])
+        if tissue is not None:
+            tissue[sl][w > 0.5] = TISSUE_ID[cls]
 
     full = box(-1e9, 1e9, -1e9, 1e9)
     sl, Pb, Ib, Rb, pr = full
@@ -1271,8 +1285,10 @@ def _block_mean(a: np.ndarray, f: tuple[int, int, int]) -> np.ndarray:
 
 
 def _render(app: np.ndarray, f: tuple[int, int, int], lay: _Layout, spacing: np.ndarray, out_lo: np.ndarray,
-            mode: str, rngs: dict[str, np.random.Generator], hab: dict) -> tuple[np.ndarray, dict]:
-    """Image on the output grid: area-averaged spine classes over the analytic body, texture, bias, blur, noise."""
+            mode: str, rngs: dict[str, np.random.Generator], hab: dict,
+            tissue: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+    """Image on the output grid: area-averaged spine classes over the analytic body, texture, bias, blur, noise.
+    ``tissue`` (output grid, filled with the spine's tissue labels) receives the body's labels where it is 0."""
     table = _intensity_table(mode, rngs["intensity"])
     lut = np.array([table[n] if n != "none" else (0.0, 0.0, 0.0) for n in _APP], dtype=np.float32)
     frac = _block_mean((app > 0).view(np.uint8), f)
@@ -1283,7 +1299,10 @@ def _render(app: np.ndarray, f: tuple[int, int, int], lay: _Layout, spacing: np.
     P = (out_lo[0] + np.arange(shape[0]) * spacing[0]).astype(np.float32)[:, None, None]
     I = (out_lo[1] + np.arange(shape[1]) * spacing[1]).astype(np.float32)[None, :, None]
     R = (out_lo[2] + np.arange(shape[2]) * spacing[2]).astype(np.float32)[None, None, :]
-    b_mu, b_hf, b_lf = _body(lay, P, I, R, spacing, hab, table, rngs["body"])
+    body_tissue = None if tissue is None else np.full(shape, TISSUE_ID["air"], np.uint8)
+    b_mu, b_hf, b_lf = _body(lay, P, I, R, spacing, hab, table, rngs["body"], body_tissue)
+    if tissue is not None:
+        np.copyto(tissue, body_tissue, where=tissue == 0)
     keep = 1.0 - frac
     img = b_mu * keep + s_mu
     amp_hf = b_hf * keep + s_hf
@@ -1512,8 +1531,11 @@ def make_phantom(seed: int, *, fov: str = "lumbar", mode: str = "t2w", variant: 
     c = tuple(m // 2 for m in f)
     sem = np.ascontiguousarray(cv.sem[inner][c[0]::f[0], c[1]::f[1], c[2]::f[2]]).astype(np.int16)
     inst = np.ascontiguousarray(cv.inst[inner][c[0]::f[0], c[1]::f[1], c[2]::f[2]]).astype(np.int16)
+    # tissue labels: the spine's appearance class of the same centre sub-voxel (its id is the class index), the
+    # body's classes elsewhere (filled in by the renderer)
+    tissue = np.ascontiguousarray(cv.app[inner][c[0]::f[0], c[1]::f[1], c[2]::f[2]])
     out_lo = lo + sp / 2
-    img, render_info = _render(cv.app[inner], f, lay, sp, out_lo, mode, rngs, hab)
+    img, render_info = _render(cv.app[inner], f, lay, sp, out_lo, mode, rngs, hab, tissue)
     t3 = time.perf_counter()
     # canonical PIR affine (RAS+ world: x = r, y = -p, z = -i), world origin at the FOV centre
     centre = 0.5 * (lo + hi)
@@ -1523,11 +1545,12 @@ def make_phantom(seed: int, *, fov: str = "lumbar", mode: str = "t2w", variant: 
     image = reorient(Scan(img, aff.copy()), codes)
     semantic = reorient(Scan(sem, aff.copy()), codes)
     instance = reorient(Scan(inst, aff.copy()), codes)
+    tissue_scan = reorient(Scan(tissue, aff.copy()), codes)
     meta = _meta(seed, fov, mode, variant, sp, codes, f, fov_names, lay, cv, lo, hi, cut, semantic, instance,
                  render_info)
     meta["timing_s"] = {"layout": round(t1 - t0, 3), "rasterise": round(t2 - t1, 3), "render": round(t3 - t2, 3),
                         "total": round(time.perf_counter() - t0, 3)}
-    return Phantom(image=image, semantic=semantic, instance=instance, meta=meta)
+    return Phantom(image=image, semantic=semantic, instance=instance, meta=meta, tissue=tissue_scan)
 
 
 def _cut_ids(cv: _Canvas, rows: int) -> dict[str, set[int]]:
