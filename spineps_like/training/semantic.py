@@ -57,6 +57,13 @@ CONFIGURATION = "3d_fullres"
 TRAINER_NAME = "SpinepsLikeSemanticTrainer"
 MAX_FILE_BYTES = 16 * 1024 * 1024
 FOVS = ("lumbar", "thoracic", "cervical", "whole")
+#: Phantom seeds reserved for evaluation (benchmarks/accuracy.py and the side-by-side runner use 900000 + index):
+#: training draws never take them.
+HELD_OUT_SEEDS = range(900_000, 1_000_000)
+#: Labels of a synthetic-appearance dataset, fixed so that runs (and fine-tuning from the bundled model) agree.
+TRAINING_LABELS: tuple[int, ...] = (26, 41, 42, 43, 44, 45, 46, 47, 48, 49, 52, 53, 60, 61, 100)
+#: Modalities of a model trained with synthetic appearance (SPINEPS' config names).
+SYNTH_MODALITIES: tuple[str, ...] = ("T2w", "T1w", "PD", "CT")
 VARIANTS = ("block", "collapsed", "l6", "t13", "sacralised_l5", "narrow_discs")
 
 
@@ -106,7 +113,10 @@ def case_specs(n: int, seed: int, *, t2w_fraction: float = 0.5, fovs: Sequence[s
         mode = "t2w" if rng.random() < t2w_fraction else "random"
         fov = fovs[i % len(fovs)]
         variant = str(rng.choice(visible_variants(fov))) if rng.random() < variant_fraction else None
-        specs.append(CaseSpec(f"phantom_{i:04d}", int(rng.integers(0, 2**31 - 1)), fov, mode, variant))
+        seed_i = int(rng.integers(0, 2**31 - 1))
+        while seed_i in HELD_OUT_SEEDS:  # never draw an evaluation phantom (no draw of the bundled models did)
+            seed_i = int(rng.integers(0, 2**31 - 1))
+        specs.append(CaseSpec(f"phantom_{i:04d}", seed_i, fov, mode, variant))
     return specs
 
 
@@ -265,7 +275,8 @@ def _nnunet_env(work: Path) -> dict[str, Path]:
 
 def plan_and_preprocess(dataset_id: int, dataset_name: str, *, spacing_pir: Sequence[float],
                         patch_pir: Sequence[int], batch_size: int = 2, base_features: int = 8,
-                        max_features: int = 64, num_processes: int = 2) -> dict:
+                        max_features: int = 64, num_processes: int = 2,
+                        normalization: str = "ZScoreNormalization") -> dict:
     """Fingerprint (nnU-Net), write :func:`small_plans`, run nnU-Net's DefaultPreprocessor. Needs the nnUNet_* env."""
     from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
     from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
@@ -276,7 +287,7 @@ def plan_and_preprocess(dataset_id: int, dataset_name: str, *, spacing_pir: Sequ
     plans = small_plans(
         dataset_name, list(spacing_pir)[::-1], list(patch_pir)[::-1], median_shape=median_shape,
         batch_size=batch_size, base_features=base_features, max_features=max_features,
-        intensity_properties=fp["foreground_intensity_properties_per_channel"],
+        intensity_properties=fp["foreground_intensity_properties_per_channel"], normalization=normalization,
     )
     pre.mkdir(parents=True, exist_ok=True)
     atomic_write_json(pre / f"{PLANS_NAME}.json", plans)
@@ -323,6 +334,9 @@ def trainer_class():
         learning_rate: float | None = None
         #: share of each batch centred on a random voxel of a random foreground label (nnU-Net: 0.33)
         oversample_foreground = 0.33
+        #: images are tissue maps, painted per patch by :class:`~spineps_like.training.synthetic.SynthesizeAppearance`
+        synthetic_appearance = False
+        synthesis_seed = 0
 
         def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                      device: torch.device = torch.device("cpu")):
@@ -365,14 +379,37 @@ def trainer_class():
         def plot_network_architecture(self) -> None:  # needs hiddenlayer/graphviz; not wanted here
             return None
 
+        def _with_synthesis(self, transforms, stream: int):
+            if not self.synthetic_appearance:
+                return transforms
+            from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
+
+            from spineps_like.training.synthetic import synthesis_transform_class
+
+            synth = synthesis_transform_class()(seed=[self.synthesis_seed, stream, self.current_epoch],
+                                                spacing=self.configuration_manager.spacing)
+            return ComposeTransforms([synth, *transforms.transforms])
+
+        def get_training_transforms(self, *args, **kwargs):
+            return self._with_synthesis(nnUNetTrainer.get_training_transforms(*args, **kwargs), 0)
+
+        def get_validation_transforms(self, *args, **kwargs):
+            return self._with_synthesis(nnUNetTrainer.get_validation_transforms(*args, **kwargs), 1)
+
     SpinepsLikeSemanticTrainer.__name__ = SpinepsLikeSemanticTrainer.__qualname__ = TRAINER_NAME
     return SpinepsLikeSemanticTrainer
 
 
 def train(dataset_name: str, *, iterations: int, iterations_per_epoch: int = 50, val_iterations: int = 5,
           fold: int | str = 0, device: str = "cpu", resume: bool = False, optimizer: str = "sgd",
-          learning_rate: float | None = None, oversample_foreground: float = 0.33):
-    """Train fold ``fold`` of the preprocessed dataset; returns the trainer (its output_folder holds the checkpoints)."""
+          learning_rate: float | None = None, oversample_foreground: float = 0.33, synthetic_appearance: bool = False,
+          synthesis_seed: int = 0, init_weights: str | os.PathLike | None = None):
+    """Train fold ``fold`` of the preprocessed dataset; returns the trainer (its output_folder holds the checkpoints).
+
+    ``synthetic_appearance``: the dataset's images are tissue maps, painted anew for every patch.
+    ``init_weights``: a checkpoint (or model folder) whose network weights start a fresh run (fine-tuning); the
+    architecture and labels must be the same. Ignored when resuming.
+    """
     import torch
     from batchgenerators.utilities.file_and_folder_operations import load_json
 
@@ -385,6 +422,7 @@ def train(dataset_name: str, *, iterations: int, iterations_per_epoch: int = 50,
     cls = trainer_class()
     cls.iterations, cls.iterations_per_epoch, cls.val_iterations = iterations, iterations_per_epoch, val_iterations
     cls.optimizer_name, cls.learning_rate, cls.oversample_foreground = optimizer, learning_rate, oversample_foreground
+    cls.synthetic_appearance, cls.synthesis_seed = bool(synthetic_appearance), int(synthesis_seed)
     labels = [label_value(n) for n in dataset_json["labels"] if n not in ("background", "ignore")]
     cls.mirror_axes = label_safe_mirror_axes("PIR", plans["transpose_forward"], labels)
     out_fold = (Path(os.environ["nnUNet_results"]) / dataset_name / f"{TRAINER_NAME}__{PLANS_NAME}__{CONFIGURATION}"
@@ -396,8 +434,39 @@ def train(dataset_name: str, *, iterations: int, iterations_per_epoch: int = 50,
                   device=torch.device(device))
     if cont:
         trainer.load_checkpoint(str(latest))
+    elif init_weights is not None:
+        load_initial_weights(trainer, init_weights)
     trainer.run_training()
     return trainer
+
+
+def initial_checkpoint(source: str | os.PathLike) -> Path:
+    """The checkpoint file of ``source``: a .pth file, or a model folder / name (its first fold's final checkpoint)."""
+    p = Path(source)
+    if p.is_file():
+        return p
+    from spineps_like.models import find_model
+    from spineps_like.models.nnunet import available_folds, checkpoint_path
+
+    folder = find_model(str(source))
+    if folder.nnunet_dir is None:
+        raise ModelError(f"{folder.path}: no nnU-Net results folder to start from")
+    return checkpoint_path(folder.nnunet_dir, available_folds(folder.nnunet_dir)[0], None)
+
+
+def load_initial_weights(trainer, source: str | os.PathLike) -> None:
+    """Start ``trainer``'s network from the weights of ``source`` (strict: same architecture, same labels)."""
+    import torch
+
+    ck = torch.load(initial_checkpoint(source), map_location="cpu", weights_only=False)
+    if not trainer.was_initialized:
+        trainer.initialize()
+    net = trainer.network.module if hasattr(trainer.network, "module") else trainer.network
+    try:
+        net.load_state_dict(ck["network_weights"])
+    except RuntimeError as e:
+        raise ModelError(f"{source}: its weights do not fit this network ({str(e).splitlines()[0]})") from None
+    trainer.print_to_log_file(f"network initialised from {source}")
 
 
 # ---------------------------------------------------------------- export
@@ -417,12 +486,13 @@ def _strip_checkpoint(src: Path, dst: Path, fold: int | str) -> None:
 
 
 def inference_config(dataset_json: dict, *, name: str, fold: int | str, resolution_range: Sequence,
-                     orientation: str = "PIR", step_size: float = 0.5) -> dict:
+                     orientation: str = "PIR", step_size: float = 0.5,
+                     modality: Sequence[str] = ("T2w", "T1w")) -> dict:
     """The SPINEPS inference_config.json of a model trained here."""
     labels = {str(i): n for n, i in dataset_json["labels"].items() if i != 0 and n != "ignore"}
     return {
         "log_name": name,
-        "modality": ["T2w", "T1w"],
+        "modality": list(modality),
         "acquisition": "sag",
         "modeltype": "nnunet",
         "model_expected_orientation": list(orientation),
@@ -435,15 +505,30 @@ def inference_config(dataset_json: dict, *, name: str, fold: int | str, resoluti
     }
 
 
-def export_model_folder(results_dir: Path, out: Path, *, fold: int | str, config: dict, training_md: str) -> Path:
-    """Write the SPINEPS-layout model folder ``out`` (replaced atomically) and its manifest."""
+def export_model_folder(results_dir: Path, out: Path, *, fold: int | str, config: dict, training_md: str,
+                        image_channel: str | None = None) -> Path:
+    """Write the SPINEPS-layout model folder ``out`` (replaced atomically) and its manifest.
+
+    ``image_channel``: the model was trained on tissue maps painted per patch (``--appearance synth``); the folder's
+    plans then normalise an image (:func:`~spineps_like.training.synthetic.inference_plans`) and its dataset.json
+    names the channel ``image_channel``. The tissue-map fingerprint is not copied.
+    """
     out = Path(out)
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     nn = tmp / results_dir.name
     nn.mkdir(parents=True)
-    for f in ("plans.json", "dataset.json", "dataset_fingerprint.json"):
-        shutil.copy(results_dir / f, nn / f)
+    if image_channel is None:
+        for f in ("plans.json", "dataset.json", "dataset_fingerprint.json"):
+            shutil.copy(results_dir / f, nn / f)
+    else:
+        from spineps_like.training.synthetic import inference_plans
+
+        atomic_write_json(nn / "plans.json", inference_plans(json.loads((results_dir / "plans.json").read_text())))
+        ds = json.loads((results_dir / "dataset.json").read_text())
+        ds["channel_names"] = {"0": image_channel}
+        ds["description"] = "spineps-like: trained on phantom tissue maps painted per patch (any MRI contrast, CT)"
+        atomic_write_json(nn / "dataset.json", ds)
     src_fold = results_dir / f"fold_{fold}"
     ck = src_fold / "checkpoint_final.pth"
     if not ck.is_file():
@@ -546,11 +631,16 @@ class SemanticTrainingRun:
     optimizer: str = "sgd"
     learning_rate: float | None = None
     oversample_foreground: float = 0.33
+    #: "phantom": the phantoms' own renderer (T2w-like / randomised images, fixed per case); "synth": tissue maps,
+    #: painted anew for every patch (SynthSeg-style, any MRI contrast and CT; :mod:`spineps_like.training.synthetic`)
+    appearance: str = "phantom"
+    #: model folder, name or checkpoint whose weights start the run (fine-tuning); None: random initialisation
+    init_from: str | None = None
 
     def data_key(self) -> str:
         d = {k: v for k, v in asdict(self).items()
              if k in ("n_train", "seed", "t2w_fraction", "fovs", "resolution_range", "target_spacing", "patch_size",
-                      "batch_size", "base_features", "max_features", "dataset_id")}
+                      "batch_size", "base_features", "max_features", "dataset_id", "appearance")}
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
 
@@ -571,7 +661,8 @@ def _training_md(run: SemanticTrainingRun, argv: Sequence[str], specs: list[Case
     fovs = {f: sum(s.fov == f for s in specs) for f in sorted({s.fov for s in specs})}
     variants = {v: sum(str(s.variant) == v for s in specs) for v in sorted({str(s.variant) for s in specs})}
     lines = [
-        f"# {run.name}: semantic nnU-Net trained on phantoms",
+        f"# {run.name}: semantic nnU-Net trained on phantoms"
+        + (" with synthetic appearance (SynthSeg-style)" if run.appearance == "synth" else ""),
         "",
         "Exact command (reproducible: same seed -> same phantoms, same split):",
         "",
@@ -579,7 +670,14 @@ def _training_md(run: SemanticTrainingRun, argv: Sequence[str], specs: list[Case
         "python -m spineps_like.training.semantic " + " ".join(argv),
         "```",
         "",
-        f"- seed: {run.seed}; training phantoms: {run.n_train} ({modes}); FOVs {fovs}; variants {variants}",
+        (f"- seed: {run.seed}; training phantoms: {run.n_train} ({modes}); FOVs {fovs}; variants {variants}"
+         if run.appearance != "synth" else
+         f"- seed: {run.seed}; training anatomies: {run.n_train} phantom tissue maps; FOVs {fovs}; variants {variants}"),
+        (f"- appearance: {run.appearance}" + (
+            " (every patch painted anew from its tissue map: contrast family drawn from "
+            f"{_family_weights()}, random tissue intensities, blur, bias, ghosting, noise, gamma, clipping; "
+            "spineps_like.phantom.appearance)" if run.appearance == "synth" else " (the phantoms' own images)")),
+        f"- initialised from: {run.init_from or 'random weights'}",
         f"- model grid: PIR, resolution_range {run.resolution_range}; nnU-Net spacing (P, I, R) {list(run.target_spacing)}",
         f"- network: PlainConvUNet, features {run.base_features}..{run.max_features}, patch (P, I, R) "
         f"{list(run.patch_size)}, batch {run.batch_size}; plans {PLANS_NAME}, trainer {TRAINER_NAME}",
@@ -598,6 +696,12 @@ def _training_md(run: SemanticTrainingRun, argv: Sequence[str], specs: list[Case
         "",
     ]
     return "\n".join(lines)
+
+
+def _family_weights() -> dict:
+    from spineps_like.phantom.appearance import FAMILY_WEIGHTS
+
+    return dict(FAMILY_WEIGHTS)
 
 
 def _dist_version(name: str) -> str:
@@ -631,12 +735,19 @@ def run_training(run: SemanticTrainingRun, argv: Sequence[str] = (), *, resume: 
     if not (stamp.is_file() and stamp.read_text().strip() == key and (pre / "splits_final.json").is_file()):
         shutil.rmtree(raw, ignore_errors=True)
         shutil.rmtree(pre, ignore_errors=True)
-        if cases is None:
+        synth = run.appearance == "synth"
+        if cases is None and synth:
+            from spineps_like.training.synthetic import tissue_cases
+
+            cases = tissue_cases(specs, run.target_spacing)
+        elif cases is None:
             cases = phantom_cases(specs, orientation="PIR", resolution_range=run.resolution_range)
-        dataset_json = write_raw_dataset(cases, raw)
+        dataset_json = write_raw_dataset(cases, raw, channel_name="tissue" if synth else "T2w",
+                                         labels=TRAINING_LABELS if synth else None)
         plan_and_preprocess(run.dataset_id, dataset_name, spacing_pir=run.target_spacing, patch_pir=run.patch_size,
                             batch_size=run.batch_size, base_features=run.base_features,
-                            max_features=run.max_features, num_processes=max(1, min(2, os.cpu_count() or 1)))
+                            max_features=run.max_features, num_processes=max(1, min(2, os.cpu_count() or 1)),
+                            normalization="NoNormalization" if synth else "ZScoreNormalization")
         ids = [p.name[: -len(".nii.gz")] for p in sorted((raw / "labelsTr").glob("*.nii.gz"))]
         write_splits(pre, ids, run.seed)
         atomic_write_text(stamp, key + "\n")
@@ -645,13 +756,17 @@ def run_training(run: SemanticTrainingRun, argv: Sequence[str] = (), *, resume: 
     fold: int | str = int(run.fold) if run.fold.isdigit() else run.fold
     trainer = train(dataset_name, iterations=run.iterations, iterations_per_epoch=run.iterations_per_epoch,
                     val_iterations=run.val_iterations, fold=fold, resume=resume, optimizer=run.optimizer,
-                    learning_rate=run.learning_rate, oversample_foreground=run.oversample_foreground)
+                    learning_rate=run.learning_rate, oversample_foreground=run.oversample_foreground,
+                    synthetic_appearance=run.appearance == "synth", synthesis_seed=run.seed,
+                    init_weights=run.init_from)
     seconds = time.perf_counter() - t0
     results_dir = Path(trainer.output_folder_base)
     config = inference_config(dataset_json, name=run.name or Path(run.out).name, fold=fold,
-                              resolution_range=run.resolution_range)
+                              resolution_range=run.resolution_range,
+                              modality=SYNTH_MODALITIES if run.appearance == "synth" else ("T2w", "T1w"))
     md = _training_md(run, argv, specs, trainer, seconds, dataset_json)
-    return export_model_folder(results_dir, Path(run.out), fold=fold, config=config, training_md=md)
+    return export_model_folder(results_dir, Path(run.out), fold=fold, config=config, training_md=md,
+                               image_channel="MRI or CT" if run.appearance == "synth" else None)
 
 
 def default_work_dir(name: str) -> Path:
@@ -688,6 +803,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None, help="initial learning rate (default: nnU-Net's 1e-2)")
     p.add_argument("--oversample-foreground", type=float, default=0.33,
                    help="share of patches centred on a random foreground label (nnU-Net's default 0.33)")
+    p.add_argument("--appearance", choices=("phantom", "synth"), default="phantom",
+                   help="phantom: the phantoms' own images; synth: tissue maps painted anew per patch with a random "
+                   "contrast family (T1w, T2w, STIR, PD, CT, random), SynthSeg-style")
+    p.add_argument("--init-from", default=None, help="model folder, name or checkpoint to start from (fine-tuning)")
     p.add_argument("--name", default=None, help="model name (default: the --out folder name)")
     return p
 
@@ -705,7 +824,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         target_spacing=tuple(a.spacing), patch_size=tuple(a.patch), batch_size=a.batch_size,
         base_features=a.features[0], max_features=a.features[1], fold=str(a.fold), da_processes=a.da_processes,
         threads=a.threads, name="".join(c if c.isalnum() else "_" for c in name), optimizer=a.optimizer,
-        learning_rate=a.lr, oversample_foreground=a.oversample_foreground,
+        learning_rate=a.lr, oversample_foreground=a.oversample_foreground, appearance=a.appearance,
+        init_from=a.init_from,
     )
     out = run_training(run, argv, resume=a.resume)
     print(out)
