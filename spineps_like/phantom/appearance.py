@@ -30,7 +30,7 @@ from typing import Mapping
 import numpy as np
 from scipy import ndimage as ndi
 
-from spineps_like.phantom import TISSUE_ID, TISSUES
+from spineps_like.phantom.anatomy import TISSUE_ID, TISSUES
 
 #: Contrast families; ``random`` draws every tissue mean uniformly (SynthSeg).
 FAMILIES: tuple[str, ...] = ("t1w", "t2w", "stir", "pd", "ct", "random")

@@ -1,0 +1,284 @@
+"""The body around the spine on the output grid: fat, muscles, airway, lungs, heart, bowel with gas and fluid,
+vessels, bladder (:func:`_body`): soft-edged classes giving the calibrated renderer its intensities and the tissue map
+its body labels."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from spineps_like.phantom.anatomy import TISSUE_ID, _Layout
+
+# ============================================================================================ body around the spine
+def _spine_profiles(lay: _Layout, i_rows: np.ndarray) -> dict[str, np.ndarray]:
+    """Cranio-caudal profiles (per output row) of the spine's landmarks, used to place the body around it."""
+    pts = []
+    for v in lay.verts + lay.sacrum:
+        pts.append((v.O[1], v.world((-v.a, 0, 0))[0], v.O[0], v.world((v.xc, 0, 0))[0],
+                    v.world((v.xc + v.cap + v.t, 0.2 * v.H, 0))[0], v.O[2], v.b))
+    arr = np.array(sorted(pts), dtype=float)
+    keys = ["p_front", "p_mid", "p_canal", "p_lam", "r_mid", "b"]
+    return {k: np.interp(i_rows, arr[:, 0], arr[:, j + 1]) for j, k in enumerate(keys)}
+
+
+def _level_i(lay: _Layout, name: str, default: float) -> float:
+    for v in lay.verts + lay.sacrum:
+        if v.name == name:
+            return float(v.O[1])
+    return default
+
+
+def _body_params(rng: np.random.Generator) -> dict[str, float]:
+    """Body habitus (mm): subcutaneous fat, muscle thickness, body depth, organ sizes."""
+    return {
+        "fat": rng.uniform(4.0, 35.0), "musc_neck": rng.uniform(45, 65), "musc_thorax": rng.uniform(14, 26),
+        "musc_lumbar": rng.uniform(28, 48), "musc_pelvis": rng.uniform(10, 25), "ant_neck": rng.uniform(42, 60),
+        "ant_thorax": rng.uniform(100, 140), "ant_abdomen": rng.uniform(80, 170), "ant_pelvis": rng.uniform(90, 130),
+        "neck_half": rng.uniform(50, 64), "aw": rng.uniform(12, 20), "aorta": rng.uniform(9, 13),
+        "psoas": rng.uniform(16, 26), "diaph": rng.uniform(-0.6, 0.6), "mw": rng.uniform(40, 60),
+        "bladder": rng.uniform(15, 38) if rng.random() < 0.7 else 0.0, "heart": rng.uniform(42, 55),
+    }
+
+
+def _region_weights(lay: _Layout, i_rows: np.ndarray) -> dict[str, np.ndarray]:
+    """Soft neck / thorax / abdomen / pelvis weights per row (sum 1), from the vertebral levels."""
+    inlet = _level_i(lay, "T1", -1e9) - 10.0
+    diaph = _level_i(lay, "T12", 1e9)
+    pelvis = _level_i(lay, lay.verts[-1].name, 1e9)
+
+    def step(c, width):
+        return np.clip(0.5 + (i_rows - c) / width, 0.0, 1.0)
+
+    s_in, s_di, s_pe = step(inlet, 50.0), step(diaph, 30.0), step(pelvis, 40.0)
+    return {"neck": 1 - s_in, "thorax": s_in * (1 - s_di), "abdomen": s_di * (1 - s_pe), "pelvis": s_pe}
+
+
+def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...], spacing: np.ndarray, sigma_mm: float):
+    """Zero-mean, unit-variance Gaussian random field with correlation length ~sigma_mm.
+
+    Fine fields are filtered directly; coarse ones are filtered on a grid ~sigma/2 mm and brought up by separable
+    linear interpolation (three small matrix products, much faster than ``ndimage.zoom``).
+    """
+    step = np.maximum(1, np.floor(max(1.0, sigma_mm / 2.0) / np.asarray(spacing))).astype(int)
+    if np.all(step == 1):
+        out = ndi.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), tuple(sigma_mm / spacing), truncate=3.0)
+    else:
+        cshape = tuple(int(math.ceil(n / f)) + 2 for n, f in zip(shape, step))
+        noise = rng.standard_normal(cshape, dtype=np.float32)
+        noise = ndi.gaussian_filter(noise, tuple(float(sigma_mm / (s * f)) for s, f in zip(spacing, step)),
+                                    mode="wrap", truncate=3.0)
+        out = noise
+        for ax, (n, f) in enumerate(zip(shape, step)):
+            if f == 1:
+                out = out[(slice(None),) * ax + (slice(1, n + 1),)]
+                continue
+            pos = (np.arange(n) + 0.5) / f + 0.5  # output voxel centres in coarse-grid index units
+            j0 = np.clip(np.floor(pos).astype(np.intp), 0, cshape[ax] - 2)
+            sh = [1, 1, 1]
+            sh[ax] = n
+            t = (pos - j0).astype(np.float32).reshape(sh)
+            lo_ = out.take(j0, axis=ax)
+            out = lo_ + t * (out.take(j0 + 1, axis=ax) - lo_)
+        out = np.ascontiguousarray(out)
+    sample = out.reshape(-1)[::7]
+    out -= float(sample.mean(dtype=np.float64))
+    out *= 1.0 / (float(sample.std(dtype=np.float64)) + 1e-6)
+    return out.astype(np.float32, copy=False)
+
+
+def _body(lay: _Layout, P, I, R, spacing: np.ndarray, hab: dict, table: dict, rng: np.random.Generator,
+          tissue: np.ndarray | None = None):
+    """Analytic body around the spine on the output grid: returns (mean, hf amplitude, lf amplitude) arrays.
+
+    ``tissue`` (uint8, output grid, optional) receives the body's tissue labels (:data:`TISSUE_ID`): each class
+    where its soft weight passes one half, in the same painting order as the intensities.
+
+    Classes are composited with soft (about one voxel) edges, each inside its own bounding box: subcutaneous fat,
+    paraspinal and neck muscles, airway and trachea, lungs, heart, oesophagus, aorta, vena cava, psoas, bowel with gas
+    and fluid pockets, bladder; everything outside the body is air.
+    """
+    shape = (P.shape[0], I.shape[1], R.shape[2])
+    p1, i1, r1 = P[:, 0, 0].astype(float), I[0, :, 0].astype(float), R[0, 0, :].astype(float)
+    prof = _spine_profiles(lay, i1)
+    prof["p_lam"] = ndi.gaussian_filter1d(prof["p_lam"], 25.0 / spacing[1], mode="nearest")
+    prof.update(_region_weights(lay, i1))
+    ramp = float(max(spacing.min(), 0.7)) * 1.2
+    mu = np.full(shape, table["air"][0], np.float32)
+    ahf = np.full(shape, table["air"][1], np.float32)
+    alf = np.full(shape, table["air"][2], np.float32)
+    reg = {k: prof[k] for k in ("neck", "thorax", "abdomen", "pelvis")}
+    fat_t = hab["fat"] * (0.6 * reg["neck"] + 0.8 * reg["thorax"] + reg["abdomen"] + 1.3 * reg["pelvis"])
+    musc_t = (hab["musc_neck"] * reg["neck"] + hab["musc_thorax"] * reg["thorax"]
+              + hab["musc_lumbar"] * reg["abdomen"] + hab["musc_pelvis"] * reg["pelvis"])
+    prof["p_skin"] = prof["p_lam"] + musc_t + fat_t
+    prof["fat_t"] = fat_t
+    ant = (hab["ant_neck"] * reg["neck"] + hab["ant_thorax"] * reg["thorax"] + hab["ant_abdomen"] * reg["abdomen"]
+           + hab["ant_pelvis"] * reg["pelvis"])
+    prof["p_ant"] = prof["p_front"] - ant
+    prof["half"] = hab["neck_half"] * reg["neck"] + 170.0 * (1 - reg["neck"])
+
+    def soft(d):
+        return np.clip(0.5 + d * (1.0 / ramp), 0.0, 1.0)
+
+    def box(p_lo, p_hi, i_lo, i_hi, r_lo=-1e9, r_hi=1e9):
+        """Slices of the output grid inside the mm box, and the coordinates/profiles there (or None)."""
+        sl = []
+        for v, lo, hi in ((p1, p_lo, p_hi), (i1, i_lo, i_hi), (r1, r_lo, r_hi)):
+            a, b = np.searchsorted(v, lo - ramp), np.searchsorted(v, hi + ramp, side="right")
+            if b <= a:
+                return None
+            sl.append(slice(int(a), int(b)))
+        sl = tuple(sl)
+        pr = {k: v[sl[1]].astype(np.float32)[None, :, None] for k, v in prof.items()}
+        return sl, P[sl[0]], I[:, sl[1]], R[..., sl[2]], pr
+
+    def rows(i_lo, i_hi, key, lo_off, hi_off):
+        """p range of a profile (+ offsets) over the rows in [i_lo, i_hi]."""
+        m = (i1 >= i_lo - 5) & (i1 <= i_hi + 5)
+        if not m.any():
+            return None
+        v = prof[key][m]
+        return float(v.min() + lo_off), float(v.max() + hi_off)
+
+    def blend(sl, w, cls):
+        m, h, l_ = table[cls]
+        sub = mu[sl]
+        w = np.broadcast_to(w, sub.shape)
+        sub += w * (m - sub)
+        sub = ahf[sl]
+        sub += w * (h - sub)
+        sub = alf[sl]
+        sub += w * (l_ - alf[sl])
+        if tissue is not None:
+            tissue[sl][w > 0.5] = TISSUE_ID[cls]
+
+    full = box(-1e9, 1e9, -1e9, 1e9)
+    sl, Pb, Ib, Rb, pr = full
+    dr = np.abs(Rb - pr["r_mid"])
+    # body (fat); the neck is round-ish: its lateral border recedes towards the front and back
+    half_p = 0.5 * (pr["p_skin"] - pr["p_ant"])
+    ell = 1.0 - ((Pb - 0.5 * (pr["p_ant"] + pr["p_skin"])) / half_p) ** 2
+    half_eff = np.where(pr["neck"] > 0.5, pr["half"] * np.sqrt(np.clip(ell, 0.05, 1.0)) + 10.0, pr["half"])
+    body = soft(np.minimum(np.minimum(Pb - pr["p_ant"], pr["p_skin"] - Pb), half_eff - dr))
+    blend(sl, body, "fat")
+    # posterior paraspinal / neck muscles under the subcutaneous fat
+    mw = hab["mw"] * (1 - pr["neck"]) + (pr["half"] - 8.0) * pr["neck"]
+    post = soft(np.minimum(np.minimum(Pb - (pr["p_canal"] - 4.0), (pr["p_skin"] - pr["fat_t"]) - Pb), mw - dr))
+    blend(sl, post * body, "muscle")
+    i_c4, i_t1 = _level_i(lay, "C4", -1e9), _level_i(lay, "T1", 1e9)
+    i_t4, i_t5 = _level_i(lay, "T4", -1e9), _level_i(lay, "T5", 1e9)
+    i_t10, i_t12 = _level_i(lay, "T10", 1e9), _level_i(lay, "T12", 1e9)
+    i_l4, i_l5 = _level_i(lay, "L4", 1e9), _level_i(lay, lay.verts[-1].name, 1e9)
+    # prevertebral strip (longus colli in the neck, thin in the upper thorax) and lateral neck muscles
+    pr_rng = rows(-1e9, i_t4, "p_front", -20.0, 0.0)
+    if pr_rng:
+        bx = box(pr_rng[0], pr_rng[1] + 40.0, -1e9, i_t4 + 20.0)
+        if bx:
+            s, Pb, Ib, Rb, pr = bx
+            prev = 4.0 + 10.0 * np.clip((Ib - i_c4) / 40.0, 0, 1)
+            w = soft(np.minimum(np.minimum(Pb - (pr["p_front"] - prev), pr["p_canal"] + 4.0 - Pb),
+                                pr["b"] + 14.0 - np.abs(Rb - pr["r_mid"])))
+            blend(s, w * np.maximum(pr["neck"], 0.25 * pr["thorax"]), "muscle")
+    # neck: airway and anterior neck (thyroid, strap muscles)
+    if prof["neck"].max() > 0:
+        i_hi = float(i1[prof["neck"] > 0].max())
+        rg = rows(-1e9, i_hi, "p_ant", 0.0, 0.0)
+        bx = box(rg[0], float(prof["p_front"][i1 <= i_hi + 5].max()), -1e9, i_hi)
+        if bx:
+            s, Pb, Ib, Rb, pr = bx
+            prev = 4.0 + 10.0 * np.clip((Ib - i_c4) / 40.0, 0, 1)
+            p_aw = pr["p_front"] - prev - 0.5 * hab["aw"]
+            dr = np.abs(Rb - pr["r_mid"])
+            # lateral and anterior neck muscles (scalenes, sternocleidomastoid, strap muscles), then the airway,
+            # carotid arteries / jugular veins as flow voids, and the thyroid / larynx in front of the airway
+            neck_m = soft(np.minimum(np.minimum(Pb - (pr["p_ant"] + pr["fat_t"]), pr["p_canal"] + 4.0 - Pb),
+                                     pr["half"] - pr["fat_t"] - 6.0 - dr))
+            blend(s, neck_m * pr["neck"], "muscle")
+            blend(s, soft(np.minimum(0.5 * hab["aw"] - np.abs(Pb - p_aw), 9.0 - dr)) * pr["neck"], "air")
+            for side in (-1.0, 1.0):
+                d = 5.0 - np.sqrt((Pb - (p_aw + 2.0)) ** 2 + (Rb - pr["r_mid"] - side * 24.0) ** 2)
+                blend(s, soft(d) * pr["neck"], "blood")
+            front = soft(np.minimum(np.minimum(p_aw - 0.5 * hab["aw"] - 2.0 - Pb, Pb - (pr["p_ant"] + pr["fat_t"])),
+                                    22.0 - dr))
+            blend(s, front * pr["neck"], "viscera")
+    # thorax: trachea (to the carina), lungs, heart, oesophagus, under a dome-shaped diaphragm
+    if prof["thorax"].max() > 0:
+        rg = rows(i_t1 - 30.0, i_t5, "p_front", -36.0, -16.0)
+        bx = box(rg[0], rg[1], i_t1 - 30.0, i_t5) if rg else None
+        if bx:
+            s, Pb, Ib, Rb, pr = bx
+            tr = soft(np.minimum(8.0 - np.sqrt((Pb - (pr["p_front"] - 26.0)) ** 2 + (Rb - pr["r_mid"] - 2.0) ** 2),
+                                 i_t5 - Ib))
+            blend(s, tr * pr["thorax"], "air")
+        i_th = float(i1[prof["thorax"] > 0].max()) + 10.0
+        rg = rows(-1e9, i_th, "p_canal", 0.0, 12.0)
+        bx = box(float(prof["p_ant"].min()), rg[1], -1e9, i_th)
+        if bx:
+            s, Pb, Ib, Rb, pr = bx
+            dr = np.abs(Rb - pr["r_mid"])
+            pf_d = float(np.interp(i_t12, i1, prof["p_front"]))
+            i_d = i_t12 + hab["diaph"] * 20.0 - 0.35 * np.clip(pf_d - Pb, 0, 150)
+            th = pr["thorax"] * soft(i_d - Ib) * soft(np.minimum(Pb - pr["p_ant"], pr["half"] - dr))
+            lung = soft(np.minimum(np.minimum(dr - (pr["b"] + 5.0), pr["p_canal"] + 10.0 - Pb),
+                                   Pb - (pr["p_ant"] + 25.0)))
+            blend(s, lung * th, "lung")
+            i_t7 = _level_i(lay, "T7", 0.5 * (i_t4 + i_t10))
+            pf7 = float(np.interp(i_t7, i1, prof["p_front"]))
+            hr = hab["heart"]
+            heart = hr * (1.0 - np.sqrt(((Pb - (pf7 - 28.0 - hr)) / hr) ** 2 + ((Ib - i_t7 - 10.0) / (1.2 * hr)) ** 2
+                                        + ((Rb - pr["r_mid"] + 15.0) / (1.2 * hr)) ** 2))
+            blend(s, soft(heart) * th, "heart")
+            eso = soft(7.0 - np.sqrt((Pb - (pr["p_front"] - 9.0)) ** 2 + (Rb - pr["r_mid"] - 4.0) ** 2))
+            blend(s, eso * pr["thorax"], "muscle")
+    # abdomen and pelvis: bowel (soft tissue with gas and fluid pockets), psoas, vena cava, bladder
+    abd = prof["abdomen"] + prof["pelvis"]
+    if abd.max() > 0:
+        i_lo = float(i1[abd > 0].min())
+        bx = box(-1e9, 1e9, i_lo, 1e9)
+        s, Pb, Ib, Rb, pr = bx
+        sh = tuple(x.stop - x.start for x in s)
+        v1 = _smooth_field(rng, sh, spacing, 7.0)
+        v2 = _smooth_field(rng, sh, spacing, 12.0)
+        gut = soft(pr["p_front"] - 22.0 - Pb) * soft(pr["p_skin"] - 20.0 - Pb) * (pr["abdomen"] + pr["pelvis"])
+        gut = gut * soft(np.minimum(Pb - pr["p_ant"], pr["half"] - np.abs(Rb - pr["r_mid"])))
+        blend(s, gut * soft((v2 + 0.3) * 6.0), "viscera")
+        blend(s, gut * soft((v1 - 1.3) * 8.0), "air")
+        blend(s, gut * soft((-v1 - 1.6) * 8.0), "fluid")
+        rg = rows(i_t12, 1e9, "p_mid", -35.0, 35.0)
+        bx = box(rg[0], rg[1], i_t12, 1e9) if rg else None
+        if bx:
+            s, Pb, Ib, Rb, pr = bx
+            psoas_r = hab["psoas"] * np.clip((Ib - i_t12) / 120.0, 0, 1) ** 0.7
+            for side in (-1.0, 1.0):
+                rc = pr["r_mid"] + side * (pr["b"] + 0.75 * psoas_r)
+                d = psoas_r - np.sqrt((Pb - (pr["p_mid"] - 0.15 * (pr["p_mid"] - pr["p_front"]))) ** 2
+                                      + (Rb - rc) ** 2)
+                blend(s, soft(d) * (pr["abdomen"] + pr["pelvis"]) * (psoas_r > 1.0), "muscle")
+        rg = rows(i_t10, i_l5, "p_front", -30.0, 0.0)
+        bx = box(rg[0], rg[1], i_t10, i_l5) if rg else None
+        if bx:
+            s, Pb, Ib, Rb, pr = bx
+            ivc = soft(np.minimum(10.0 - np.sqrt(((Pb - (pr["p_front"] - 13.0)) * 1.4) ** 2
+                                                 + (Rb - pr["r_mid"] - pr["b"] * 0.45 - 8.0) ** 2), i_l5 - Ib))
+            blend(s, ivc * pr["abdomen"], "blood")
+        if hab["bladder"] > 0 and "S3" in {v.name for v in lay.sacrum}:
+            i_s3 = _level_i(lay, "S3", 1e9)
+            pf_s1 = float(np.interp(_level_i(lay, "S1", 0.0), i1, prof["p_front"]))
+            rb = hab["bladder"]
+            bx = box(pf_s1 - 60.0 - rb, pf_s1 - 60.0 + rb, i_s3 + 25.0 - rb, i_s3 + 25.0 + rb)
+            if bx:
+                s, Pb, Ib, Rb, pr = bx
+                d = rb * (1.0 - np.sqrt(((Pb - (pf_s1 - 60.0)) / rb) ** 2 + ((Ib - (i_s3 + 25.0)) / rb) ** 2
+                                        + ((Rb - pr["r_mid"]) / (1.2 * rb)) ** 2))
+                blend(s, soft(d) * pr["pelvis"], "fluid")
+    # descending aorta (left-anterior of the spine), T4 to L4
+    ra = hab["aorta"]
+    rg = rows(i_t4, i_l4, "p_front", -2.0 - 2 * ra, -2.0)
+    bx = box(rg[0], rg[1], i_t4, i_l4) if rg else None
+    if bx:
+        s, Pb, Ib, Rb, pr = bx
+        d = ra - np.sqrt((Pb - (pr["p_front"] - 2.0 - ra)) ** 2 + (Rb - (pr["r_mid"] - 0.4 * pr["b"] - 6.0)) ** 2)
+        blend(s, soft(np.minimum(d, np.minimum(Ib - i_t4, i_l4 - Ib))) * (1 - pr["neck"]), "blood")
+    return mu, ahf, alf
