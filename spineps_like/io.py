@@ -6,10 +6,14 @@ A :class:`Scan` is the one object that carries geometry: a 3D numpy array plus i
 
 from __future__ import annotations
 
+import errno
+import gzip
 import json
 import os
 import re
 import tempfile
+import warnings
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,36 +83,328 @@ def _lps_to_ras_affine(direction: np.ndarray, spacing: np.ndarray, origin: np.nd
     return flip @ aff
 
 
-def load_scan(path: str | os.PathLike, *, kind: str = "image") -> Scan:
+#: Largest image :func:`load_scan` reads: 2**30 voxels (4 GiB as float32), far above any spine scan (a 512 x 512 x
+#: 2000 CT is 2**29). A header declaring more is refused before any data is read (a corrupt header would otherwise
+#: end in a bare MemoryError). ``$SPINEPS_LIKE_MAX_VOXELS`` raises or lowers it.
+MAX_VOXELS = 2**30
+
+#: NIfTI datatype codes that hold no single real value per voxel, in the user's words.
+_NIFTI_UNUSABLE_TYPES = {
+    1: "1-bit (binary) voxels, which are not supported",
+    32: "complex-valued voxels (complex64); save the magnitude (or real part) as a real-valued image",
+    1792: "complex-valued voxels (complex128); save the magnitude (or real part) as a real-valued image",
+    2048: "complex-valued voxels (complex256); save the magnitude (or real part) as a real-valued image",
+    128: "RGB colour voxels; a scan must be a single-channel greyscale image",
+    2304: "RGBA colour voxels; a scan must be a single-channel greyscale image",
+}
+_MET_TYPE_BYTES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
+                   "MET_LONG": 4, "MET_ULONG": 4, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4,
+                   "MET_DOUBLE": 8}
+
+
+class ScanWarning(UserWarning):
+    """Something :func:`load_scan` had to assume (the message says what, and which option made it do so)."""
+
+
+def max_voxels() -> int:
+    """The largest voxel count :func:`load_scan` reads (:data:`MAX_VOXELS` or ``$SPINEPS_LIKE_MAX_VOXELS``)."""
+    try:
+        return int(os.environ.get("SPINEPS_LIKE_MAX_VOXELS", MAX_VOXELS))
+    except ValueError:
+        return MAX_VOXELS
+
+
+def _open_for_reading(p: Path):
+    return open(p, "rb")
+
+
+def _check_file(p: Path) -> int:
+    """The file's size; a :class:`ScanError` in plain words for anything that keeps it from being read."""
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        if os.path.islink(p):
+            raise ScanError(f"{p}: broken symbolic link (it points to {os.readlink(p)}, which does not exist)") from None
+        raise ScanError(f"{p}: no such file") from None
+    except PermissionError:
+        raise ScanError(f"{p}: permission denied (a folder on the way cannot be entered)") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ScanError(f"{p}: symbolic link loop (the link leads back to itself)") from None
+        raise ScanError(f"{p}: cannot be opened ({e.strerror or e})") from None
+    import stat as _stat
+
+    if _stat.S_ISDIR(st.st_mode):
+        raise ScanError(f"{p}: is a folder, not an image file")
+    if not _stat.S_ISREG(st.st_mode):
+        raise ScanError(f"{p}: not a regular file (a device, pipe or socket)")
+    try:
+        with _open_for_reading(p) as f:
+            f.read(1)
+    except PermissionError:
+        raise ScanError(f"{p}: permission denied (no read permission for this user)") from None
+    except OSError as e:
+        raise ScanError(f"{p}: cannot be read ({e.strerror or e})") from None
+    if st.st_size == 0:
+        raise ScanError(f"{p}: empty file (0 bytes)")
+    return int(st.st_size)
+
+
+def _plain(e: BaseException) -> str:
+    """A library's error as one line in plain words: no ITK source paths, no nibabel jargon."""
+    if isinstance(e, (EOFError, zlib.error, gzip.BadGzipFile)):
+        return "compressed data is truncated or corrupt"
+    if isinstance(e, MemoryError):
+        return "not enough memory to load it"
+    text = str(e).strip()
+    if not text:
+        return type(e).__name__
+    if re.search(r"Expected \d+ bytes", text):
+        return "file is truncated: it holds fewer bytes than its header declares"
+    m = re.search(r"data code (\d+) not supported", text)
+    if m:
+        return f"unsupported voxel data type (NIfTI datatype code {m.group(1)})"
+    lines = []
+    for line in text.splitlines():
+        line = re.sub(r"\S+\.(?:cxx|cpp|hxx|h|txx):\d+:?", "", line)
+        line = re.sub(r"^\s*(?:sitk::ERROR|ITK ERROR|itk::ERROR)\s*:?\s*", "", line)
+        line = re.sub(r"\w+\(0x[0-9a-fA-F]+\):\s*", "", line)
+        line = re.sub(r"Exception thrown in SimpleITK \w+:\s*", "", line).strip()
+        if line:
+            lines.append(line)
+    return "; ".join(lines)[:300] or type(e).__name__
+
+
+def _axes_shape(shape: tuple[int, ...]) -> str:
+    return " x ".join(str(int(s)) for s in shape)
+
+
+def _check_size(p: Path, shape: tuple[int, ...]) -> None:
+    if any(int(s) < 0 for s in shape):
+        raise ScanError(f"{p}: header is corrupt: negative image size {tuple(int(s) for s in shape)}")
+    if 0 in shape:
+        raise ScanError(f"{p}: image has a zero-sized axis, shape {tuple(int(s) for s in shape)}")
+    n = int(np.prod([int(s) for s in shape], dtype=object))
+    if n > max_voxels():
+        raise ScanError(f"{p}: header declares {_axes_shape(shape)} = {n:,} voxels ({n * 4 / 2**30:.1f} GiB as "
+                        f"float32), more than the {max_voxels():,} this tool reads; the header is corrupt or the "
+                        "image far too large")
+
+
+def _check_spacing(p: Path, spacing, what: str) -> None:
+    for i, s in enumerate(spacing):
+        s = float(s)
+        if not np.isfinite(s):
+            raise ScanError(f"{p}: voxel size ({what}) along axis {i} is {s}; the header does not say how large "
+                            "the voxels are")
+        if s <= 0:
+            raise ScanError(f"{p}: voxel size ({what}) along axis {i} is {s:g} mm; voxel sizes must be positive")
+
+
+def orientation_affine(codes: str, spacing) -> np.ndarray:
+    """A voxel-to-world (RAS) affine whose array axes point to ``codes`` (e.g. 'RAS', 'LAS', 'PIR'), origin 0."""
+    codes = str(codes).upper()
+    pairs = {"R": (0, 1), "L": (0, -1), "A": (1, 1), "P": (1, -1), "S": (2, 1), "I": (2, -1)}
+    if len(codes) != 3 or any(c not in pairs for c in codes) or len({pairs[c][0] for c in codes}) != 3:
+        raise ValueError(f"orientation {codes!r}: give three axis codes, one of R/L, A/P and S/I each (e.g. RAS)")
+    aff = np.eye(4)
+    aff[:3, :3] = 0
+    for i, c in enumerate(codes):
+        axis, sign = pairs[c]
+        aff[axis, i] = sign * float(spacing[i])
+    return aff
+
+
+def _nifti_header(p: Path, suffix: str, size: int, assume_orientation: str | None):
+    """Read the raw NIfTI header (before nibabel 'fixes' anything) and refuse what cannot be used.
+
+    Returns (header, affine or None): the affine when the header has no orientation and ``assume_orientation`` gave
+    one."""
+    with _open_for_reading(p) as f:
+        first = f.read(4)
+    gz = first[:2] == b"\x1f\x8b"
+    looks_nifti = len(first) == 4 and (348 in (int.from_bytes(first, "little"), int.from_bytes(first, "big"))
+                                       or 540 in (int.from_bytes(first, "little"), int.from_bytes(first, "big")))
+    if gz and suffix == ".nii":
+        raise ScanError(f"{p}: gzip-compressed data under a .nii name; rename the file to .nii.gz")
+    if not gz and suffix == ".nii.gz":
+        if looks_nifti:
+            raise ScanError(f"{p}: an uncompressed NIfTI under a .nii.gz name; rename the file to .nii")
+        raise ScanError(f"{p}: not a readable image (not gzip-compressed, as its .nii.gz name says, and no NIfTI "
+                        "header)")
+    try:
+        with (gzip.open(p, "rb") if gz else _open_for_reading(p)) as f:
+            head = f.read(544)
+    except (EOFError, zlib.error, gzip.BadGzipFile, OSError) as e:
+        raise ScanError(f"{p}: {_plain(e)}") from None
+    sizes = {int.from_bytes(head[:4], "little"): "<", int.from_bytes(head[:4], "big"): ">"} if len(head) >= 4 else {}
+    if 348 in sizes:
+        cls, hsize, endian = nib.Nifti1Header, 348, sizes[348]
+    elif 540 in sizes:
+        cls, hsize, endian = nib.Nifti2Header, 540, sizes[540]
+    else:
+        raise ScanError(f"{p}: not a readable image (no NIfTI header at its start)")
+    if len(head) < hsize:
+        raise ScanError(f"{p}: file is truncated: {len(head)} bytes, shorter than a NIfTI header ({hsize})")
+    try:
+        hdr = cls(head[:hsize], endianness=endian, check=False)
+    except Exception as e:
+        raise ScanError(f"{p}: NIfTI header is corrupt ({_plain(e)})") from None
+    code = int(hdr["datatype"])
+    if code in _NIFTI_UNUSABLE_TYPES:
+        raise ScanError(f"{p}: holds {_NIFTI_UNUSABLE_TYPES[code]}")
+    try:
+        dtype = hdr.get_data_dtype()
+    except Exception:
+        raise ScanError(f"{p}: unsupported voxel data type (NIfTI datatype code {code})") from None
+    dim = [int(d) for d in hdr["dim"]]
+    ndim = dim[0]
+    if not 1 <= ndim <= 7:
+        raise ScanError(f"{p}: header is corrupt: it declares {ndim} axes (1 to 7 are possible)")
+    shape = tuple(dim[1 : ndim + 1])
+    _check_size(p, shape)
+    if ndim < 3 or (ndim > 3 and any(s != 1 for s in shape[3:])):
+        raise ScanError(f"{p}: expected a 3D image, got {ndim}D with shape {shape}")
+    _check_spacing(p, [float(x) for x in hdr["pixdim"][1:4]], "pixdim")
+    n = int(np.prod(shape, dtype=object))
+    if not gz:
+        need = int(float(hdr["vox_offset"])) + n * dtype.itemsize
+        if size < need:
+            raise ScanError(f"{p}: file is truncated or its header is inconsistent with its data: the header declares "
+                            f"{_axes_shape(shape)} voxels of {dtype.name} ({need:,} bytes with the header), the file "
+                            f"has {size:,} bytes")
+    affine = None
+    if int(hdr["qform_code"]) <= 0 and int(hdr["sform_code"]) <= 0:
+        if assume_orientation is None:
+            raise ScanError(f"{p}: header has no orientation (qform and sform codes are 0), so left/right and "
+                            "head/feet are unknown; if you know where the array axes point, pass e.g. "
+                            "--assume-orientation RAS")
+        spacing = [float(x) for x in hdr["pixdim"][1:4]]
+        affine = orientation_affine(assume_orientation, spacing)
+        warnings.warn(ScanWarning(f"{p}: header has no orientation; assumed {assume_orientation.upper()} with voxel "
+                                  f"sizes {tuple(round(s, 4) for s in spacing)} mm (--assume-orientation)"),
+                      stacklevel=3)
+    return hdr, affine
+
+
+def _metaimage_header(p: Path, size: int) -> None:
+    """Read a MetaImage header (text ``Key = value`` lines) and check what ITK would only print to stderr or fail
+    on with its own words: channels, dimensions, spacing, the data file, and truncated or corrupt (compressed) data."""
+    with _open_for_reading(p) as f:
+        raw = f.read(65536)
+    fields: dict[str, str] = {}
+    offset = None
+    pos = 0
+    for line in raw.split(b"\n"):
+        pos += len(line) + 1
+        try:
+            text = line.decode("ascii").strip()
+        except UnicodeDecodeError:
+            break
+        if "=" not in text:
+            if text:
+                break
+            continue
+        key, value = (s.strip() for s in text.split("=", 1))
+        fields[key.lower()] = value
+        if key.lower() == "elementdatafile":
+            offset = pos
+            break
+    if "ndims" not in fields or offset is None:
+        raise ScanError(f"{p}: not a readable image (no MetaImage header: NDims and ElementDataFile lines)")
+    try:
+        ndims = int(fields["ndims"])
+        shape = tuple(int(x) for x in fields.get("dimsize", "").split())
+        channels = int(fields.get("elementnumberofchannels", "1"))
+        spacing = [float(x) for x in (fields.get("elementspacing") or fields.get("elementsize") or "").split()]
+    except ValueError:
+        raise ScanError(f"{p}: MetaImage header is corrupt (NDims, DimSize, ElementSpacing or "
+                        "ElementNumberOfChannels is not a number)") from None
+    if channels > 1:
+        raise ScanError(f"{p}: holds {channels} values per voxel (colour or vector data); a scan must be a "
+                        "single-channel greyscale image")
+    if len(shape) != ndims:
+        raise ScanError(f"{p}: MetaImage header is corrupt: NDims = {ndims} but DimSize has {len(shape)} values")
+    _check_size(p, shape)
+    if ndims != 3:
+        raise ScanError(f"{p}: expected a 3D image, got {ndims}D with shape {shape}")
+    if spacing:
+        _check_spacing(p, spacing[:3], "ElementSpacing")
+    itemsize = _MET_TYPE_BYTES.get(fields.get("elementtype", "").upper())
+    data_file = fields["elementdatafile"]
+    if data_file.upper() == "LOCAL":
+        data_path, start = p, offset
+    elif "%" in data_file or data_file.upper().startswith("LIST") or " " in data_file:
+        return  # slice lists and patterns: ITK checks them
+    else:
+        data_path, start = (p.parent / data_file), int(fields.get("headersize", "0") or 0)
+        if not data_path.is_file():
+            raise ScanError(f"{p}: its data file {data_path} (ElementDataFile) does not exist")
+        size = data_path.stat().st_size
+        start = max(start, 0)
+    if itemsize is None:
+        return
+    need = int(np.prod(shape, dtype=object)) * itemsize
+    if fields.get("compresseddata", "false").lower() == "true":
+        got, err = 0, None
+        d = zlib.decompressobj()
+        try:
+            with _open_for_reading(data_path) as f:
+                f.seek(start)
+                while got <= need:
+                    chunk = f.read(1 << 20)
+                    if not chunk:
+                        break
+                    got += len(d.decompress(chunk, need + 1 - got))
+                    if d.eof:
+                        break
+        except zlib.error as e:
+            err = str(e)
+        if err is not None:
+            raise ScanError(f"{p}: compressed image data is corrupt ({err.split(':')[-1].strip()}); the file is damaged")
+        if got < need:
+            raise ScanError(f"{p}: compressed image data is truncated or corrupt: it holds {got:,} of the {need:,} "
+                            "bytes the header declares")
+    elif size - start < need:
+        raise ScanError(f"{p}: file is truncated or its header is inconsistent with its data: the header declares "
+                        f"{need:,} bytes of data, the file holds {max(size - start, 0):,}")
+
+
+def load_scan(path: str | os.PathLike, *, kind: str = "image", assume_orientation: str | None = None) -> Scan:
     """Load a 3D NIfTI (.nii, .nii.gz) or MetaImage (.mha, .mhd) file.
 
     The array keeps the file's voxel order (x, y, z index order, as nibabel gives it); MetaImage geometry is
     converted from ITK's LPS to RAS so both formats give the same array and affine for the same image.
     ``kind='mask'`` keeps integer data as integers; images are returned as float32.
 
-    Raises :class:`ScanError` with a one-line message for a missing or unreadable file, a non-3D image,
-    a zero-sized axis, or NaN/inf values.
+    Raises :class:`ScanError` with a one-line message naming the file for anything that cannot be used: a missing,
+    unreadable or empty file, a symbolic link loop, a file that is not an image or whose compression does not match
+    its name, corrupt or truncated data, complex or colour voxels, a non-3D image, a zero-sized axis, a header that
+    declares more than :func:`max_voxels` voxels, a zero, negative or NaN voxel size, a singular affine, NaN/inf
+    values, and a NIfTI without orientation (qform and sform codes 0). For the last, ``assume_orientation`` (axis
+    codes such as 'RAS') reads the array axes as pointing that way, with a :class:`ScanWarning` saying so.
     """
     p = Path(path)
-    if not p.exists():
-        raise ScanError(f"{p}: no such file")
-    if p.is_dir():
-        raise ScanError(f"{p}: is a folder, not an image file")
+    size = _check_file(p)
     suffix = _suffix(p)
     try:
         if suffix in NIFTI_SUFFIXES:
-            img = nib.load(str(p))
-            shape = tuple(img.shape)
-            if 0 in shape:
-                raise ScanError(f"{p}: image has a zero-sized axis, shape {shape}")
-            if len(shape) == 4 and shape[3] == 1:
-                arr = np.asarray(img.dataobj)[..., 0]
-            else:
-                arr = np.asanyarray(img.dataobj)
-            affine = np.asarray(img.affine, dtype=float)
+            hdr, assumed = _nifti_header(p, suffix, size, assume_orientation)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # nibabel's own header 'fixes' are refused above
+                img = nib.load(str(p))
+                shape = tuple(img.shape)
+                if 0 in shape:
+                    raise ScanError(f"{p}: image has a zero-sized axis, shape {shape}")
+                if len(shape) > 3 and all(s == 1 for s in shape[3:]):
+                    arr = np.asarray(img.dataobj).reshape(shape[:3])
+                else:
+                    arr = np.asanyarray(img.dataobj)
+            affine = np.asarray(img.affine if assumed is None else assumed, dtype=float)
         elif suffix in MHA_SUFFIXES:
             import SimpleITK as sitk
 
+            _metaimage_header(p, size)
             img = sitk.ReadImage(str(p))
             if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
                 raise ScanError(
@@ -123,28 +419,35 @@ def load_scan(path: str | os.PathLike, *, kind: str = "image") -> Scan:
             raise ScanError(f"{p}: unsupported file type {suffix or '(none)'!r}; use .nii, .nii.gz, .mha or .mhd")
     except ScanError:
         raise
-    except Exception as e:  # nibabel / ITK errors are long and varied: one line naming the file
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ScanError(f"{p}: not a readable image ({msg})") from None
+    except MemoryError:
+        raise ScanError(f"{p}: not enough memory to load it") from None
+    except Exception as e:  # nibabel / ITK errors are long and varied: one line naming the file, in plain words
+        raise ScanError(f"{p}: not a readable image ({_plain(e)})") from None
     arr = np.asarray(arr)
+    if arr.dtype.fields is not None or np.iscomplexobj(arr):
+        raise ScanError(f"{p}: holds {'complex-valued' if np.iscomplexobj(arr) else 'colour (structured)'} voxels; "
+                        "a scan must be a single-channel real-valued image")
     if arr.ndim != 3:
         raise ScanError(f"{p}: expected a 3D image, got {arr.ndim}D with shape {tuple(arr.shape)}")
     if 0 in arr.shape:
         raise ScanError(f"{p}: image has a zero-sized axis, shape {tuple(arr.shape)}")
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise ScanError(f"{p}: invalid (singular or non-finite) voxel-to-world affine")
-    if kind == "mask":
-        if np.issubdtype(arr.dtype, np.floating):
-            if not np.all(np.isfinite(arr)):
-                raise ScanError(f"{p}: mask holds NaN or inf values")
-            if not np.all(arr == np.round(arr)):
-                raise ScanError(f"{p}: mask holds non-integer values")
-        arr = arr.astype(np.int32 if arr.max(initial=0) > 32767 else np.int16, copy=False)
-    else:
-        arr = arr.astype(np.float32, copy=False)
-        bad = int(np.count_nonzero(~np.isfinite(arr)))
-        if bad:
-            raise ScanError(f"{p}: image holds {bad} NaN/inf voxels")
+    try:
+        if kind == "mask":
+            if np.issubdtype(arr.dtype, np.floating):
+                if not np.all(np.isfinite(arr)):
+                    raise ScanError(f"{p}: mask holds NaN or inf values")
+                if not np.all(arr == np.round(arr)):
+                    raise ScanError(f"{p}: mask holds non-integer values")
+            arr = arr.astype(np.int32 if arr.max(initial=0) > 32767 else np.int16, copy=False)
+        else:
+            arr = arr.astype(np.float32, copy=False)
+            bad = int(np.count_nonzero(~np.isfinite(arr)))
+            if bad:
+                raise ScanError(f"{p}: image holds {bad} NaN/inf voxels")
+    except MemoryError:
+        raise ScanError(f"{p}: not enough memory to load it") from None
     return Scan(arr, affine, p)
 
 
