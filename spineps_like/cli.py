@@ -13,6 +13,16 @@ class CLIError(Exception):
     """An error to print as one line."""
 
 
+ASSUME_HELP = ("for a NIfTI whose header has no orientation (qform and sform codes 0, refused otherwise): the "
+               "directions its array axes point to, e.g. RAS (x to the right, y to the front, z up) or LAS; the "
+               "header's voxel sizes are kept and a warning says what was assumed")
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    text = " ".join(str(message).split())
+    print(f"spineps-like: warning: {text}", file=sys.stderr if file is None else file)
+
+
 def _cmd_phantom(args: argparse.Namespace) -> int:
     from spineps_like.phantom import write_phantoms
 
@@ -29,7 +39,7 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
 def _cmd_info(args: argparse.Namespace) -> int:
     from spineps_like.io import load_scan
 
-    scan = load_scan(args.scan, kind="mask" if args.mask else "image")
+    scan = load_scan(args.scan, kind="mask" if args.mask else "image", assume_orientation=args.assume_orientation)
     a = scan.array
     print(f"{scan.path}: shape {a.shape}, spacing {tuple(round(s, 4) for s in scan.spacing)} mm, "
           f"orientation {scan.orientation}, dtype {a.dtype}, range [{a.min()}, {a.max()}]")
@@ -45,10 +55,19 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
-    from spineps_like.io import load_scan
+    from spineps_like.checks import check_image, preflight
+    from spineps_like.io import derivatives_dir, load_scan
     from spineps_like.pipeline import segment
 
-    scan = load_scan(args.scan)  # bad input fails here, before any model loads or any file is written
+    # bad input, an output folder that cannot be written, a model folder that does not load and a missing device
+    # all fail here, in about a second, before any phase runs or any file is written
+    scan = load_scan(args.scan, assume_orientation=args.assume_orientation)
+    if args.semantic_mask is None:
+        check_image(scan)
+    preflight(out_dir=args.out if args.out is not None else derivatives_dir(args.scan),
+              semantic_model=args.semantic_model, instance_model=args.instance_model,
+              need_semantic=args.semantic_mask is None,
+              need_instance=not args.semantic_only and args.instance_method == "network", device=args.device)
     result = segment(scan, semantic_model=args.semantic_model, instance_model=args.instance_model,
                      instance_method=args.instance_method, semantic_mask=args.semantic_mask,
                      semantic_only=args.semantic_only, device=args.device, amp=args.amp, mirroring=args.mirroring,
@@ -139,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     inf = sub.add_parser("info", help="check that a scan loads and print its geometry")
     inf.add_argument("scan", type=Path)
     inf.add_argument("--mask", action="store_true", help="load as an integer mask")
+    inf.add_argument("--assume-orientation", metavar="CODES", default=None, help=ASSUME_HELP)
     inf.set_defaults(func=_cmd_info)
 
     lb = sub.add_parser("labels", help="export the label colour table for ITK-SNAP (.txt) or 3D Slicer (.ctbl)")
@@ -163,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     sg = sub.add_parser("segment", help="segment a scan: semantic + instance masks, centroids, snapshot, summary")
     sg.add_argument("scan", type=Path, help="NIfTI (.nii/.nii.gz) or MetaImage (.mha) scan")
     sg.add_argument("--out", type=Path, default=None, help="output folder (default: SPINEPS' derivatives_seg)")
+    sg.add_argument("--assume-orientation", metavar="CODES", default=None, help=ASSUME_HELP)
     sg.add_argument("--semantic-only", action="store_true", help="stop after the semantic phase")
     sg.add_argument("--semantic-model", default=None, help="model name or folder (default: bundled semantic model)")
     sg.add_argument("--instance-model", default=None, help="model name or folder (default: bundled instance model)")
@@ -227,14 +248,31 @@ def main(argv: list[str] | None = None) -> int:
     from spineps_like.runtime import tune_allocator
 
     tune_allocator()  # networks' activations reuse heap memory instead of fresh mmaps per forward call
+    import os
+    import warnings
+
+    show = warnings.showwarning
+    warnings.showwarning = _one_line_warning  # warnings (what was assumed) as one line each, no source lines
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("spineps-like: interrupted", file=sys.stderr)
         return 130
     except (CLIError, ValueError, FileNotFoundError, OSError) as e:
-        print(f"spineps-like: error: {e}", file=sys.stderr)
+        print(f"spineps-like: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
+    except MemoryError:
+        print("spineps-like: error: out of memory", file=sys.stderr)
+        return 1
+    except Exception as e:  # never a traceback: one line, the traceback only on request
+        if os.environ.get("SPINEPS_LIKE_DEBUG"):
+            raise
+        msg = " ".join(str(e).split())[:300]
+        print(f"spineps-like: error: unexpected {type(e).__name__}: {msg} (set SPINEPS_LIKE_DEBUG=1 for the "
+              "traceback)", file=sys.stderr)
+        return 1
+    finally:
+        warnings.showwarning = show
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -243,9 +243,37 @@ def segment(scan: str | os.PathLike | Scan | np.ndarray, *, affine: np.ndarray |
                 raise ValueError("an array scan needs its affine (voxel-to-world, RAS)")
             if scan.ndim != 3 or 0 in scan.shape:
                 raise ValueError(f"expected a non-empty 3D array, got shape {scan.shape}")
-            image = Scan(np.asarray(scan, dtype=np.float32), np.asarray(affine, dtype=float))
+            aff = np.asarray(affine, dtype=float)
+            if aff.shape != (4, 4):
+                raise ValueError(f"the affine must be a 4 x 4 voxel-to-world matrix, got shape {aff.shape}")
+            if not np.all(np.isfinite(aff)) or abs(np.linalg.det(aff[:3, :3])) < 1e-12:
+                raise ValueError("the affine is singular or holds NaN/inf")
+            if np.iscomplexobj(scan) or scan.dtype.fields is not None:
+                raise ValueError(f"expected a real-valued array, got {scan.dtype}")
+            image = Scan(np.asarray(scan, dtype=np.float32), aff)
+            if not np.all(np.isfinite(image.array)):
+                raise ValueError("the array holds NaN/inf values")
         else:
             image = load_scan(scan)
+    # checks before the expensive work: a 2D image, an image without signal (when the semantic phase is to look at
+    # it), a device that is not there, and an instance model that does not load all fail before the first phase
+    from spineps_like.checks import check_device, check_shape, check_signal
+
+    if instance_method not in INSTANCE_METHODS:
+        raise ValueError(f"unknown instance method {instance_method!r}: use one of {', '.join(INSTANCE_METHODS)}")
+    check_shape(image)
+    if semantic_mask is None:
+        check_signal(image)
+    check_device(device, what="device")
+    instance_setting = str(getattr(instance_model, "folder", None) or instance_model or DEFAULT_INSTANCE_MODEL)
+    if not semantic_only and instance_method == "network" and (
+            instance_model is None or isinstance(instance_model, (str, os.PathLike))):
+        from spineps_like.instance.network import load_instance_model
+        from spineps_like.models import find_model
+
+        with timings.phase("load_instance_model"):
+            instance_name = instance_model or DEFAULT_INSTANCE_MODEL
+            instance_model = load_instance_model(find_model(instance_name).path, device=device)
     settings = {"instance_method": instance_method, "device": device, "amp": amp, "mirroring": mirroring,
                 "step_size": step_size, "n4": n4, "restore": restore}
     if semantic_mask is not None:
@@ -270,7 +298,7 @@ def segment(scan: str | os.PathLike | Scan | np.ndarray, *, affine: np.ndarray |
     if semantic_only:
         return result
     if instance_method == "network":
-        settings["instance_model"] = str(instance_model or DEFAULT_INSTANCE_MODEL)
+        settings["instance_model"] = instance_setting
     result.semantic, result.instance, result.labeling = instance_phase(
         sem, method=instance_method, model=instance_model, device=device, amp=amp, batch_size=batch_size,
         lumbar_count=lumbar_count, timings=timings, notes=notes)
