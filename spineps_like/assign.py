@@ -85,8 +85,9 @@ def vertebra_order(vertebrae: np.ndarray, semantic: np.ndarray, spacing: Sequenc
     c_lab = lab[corpus]
     c_cnt = np.bincount(c_lab, minlength=len(a_cnt))
     c_xyz = np.unravel_index(idx[corpus], v.shape)
+    # float64 also when no voxel is corpus (np.bincount of an empty array is integer even with weights)
     cen = np.stack([np.bincount(c_lab, weights=c_xyz[a], minlength=len(a_cnt)) for a in range(3)], axis=1)
-    cen /= np.maximum(c_cnt, 1)[:, None]
+    cen = cen.astype(np.float64, copy=False) / np.maximum(c_cnt, 1)[:, None]
     for i in ids_all[c_cnt[ids_all] == 0]:  # rare: a vertebra without corpus voxels
         cen[i] = [c.sum() / a_cnt[i] for c in np.unravel_index(idx[lab == i], v.shape)]
     cen = cen[ids_all]

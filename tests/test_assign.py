@@ -220,3 +220,17 @@ def test_unique_ints_equals_numpy_unique(spread):
         assert all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(got, ref))
         assert np.array_equal(unique_ints(keys), np.unique(keys))
         assert np.array_equal(unique_ints(keys, return_counts=True)[1], ref[2])
+
+
+def test_vertebra_order_without_any_corpus_voxel():
+    """Vertebrae whose corpus the semantic mask lost entirely (a real-scan failure mode): centres from all their
+    voxels, no integer-division error."""
+    from spineps_like.assign import vertebra_order
+
+    vert = np.zeros((6, 12, 6), np.int32)
+    vert[1:4, 1:4, 1:4] = 20
+    vert[1:4, 6:10, 1:4] = 21
+    sem = np.where(vert > 0, 41, 0).astype(np.uint8)  # arcus only
+    ids, cen, _ = vertebra_order(vert, sem)
+    assert ids.tolist() == [20, 21]
+    np.testing.assert_allclose(cen, [[2.0, 2.0, 2.0], [2.0, 7.5, 2.0]])
