@@ -403,9 +403,11 @@ def trainer_class():
 def train(dataset_name: str, *, iterations: int, iterations_per_epoch: int = 50, val_iterations: int = 5,
           fold: int | str = 0, device: str = "cpu", resume: bool = False, optimizer: str = "sgd",
           learning_rate: float | None = None, oversample_foreground: float = 0.33, synthetic_appearance: bool = False,
-          synthesis_seed: int = 0, init_weights: str | os.PathLike | None = None):
+          synthesis_seed: int = 0, init_weights: str | os.PathLike | None = None, export_only: bool = False):
     """Train fold ``fold`` of the preprocessed dataset; returns the trainer (its output_folder holds the checkpoints).
 
+    ``export_only``: load the fold's checkpoint_latest.pth and return without training (to export a run that was
+    stopped, or a checkpoint of a run still going).
     ``synthetic_appearance``: the dataset's images are tissue maps, painted anew for every patch.
     ``init_weights``: a checkpoint (or model folder) whose network weights start a fresh run (fine-tuning); the
     architecture and labels must be the same. Ignored when resuming.
@@ -428,7 +430,9 @@ def train(dataset_name: str, *, iterations: int, iterations_per_epoch: int = 50,
     out_fold = (Path(os.environ["nnUNet_results"]) / dataset_name / f"{TRAINER_NAME}__{PLANS_NAME}__{CONFIGURATION}"
                 / f"fold_{fold}")
     latest = out_fold / "checkpoint_latest.pth"
-    cont = bool(resume and latest.is_file())
+    if export_only and not latest.is_file():
+        raise ModelError(f"{latest}: no checkpoint to export")
+    cont = bool((resume or export_only) and latest.is_file())
     plans["continue_training"] = cont  # popped by nnUNetTrainer.__init__
     trainer = cls(plans=plans, configuration=CONFIGURATION, fold=fold, dataset_json=dataset_json,
                   device=torch.device(device))
@@ -436,7 +440,8 @@ def train(dataset_name: str, *, iterations: int, iterations_per_epoch: int = 50,
         trainer.load_checkpoint(str(latest))
     elif init_weights is not None:
         load_initial_weights(trainer, init_weights)
-    trainer.run_training()
+    if not export_only:
+        trainer.run_training()
     return trainer
 
 
@@ -506,7 +511,7 @@ def inference_config(dataset_json: dict, *, name: str, fold: int | str, resoluti
 
 
 def export_model_folder(results_dir: Path, out: Path, *, fold: int | str, config: dict, training_md: str,
-                        image_channel: str | None = None) -> Path:
+                        image_channel: str | None = None, checkpoint: str | None = None) -> Path:
     """Write the SPINEPS-layout model folder ``out`` (replaced atomically) and its manifest.
 
     ``image_channel``: the model was trained on tissue maps painted per patch (``--appearance synth``); the folder's
@@ -530,8 +535,8 @@ def export_model_folder(results_dir: Path, out: Path, *, fold: int | str, config
         ds["description"] = "spineps-like: trained on phantom tissue maps painted per patch (any MRI contrast, CT)"
         atomic_write_json(nn / "dataset.json", ds)
     src_fold = results_dir / f"fold_{fold}"
-    ck = src_fold / "checkpoint_final.pth"
-    if not ck.is_file():
+    ck = src_fold / f"checkpoint_{checkpoint or 'final'}.pth"
+    if not ck.is_file() and checkpoint is None:
         ck = src_fold / "checkpoint_best.pth"
     _strip_checkpoint(ck, nn / f"fold_{fold}" / "checkpoint_final.pth", fold)
     for extra in ("progress.png",):
@@ -714,9 +719,11 @@ def _dist_version(name: str) -> str:
 
 
 def run_training(run: SemanticTrainingRun, argv: Sequence[str] = (), *, resume: bool = False,
-                 specs: list[CaseSpec] | None = None, cases: Iterable[tuple[str, Scan, Scan]] | None = None) -> Path:
+                 specs: list[CaseSpec] | None = None, cases: Iterable[tuple[str, Scan, Scan]] | None = None,
+                 export_only: bool = False) -> Path:
     """Generate data (unless the work folder already holds it for the same parameters), plan, preprocess, train and
-    export. ``cases`` replaces the phantoms (e.g. a hand-made dataset); ``specs`` the phantom draw."""
+    export. ``cases`` replaces the phantoms (e.g. a hand-made dataset); ``specs`` the phantom draw.
+    ``export_only``: export the work folder's newest checkpoint (checkpoint_latest.pth) without training."""
     import torch
 
     torch.set_num_threads(max(1, run.threads))
@@ -732,7 +739,10 @@ def run_training(run: SemanticTrainingRun, argv: Sequence[str] = (), *, resume: 
     key = run.data_key()
     specs = specs if specs is not None else case_specs(run.n_train, run.seed, t2w_fraction=run.t2w_fraction,
                                                       fovs=run.fovs)
-    if not (stamp.is_file() and stamp.read_text().strip() == key and (pre / "splits_final.json").is_file()):
+    have_data = stamp.is_file() and stamp.read_text().strip() == key and (pre / "splits_final.json").is_file()
+    if export_only and not have_data:
+        raise ModelError(f"{work}: holds no training data for these parameters; nothing to export")
+    if not have_data:
         shutil.rmtree(raw, ignore_errors=True)
         shutil.rmtree(pre, ignore_errors=True)
         synth = run.appearance == "synth"
@@ -758,15 +768,19 @@ def run_training(run: SemanticTrainingRun, argv: Sequence[str] = (), *, resume: 
                     val_iterations=run.val_iterations, fold=fold, resume=resume, optimizer=run.optimizer,
                     learning_rate=run.learning_rate, oversample_foreground=run.oversample_foreground,
                     synthetic_appearance=run.appearance == "synth", synthesis_seed=run.seed,
-                    init_weights=run.init_from)
+                    init_weights=run.init_from, export_only=export_only)
     seconds = time.perf_counter() - t0
     results_dir = Path(trainer.output_folder_base)
     config = inference_config(dataset_json, name=run.name or Path(run.out).name, fold=fold,
                               resolution_range=run.resolution_range,
                               modality=SYNTH_MODALITIES if run.appearance == "synth" else ("T2w", "T1w"))
-    md = _training_md(run, argv, specs, trainer, seconds, dataset_json)
+    md = _training_md(run, [a for a in argv if a != "--export-only"], specs, trainer, seconds, dataset_json)
+    if export_only:
+        md += (f"\nExported from checkpoint_latest.pth after epoch {trainer.current_epoch} of {trainer.num_epochs} "
+               f"({trainer.current_epoch * trainer.num_iterations_per_epoch} iterations; `--export-only`).\n")
     return export_model_folder(results_dir, Path(run.out), fold=fold, config=config, training_md=md,
-                               image_channel="MRI or CT" if run.appearance == "synth" else None)
+                               image_channel="MRI or CT" if run.appearance == "synth" else None,
+                               checkpoint="latest" if export_only else None)
 
 
 def default_work_dir(name: str) -> Path:
@@ -787,6 +801,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work", type=Path, default=None, help="nnU-Net raw/preprocessed/results folder "
                    "(default: work_tmp/train_semantic_<name> at the repository root, git-ignored); keep it to resume")
     p.add_argument("--resume", action="store_true", help="continue from the work folder's checkpoint_latest.pth")
+    p.add_argument("--export-only", action="store_true", help="export the work folder's checkpoint_latest.pth to "
+                   "--out without training (a stopped run, or a look at a run still going)")
     p.add_argument("--t2w-fraction", type=float, default=0.5, help="share of T2w-like phantoms (rest randomised)")
     p.add_argument("--fovs", nargs="+", default=list(FOVS), choices=list(FOVS))
     p.add_argument("--patch", type=int, nargs=3, default=list(PATCH_SIZE), metavar=("P", "I", "R"))
@@ -827,7 +843,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         learning_rate=a.lr, oversample_foreground=a.oversample_foreground, appearance=a.appearance,
         init_from=a.init_from,
     )
-    out = run_training(run, argv, resume=a.resume)
+    try:
+        out = run_training(run, argv, resume=a.resume, export_only=a.export_only)
+    except ModelError as e:
+        raise SystemExit(f"error: {e}") from None
     print(out)
     return 0
 
