@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import sqlite3
 import sys
 import time
 from contextlib import contextmanager
@@ -148,6 +149,7 @@ class Cohort:
         if not entries:
             raise ValueError(f"no scans found in {self.inputs} (.nii.gz, .nii, .mha; masks, *_seg-* files and "
                              "derivatives* folders are skipped)")
+        self.preflight(entries)
         with run_lock(self.out_dir), Manifest(self.manifest_path) as manifest:
             removed = clean_partial_files(self.out_dir)
             if removed:
@@ -193,6 +195,25 @@ class Cohort:
             summary = manifest.summary()
         summary["run"] = stats
         return summary
+
+    def preflight(self, entries: Sequence[ScanEntry] = ()) -> None:
+        """Before any worker starts: the output folder can be written, an existing manifest is one, the device is
+        there and the model folders named load (config and manifest; the weights load in the workers)."""
+        from spineps_like.checks import check_device, check_instance_model, check_output_dir, check_semantic_model
+        from spineps_like.pipeline import DEFAULT_INSTANCE_MODEL, DEFAULT_SEMANTIC_MODEL
+
+        check_output_dir(self.out_dir)
+        if self.manifest_path.exists():
+            open_manifest_summary(self.manifest_path)
+        check_device(str(self.settings.get("device") or "cpu"))
+        if self.segment_fn is not None:
+            return
+        sem, ins = self.settings.get("semantic_model"), self.settings.get("instance_model")
+        if any(e.semantic_mask is None for e in entries) and (sem is None or isinstance(sem, (str, os.PathLike))):
+            check_semantic_model(sem or DEFAULT_SEMANTIC_MODEL)
+        if (not self.settings.get("semantic_only") and self.settings.get("instance_method", "network") == "network"
+                and (ins is None or isinstance(ins, (str, os.PathLike)))):
+            check_instance_model(ins or DEFAULT_INSTANCE_MODEL)
 
     def _execute(self, executor, manifest: Manifest, todo: list[ScanEntry], run_id: int, stats: dict,
                  progress: bool) -> None:
@@ -241,13 +262,25 @@ def segment_cohort(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_
     return Cohort(inputs, out_dir, **kwargs).run(retry_failed=retry_failed, progress=progress)
 
 
+def open_manifest_summary(path: Path, max_failures: int = 20) -> dict[str, Any]:
+    """The summary of the manifest at ``path``; a :class:`CohortError` in one line when it is not one."""
+    if path.is_dir():
+        raise CohortError(f"{path}: is a folder, not a cohort manifest")
+    try:
+        with Manifest(path, readonly=True) as m:
+            return m.summary(max_failures=max_failures)
+    except sqlite3.DatabaseError as e:
+        what = "not an SQLite database" if "not a database" in str(e) else f"unreadable ({e})"
+        raise CohortError(f"{path}: not a cohort manifest ({what}); move it away or use another output "
+                          "folder") from None
+
+
 def cohort_status(out_dir: str | os.PathLike) -> dict[str, Any]:
     """Summary of a cohort output folder's manifest (readable while a run is going on)."""
     path = Path(out_dir).expanduser() / MANIFEST_NAME
-    if not path.is_file():
+    if not path.exists():
         raise ValueError(f"{out_dir}: no cohort manifest ({MANIFEST_NAME}) here")
-    with Manifest(path, readonly=True) as m:
-        return m.summary()
+    return open_manifest_summary(path)
 
 
 # ------------------------------------------------------------------------------------------------ command line
@@ -305,17 +338,16 @@ def cohort_main(args: argparse.Namespace) -> int:
     try:
         return _cohort_main(args)
     except CohortError as e:
-        print(f"spineps-like: error: {e}", file=sys.stderr)
+        print(f"spineps-like: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
 
 
 def _cohort_main(args: argparse.Namespace) -> int:
     if args.cohort_command == "status":
         path = Path(args.out).expanduser() / MANIFEST_NAME
-        if not path.is_file():
+        if not path.exists():
             raise ValueError(f"{args.out}: no cohort manifest ({MANIFEST_NAME}) here")
-        with Manifest(path, readonly=True) as m:
-            summary = m.summary(max_failures=args.max_failures)
+        summary = open_manifest_summary(path, max_failures=args.max_failures)
         print(format_summary(summary))
         return 1 if summary["counts"]["failed"] else 0
     if args.quiet:
