@@ -157,3 +157,42 @@ def test_training_on_painted_tissue_maps_gives_a_loadable_image_model(tmp_path, 
                                   "init_from": "semantic-phantom"})  # features 8..64, patch 80x80x24: other shapes
     with pytest.raises(ModelError, match="do not fit"):
         run_training(run3, ["--smoke"])
+
+
+def test_negative_samples_hold_no_spine(lumbar):
+    """A negative sample removes every spine tissue from the map (and the transform every label), keeps padding, and
+    is painted like any other map."""
+    from spineps_like.phantom.appearance import without_spine
+
+    t = lumbar.tissue.array.copy()
+    t[:, :3] = 0
+    spine = (t > 0) & (t < TISSUE_ID["air"])
+    kinds = set()
+    for seed in range(8):
+        neg = without_spine(t, np.random.default_rng(seed))
+        assert np.array_equal(neg == 0, t == 0)  # padding kept
+        assert not ((neg > 0) & (neg < TISSUE_ID["air"])).any()  # no spine tissue left
+        kinds.add("body kept" if np.array_equal(neg[~spine], t[~spine]) else "one tissue")
+        img, _ = synthesize(neg, np.random.default_rng(seed))
+        assert np.isfinite(img).all()
+    assert kinds == {"body kept", "one tissue"}
+
+
+def test_synthesis_transform_negatives_clear_the_labels(lumbar):
+    import torch
+
+    from spineps_like.training.synthetic import synthesis_transform_class
+
+    tissue = torch.from_numpy(np.ascontiguousarray(lumbar.tissue.array.transpose(2, 1, 0))[None].astype(np.float32))
+    seg = torch.from_numpy(np.ascontiguousarray(lumbar.semantic.array.transpose(2, 1, 0))[None].astype(np.int16))
+    seg[:, :, :2] = -1  # padding
+    cls = synthesis_transform_class()
+    always = cls(seed=0, spacing=(3.9, 1.3, 1.3), negatives=0.999999)
+    out = always(image=tissue.clone(), segmentation=seg.clone())
+    assert not (out["segmentation"] > 0).any() and torch.equal(out["segmentation"] == -1, seg == -1)
+    never = cls(seed=0, spacing=(3.9, 1.3, 1.3))
+    assert torch.equal(never(image=tissue.clone(), segmentation=seg.clone())["segmentation"], seg)
+    some = cls(seed=1, spacing=(3.9, 1.3, 1.3), negatives=0.5)
+    cleared = [not (some(image=tissue.clone(), segmentation=seg.clone())["segmentation"] > 0).any()
+               for _ in range(12)]
+    assert 0 < sum(cleared) < 12

@@ -217,6 +217,26 @@ def rician(img: np.ndarray, rng: np.random.Generator, sigma: float) -> np.ndarra
     return np.sqrt(re * re + im * im)
 
 
+#: Body tissues a negative sample's spine is replaced with (:func:`without_spine`).
+_NEGATIVE_FILL = ("muscle", "fat", "viscera", "air")
+
+
+def without_spine(tissue: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A negative sample: the tissue map with no spine in it (for training a model not to find one where there is
+    none). Half of the draws replace every spine tissue (:data:`~spineps_like.phantom.TISSUES` before the body's)
+    by one random body tissue, so the body around stays; the other half fill the whole map with one body tissue, which
+    :func:`synthesize` paints as texture, bias and noise only (an empty, constant or noise image). Padding (0) stays."""
+    tissue = np.asarray(tissue)
+    fill = TISSUE_ID[_NEGATIVE_FILL[int(rng.integers(len(_NEGATIVE_FILL)))]]
+    first_body = TISSUE_ID["air"]  # the body's tissues follow the spine's
+    out = tissue.copy()
+    if rng.random() < 0.5:
+        out[(tissue > 0) & (tissue < first_body)] = fill
+    else:
+        out[tissue > 0] = fill
+    return out
+
+
 def synthesize(tissue: np.ndarray, rng: np.random.Generator, *, family: str | None = None,
                spacing: tuple[float, ...] = (3.0, 1.2, 1.2), slice_axis: int = 0,
                normalize: bool = True) -> tuple[np.ndarray, dict]:

@@ -59,7 +59,7 @@ MAX_FILE_BYTES = 16 * 1024 * 1024
 FOVS = ("lumbar", "thoracic", "cervical", "whole")
 #: Phantom seeds reserved for evaluation (benchmarks/accuracy.py and the side-by-side runner use 900000 + index):
 #: training draws never take them.
-HELD_OUT_SEEDS = range(900_000, 1_000_000)
+from spineps_like.phantom_sets import EVALUATION_SEEDS as HELD_OUT_SEEDS  # noqa: E402  (development and test sets)
 #: Labels of a synthetic-appearance dataset, fixed so that runs (and fine-tuning from the bundled model) agree.
 TRAINING_LABELS: tuple[int, ...] = (26, 41, 42, 43, 44, 45, 46, 47, 48, 49, 52, 53, 60, 61, 100)
 #: Modalities of a model trained with synthetic appearance (SPINEPS' config names).
@@ -337,6 +337,8 @@ def trainer_class():
         #: images are tissue maps, painted per patch by :class:`~spineps_like.training.synthetic.SynthesizeAppearance`
         synthetic_appearance = False
         synthesis_seed = 0
+        #: share of painted patches that are negatives: no spine in the image, none in the labels
+        synthesis_negatives = 0.0
 
         def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                      device: torch.device = torch.device("cpu")):
@@ -387,7 +389,8 @@ def trainer_class():
             from spineps_like.training.synthetic import synthesis_transform_class
 
             synth = synthesis_transform_class()(seed=[self.synthesis_seed, stream, self.current_epoch],
-                                                spacing=self.configuration_manager.spacing)
+                                                spacing=self.configuration_manager.spacing,
+                                                negatives=self.synthesis_negatives)
             return ComposeTransforms([synth, *transforms.transforms])
 
         def get_training_transforms(self, *args, **kwargs):
@@ -403,12 +406,14 @@ def trainer_class():
 def train(dataset_name: str, *, iterations: int, iterations_per_epoch: int = 50, val_iterations: int = 5,
           fold: int | str = 0, device: str = "cpu", resume: bool = False, optimizer: str = "sgd",
           learning_rate: float | None = None, oversample_foreground: float = 0.33, synthetic_appearance: bool = False,
-          synthesis_seed: int = 0, init_weights: str | os.PathLike | None = None, export_only: bool = False):
+          synthesis_seed: int = 0, init_weights: str | os.PathLike | None = None, export_only: bool = False,
+          negatives: float = 0.0):
     """Train fold ``fold`` of the preprocessed dataset; returns the trainer (its output_folder holds the checkpoints).
 
     ``export_only``: load the fold's checkpoint_latest.pth and return without training (to export a run that was
     stopped, or a checkpoint of a run still going).
-    ``synthetic_appearance``: the dataset's images are tissue maps, painted anew for every patch.
+    ``synthetic_appearance``: the dataset's images are tissue maps, painted anew for every patch; ``negatives`` of
+    those patches lose their spine (image and labels: :func:`spineps_like.phantom.appearance.without_spine`).
     ``init_weights``: a checkpoint (or model folder) whose network weights start a fresh run (fine-tuning); the
     architecture and labels must be the same. Ignored when resuming.
     """
@@ -425,6 +430,7 @@ def train(dataset_name: str, *, iterations: int, iterations_per_epoch: int = 50,
     cls.iterations, cls.iterations_per_epoch, cls.val_iterations = iterations, iterations_per_epoch, val_iterations
     cls.optimizer_name, cls.learning_rate, cls.oversample_foreground = optimizer, learning_rate, oversample_foreground
     cls.synthetic_appearance, cls.synthesis_seed = bool(synthetic_appearance), int(synthesis_seed)
+    cls.synthesis_negatives = float(negatives)
     labels = [label_value(n) for n in dataset_json["labels"] if n not in ("background", "ignore")]
     cls.mirror_axes = label_safe_mirror_axes("PIR", plans["transpose_forward"], labels)
     out_fold = (Path(os.environ["nnUNet_results"]) / dataset_name / f"{TRAINER_NAME}__{PLANS_NAME}__{CONFIGURATION}"
@@ -641,6 +647,8 @@ class SemanticTrainingRun:
     appearance: str = "phantom"
     #: model folder, name or checkpoint whose weights start the run (fine-tuning); None: random initialisation
     init_from: str | None = None
+    #: share of negative patches (synth only): the spine removed from image and labels
+    negatives: float = 0.0
 
     def data_key(self) -> str:
         d = {k: v for k, v in asdict(self).items()
@@ -681,7 +689,8 @@ def _training_md(run: SemanticTrainingRun, argv: Sequence[str], specs: list[Case
         (f"- appearance: {run.appearance}" + (
             " (every patch painted anew from its tissue map: contrast family drawn from "
             f"{_family_weights()}, random tissue intensities, blur, bias, ghosting, noise, gamma, clipping; "
-            "spineps_like.phantom.appearance)" if run.appearance == "synth" else " (the phantoms' own images)")),
+            f"spineps_like.phantom.appearance); negatives (spine removed from image and labels): {run.negatives:g}"
+            if run.appearance == "synth" else " (the phantoms' own images)")),
         f"- initialised from: {run.init_from or 'random weights'}",
         f"- model grid: PIR, resolution_range {run.resolution_range}; nnU-Net spacing (P, I, R) {list(run.target_spacing)}",
         f"- network: PlainConvUNet, features {run.base_features}..{run.max_features}, patch (P, I, R) "
@@ -768,7 +777,7 @@ def run_training(run: SemanticTrainingRun, argv: Sequence[str] = (), *, resume: 
                     val_iterations=run.val_iterations, fold=fold, resume=resume, optimizer=run.optimizer,
                     learning_rate=run.learning_rate, oversample_foreground=run.oversample_foreground,
                     synthetic_appearance=run.appearance == "synth", synthesis_seed=run.seed,
-                    init_weights=run.init_from, export_only=export_only)
+                    init_weights=run.init_from, export_only=export_only, negatives=run.negatives)
     seconds = time.perf_counter() - t0
     results_dir = Path(trainer.output_folder_base)
     config = inference_config(dataset_json, name=run.name or Path(run.out).name, fold=fold,
@@ -822,6 +831,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--appearance", choices=("phantom", "synth"), default="phantom",
                    help="phantom: the phantoms' own images; synth: tissue maps painted anew per patch with a random "
                    "contrast family (T1w, T2w, STIR, PD, CT, random), SynthSeg-style")
+    p.add_argument("--negatives", type=float, default=0.0, help="synth only: share of patches with the spine "
+                   "removed from image and labels (a model that finds no spine where there is none)")
     p.add_argument("--init-from", default=None, help="model folder, name or checkpoint to start from (fine-tuning)")
     p.add_argument("--name", default=None, help="model name (default: the --out folder name)")
     return p
@@ -830,6 +841,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     a = build_parser().parse_args(argv)
+    if not 0.0 <= a.negatives < 1.0 or (a.negatives and a.appearance != "synth"):
+        raise SystemExit("error: --negatives must lie in [0, 1) and needs --appearance synth")
     if a.n_train < 1 or a.iterations < 1:
         raise SystemExit("error: --n-train and --iterations must be >= 1")
     name = a.name or a.out.name
@@ -841,7 +854,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         base_features=a.features[0], max_features=a.features[1], fold=str(a.fold), da_processes=a.da_processes,
         threads=a.threads, name="".join(c if c.isalnum() else "_" for c in name), optimizer=a.optimizer,
         learning_rate=a.lr, oversample_foreground=a.oversample_foreground, appearance=a.appearance,
-        init_from=a.init_from,
+        init_from=a.init_from, negatives=a.negatives,
     )
     try:
         out = run_training(run, argv, resume=a.resume, export_only=a.export_only)

@@ -48,29 +48,42 @@ def tissue_cases(specs: Iterable, spacing_pir: Sequence[float]) -> Iterator[tupl
 def synthesis_transform_class():
     """:class:`SynthesizeAppearance`, a batchgeneratorsv2 transform (defined on first use: the import is slow)."""
     import torch
-    from batchgeneratorsv2.transforms.base.basic_transform import ImageOnlyTransform
+    from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
 
-    from spineps_like.phantom.appearance import synthesize
+    from spineps_like.phantom.appearance import draw_family, synthesize, without_spine
 
-    class SynthesizeAppearance(ImageOnlyTransform):
-        """Replace channel 0 (a tissue map) by an image synthesised from it; labels are untouched.
+    class SynthesizeAppearance(BasicTransform):
+        """Replace channel 0 (a tissue map) by an image synthesised from it; labels are untouched, except in a
+        negative sample (probability ``negatives``), whose spine is removed from the map and from the labels.
 
         ``spacing`` is the patch's voxel size in nnU-Net's axis order; ``jitter`` a random scale and shift of the
         z-scored result (a patch's statistics are not the whole scan's, which inference normalises over).
         """
 
-        def __init__(self, seed: int, spacing: Sequence[float], families: dict[str, float] | None = None,
-                     jitter: tuple[float, float] = (0.25, 0.3)):
+        def __init__(self, seed, spacing: Sequence[float], families: dict[str, float] | None = None,
+                     jitter: tuple[float, float] = (0.25, 0.3), negatives: float = 0.0):
             super().__init__()
             self.rng = np.random.default_rng(seed)
             self.spacing = tuple(float(s) for s in spacing)
             self.families = families
             self.jitter = jitter
+            self.negatives = float(negatives)
 
-        def _apply_to_image(self, img: torch.Tensor, **params) -> torch.Tensor:
-            from spineps_like.phantom.appearance import draw_family
+        def get_parameters(self, **data_dict) -> dict:
+            return {"negative": self.negatives > 0 and self.rng.random() < self.negatives}
 
+        def apply(self, data_dict, **params):
+            data_dict["image"] = self._paint(data_dict["image"], params["negative"])
+            if params["negative"] and data_dict.get("segmentation") is not None:
+                seg = data_dict["segmentation"].clone()
+                seg[seg > 0] = 0  # padding (-1) stays padding
+                data_dict["segmentation"] = seg
+            return data_dict
+
+        def _paint(self, img: torch.Tensor, negative: bool) -> torch.Tensor:
             tissue = np.rint(img[0].numpy()).astype(np.uint8)
+            if negative:
+                tissue = without_spine(tissue, self.rng)
             spacing = self.spacing[-tissue.ndim:]
             family = draw_family(self.rng, self.families)
             out, _ = synthesize(tissue, self.rng, family=family, spacing=spacing,
