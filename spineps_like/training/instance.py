@@ -50,6 +50,7 @@ from spineps_like.instance.cutouts import (
 from spineps_like.instance.fusion import fuse_predictions
 from spineps_like.instance.network import Unet3D, lightning_checkpoint, predict_cutouts
 from spineps_like.io import atomic_path, atomic_write_json, atomic_write_text
+from spineps_like.phantom_sets import check_training_seeds
 
 WEIGHTS_NAME = "instance_weights.ckpt"
 MAX_FILE_BYTES = 16 * 2**20
@@ -266,12 +267,25 @@ def _lr(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
+def phantom_seeds(cfg: TrainConfig) -> list[int]:
+    """The phantom seeds of a run (training, then validation): ``seed * 100000 + i``; a ``ValueError`` when any falls
+    in an evaluation set (:mod:`spineps_like.phantom_sets`: ``--seed 9`` would draw 900000-900027, the development
+    set; ``--seed 20`` the test set)."""
+    n = cfg.phantoms + cfg.val_phantoms
+    if cfg.seed < 0 or n > 100_000:
+        raise ValueError(f"seed {cfg.seed} and {n} phantoms: the seed must be >= 0 and at most 100000 phantoms "
+                         "(phantom seeds are seed * 100000 + index)")
+    try:
+        return check_training_seeds(cfg.seed * 100_000 + i for i in range(n))
+    except ValueError as e:
+        raise ValueError(f"--seed {cfg.seed}: {e}; choose another --seed") from None
+
+
 def _datasets(cfg: TrainConfig, log: Callable[[str], None],
               make: Callable[[int, str, str | None], Volume]) -> tuple[list[Volume], list[Volume]]:
     rng = np.random.default_rng(cfg.seed)
     vols: list[Volume] = []
-    for i in range(cfg.phantoms + cfg.val_phantoms):
-        seed = cfg.seed * 100_000 + i
+    for i, seed in enumerate(phantom_seeds(cfg)):
         fov = str(cfg.fovs[i % len(cfg.fovs)])
         variant = cfg.variants[int(rng.integers(0, len(cfg.variants)))]
         t = time.time()
@@ -401,6 +415,7 @@ def train(cfg: TrainConfig, *, resume: bool = True, log: Callable[[str], None] =
     Training state (network, optimiser, step, RNG) is saved atomically to ``<out>.train/state.pt`` every
     ``checkpoint_every`` steps; with ``resume`` a run continues from there.
     """
+    phantom_seeds(cfg)  # refuses evaluation phantoms before any work
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     if any(s % 2 ** (len(cfg.dim_mults) - 1) for s in cfg.cutout_size):
