@@ -1,12 +1,15 @@
-"""Accuracy report of the bundled models: held-out phantoms (per FOV and variant) and the two real TPTBox crops.
+"""Accuracy report of the bundled models: evaluation phantoms (per FOV and variant) and the two real TPTBox crops.
 
-    .venv/bin/python benchmarks/accuracy.py            # writes benchmarks/results/accuracy.{json,md}
+    .venv/bin/python benchmarks/accuracy.py              # development set: benchmarks/results/accuracy.{json,md}
+    .venv/bin/python benchmarks/accuracy.py --set test   # test set: benchmarks/results/accuracy_test.{json,md}
 
 Three measurements per case, all against exact ground truth:
   semantic   the bundled semantic model's Dice per label (issue 3);
   instance   the instance phase fed the ground-truth semantic mask: learned network vs weights-free geometric method;
   pipeline   the whole pipeline (bundled semantic model -> network instance phase) scored with the spineps protocol.
-Phantom seeds start at 900000; training never uses seeds in that range (training seeds are drawn from seed 0).
+Phantom seeds come from a named set of :mod:`spineps_like.phantom_sets` (seed = first seed of the set + case index):
+``development`` (900000+, the phantoms clean-up and post-processing rules were tuned on) or ``test`` (2000000+, never
+used for any decision). Training refuses the seeds of both sets. The report names the set it used.
 """
 
 from __future__ import annotations
@@ -26,9 +29,10 @@ from spineps_like.evaluation import evaluate  # noqa: E402
 from spineps_like.io import Scan, atomic_write_json, atomic_write_text, load_scan  # noqa: E402
 from spineps_like.labels import SEMANTIC_NAMES  # noqa: E402
 from spineps_like.phantom import make_phantom  # noqa: E402
+from spineps_like.phantom_sets import SETS, phantom_set  # noqa: E402
 from spineps_like.pipeline import instance_phase  # noqa: E402
 
-#: (fov, variant, mode) of the held-out phantoms; seed = 900000 + index.
+#: (fov, variant, mode) of the evaluation phantoms; seed = the set's first seed + index.
 CASES = [
     ("lumbar", None, "t2w"), ("lumbar", None, "t2w"), ("thoracic", None, "t2w"), ("cervical", None, "t2w"),
     ("whole", None, "t2w"), ("lumbar", "block", "t2w"), ("lumbar", "collapsed", "t2w"), ("lumbar", "l6", "t2w"),
@@ -96,9 +100,10 @@ def markdown(rows: list[dict], meta: dict) -> str:
     real = [r for r in rows if not r["case"].startswith("phantom")]
     L = [f"# Accuracy of the bundled models ({meta['date']})", "",
          f"Semantic model `{meta['semantic_model']}`, instance model `{meta['instance_model']}`; "
-         f"{len(ph)} held-out phantoms (seeds 900000+), and the real TPTBox crops. "
-         "Regenerate: `.venv/bin/python benchmarks/accuracy.py`.", "",
-         "## Table 2 layout (SPINEPS paper): mean over held-out phantoms", "",
+         f"{len(ph)} phantoms of the {meta.get('phantom_set_description', 'development set (seeds 900000+)')}, "
+         "and the real TPTBox crops. "
+         f"Regenerate: `{meta.get('command', '.venv/bin/python benchmarks/accuracy.py')}`.", "",
+         f"## Table 2 layout (SPINEPS paper): mean over the {meta.get('phantom_set', 'development')} phantoms", "",
          "| input to the instance phase | method | vert. Dice | vert. RQ | vert. SQ | vert. PQ | vert. ASSD (mm) "
          "| IVD Dice | IVD RQ | IVD SQ | IVD PQ | endplate PQ |", "|---|---|" + "---|" * 10]
     for key, src, method in [("instance_geometric", "ground-truth semantic", "geometric (no weights)"),
@@ -134,6 +139,9 @@ def main(argv=None) -> int:
     ap.add_argument("--semantic-model", default="semantic-phantom")
     ap.add_argument("--instance-model", default="instance-phantom")
     ap.add_argument("--n", type=int, default=len(CASES), help="use only the first N phantom cases")
+    ap.add_argument("--set", dest="phantom_set", choices=tuple(SETS), default="development",
+                    help="phantom set (spineps_like.phantom_sets): development (rules were tuned on it) or test "
+                    "(never used for any decision); default development")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args(argv)
     import torch
@@ -144,9 +152,11 @@ def main(argv=None) -> int:
 
     sem_model = load_semantic_model(args.semantic_model)
     ins_model = load_instance_model(find_model(args.instance_model).path)
+    pset = phantom_set(args.phantom_set)
+    print(f"phantoms: {pset.describe()}", flush=True)
     rows = []
     for i, (fov, variant, mode) in enumerate(CASES[: args.n]):
-        seed = 900000 + i
+        seed = pset.seed(i)
         ph = make_phantom(seed, fov=fov, mode=mode, variant=variant)
         name = f"phantom {seed} {fov} {mode}" + (f" {variant}" if variant else "")
         rows.append(run_case(name, ph.image, ph.semantic, ph.instance, sem_model, ins_model))
@@ -162,11 +172,14 @@ def main(argv=None) -> int:
         rows.append(run_case(f"TPTBox sample_{kind} (real)", image, sem, ins, sem_model, ins_model))
         print(rows[-1]["case"], rows[-1]["semantic_dice"], flush=True)
     meta = {"date": time.strftime("%Y-%m-%d"), "semantic_model": args.semantic_model,
-            "instance_model": args.instance_model, "torch_threads": torch.get_num_threads()}
+            "instance_model": args.instance_model, "torch_threads": torch.get_num_threads(),
+            "phantom_set": pset.name, "phantom_set_description": pset.describe(),
+            "command": ".venv/bin/python benchmarks/accuracy.py" + "".join(f" {a}" for a in (argv or sys.argv[1:]))}
+    stem = "accuracy" if pset.name == "development" else f"accuracy_{pset.name}"
     args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.out / "accuracy.json", {"meta": meta, "rows": rows})
-    atomic_write_text(args.out / "accuracy.md", markdown(rows, meta))
-    print((args.out / "accuracy.md").read_text())
+    atomic_write_json(args.out / f"{stem}.json", {"meta": meta, "rows": rows})
+    atomic_write_text(args.out / f"{stem}.md", markdown(rows, meta))
+    print((args.out / f"{stem}.md").read_text())
     return 0
 
 

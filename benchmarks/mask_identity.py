@@ -34,10 +34,11 @@ def cases():
 
     from spineps_like.io import load_scan
     from spineps_like.phantom import make_phantom, tptbox_sample
+    from spineps_like.phantom_sets import DEVELOPMENT
 
-    for i, (fov, variant, mode) in enumerate(ACCURACY_CASES):
-        ph = make_phantom(900000 + i, fov=fov, mode=mode, variant=variant)
-        yield f"accuracy_{900000 + i}", ph.image, ph.semantic
+    for i, (fov, variant, mode) in enumerate(ACCURACY_CASES):  # as accuracy.py builds the development set
+        ph = make_phantom(DEVELOPMENT.seed(i), fov=fov, mode=mode, variant=variant)
+        yield f"accuracy_{DEVELOPMENT.seed(i)}", ph.image, ph.semantic
     for seed, fov, variant in SIDE_BY_SIDE_CASES:
         yield f"side_by_side_{seed}", make_phantom(seed, fov=fov, mode="t2w", variant=variant).image, None
     for fov, seed in PIPELINE_SPEED_CASES:  # as pipeline_speed.py builds them

@@ -1,12 +1,15 @@
-"""Side-by-side benchmark: SPINEPS 2.1.3 vs spineps-like, same weights, same held-out phantoms, same settings.
+"""Side-by-side benchmark: SPINEPS 2.1.3 vs spineps-like, same weights, same evaluation phantoms, same settings.
 
 One command (after ``bash benchmarks/spineps_side_by_side/setup_spineps_env.sh``)::
 
-    .venv/bin/python benchmarks/spineps_side_by_side/run.py            # trained models, 5 held-out phantoms
-    .venv/bin/python benchmarks/spineps_side_by_side/run.py --smoke    # random tiny models, 1 small phantom
+    .venv/bin/python benchmarks/spineps_side_by_side/run.py             # trained models, 5 development phantoms
+    .venv/bin/python benchmarks/spineps_side_by_side/run.py --set test  # the same 5 cases from the test set
+    .venv/bin/python benchmarks/spineps_side_by_side/run.py --smoke     # random tiny models, 1 small phantom
 
 Steps: export our models with :func:`spineps_like.models.export.export_spineps` (SPINEPS loads the exported folders
-unchanged; we load the same folders), write held-out phantoms (seeds >= 900000, never used in training), then per case
+unchanged; we load the same folders), write the evaluation phantoms of a named set of :mod:`spineps_like.phantom_sets`
+(``--set development``, the default: seeds 900000+, on which our clean-up and post-processing rules were tuned;
+``--set test``: seeds 2000000+, never used for any decision; training refuses both), then per case
 run each pipeline in a fresh subprocess (SPINEPS in its own venv via ``spineps_worker.py``; ours via
 ``run.py _ours``), recording per-phase seconds, wall seconds and peak RSS (``VmHWM`` of that subprocess), and
 score both with :func:`spineps_like.evaluation.evaluate` (vertebra/IVD PQ, RQ, SQ, global Dice). N4 is off on both
@@ -18,7 +21,9 @@ do); SPINEPS runs with glibc's defaults, as its users run it. ``--spineps-malloc
 thresholds through glibc's environment variables (how much of the gap is the allocator);
 ``SPINEPS_LIKE_MALLOC_TUNING=0`` turns ours off.
 
-Results: ``results/side_by_side.json`` and ``results/side_by_side.md`` (ratios SPINEPS / spineps-like).
+Results: ``results/side_by_side.json`` and ``results/side_by_side.md`` (ratios SPINEPS / spineps-like); options add
+suffixes (``_test``, ``_given_semantic``, ...), ``--name STEM`` names the files outright (e.g. ``side_by_side_epyc``).
+Both files name the phantom set and the command that wrote them.
 """
 
 from __future__ import annotations
@@ -38,15 +43,29 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 DEFAULT_SPINEPS_PYTHON = HERE / ".venv-spineps" / "bin" / "python"
-#: Held-out phantoms: (seed, fov, variant). Seeds >= 900000 are never used by the training scripts.
-CASES = (
-    (900001, "lumbar", None),
-    (900003, "lumbar", "block"),
-    (900004, "lumbar", "collapsed"),
-    (900005, "lumbar", "sacralised_l5"),
-    (900002, "whole", None),
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+from spineps_like.phantom_sets import DEVELOPMENT, SETS, PhantomSet, phantom_set  # noqa: E402
+
+#: The evaluation cases: (index into the phantom set, fov, variant); seed = the set's first seed + index.
+CASE_INDICES = (
+    (1, "lumbar", None),
+    (3, "lumbar", "block"),
+    (4, "lumbar", "collapsed"),
+    (5, "lumbar", "sacralised_l5"),
+    (2, "whole", None),
 )
-SMOKE_CASES = ((900001, "lumbar", None),)
+
+
+def cases_of(pset: PhantomSet, indices=CASE_INDICES) -> tuple:
+    """(seed, fov, variant) of each case in ``pset``."""
+    return tuple((pset.seed(i), fov, variant) for i, fov, variant in indices)
+
+
+#: Development-set cases (seeds 900001-900005), as benchmarks/mask_identity.py, coarse_tail.py and
+#: overhead_share.py use them.
+CASES = cases_of(DEVELOPMENT)
+SMOKE_CASES = cases_of(DEVELOPMENT, CASE_INDICES[:1])
 METRICS = ("vertebra.pq", "vertebra.rq", "vertebra.sq", "vertebra.global_dice", "ivd.pq", "ivd.rq", "ivd.sq",
            "ivd.global_dice")
 
@@ -133,7 +152,7 @@ def _subprocess_json(cmd: list[str], env: dict | None = None, timeout: float = 1
 
 
 def write_cases(cases, work: Path, spacing) -> list[dict]:
-    """Write each held-out phantom once (image, reference semantic and instance masks)."""
+    """Write each evaluation phantom once (image, reference semantic and instance masks)."""
     from spineps_like.io import save_mask, save_scan
     from spineps_like.phantom import make_phantom
 
@@ -227,6 +246,8 @@ def markdown(result: dict) -> str:
              + f"; load: {result['load_note']}.", "",
              f"Models: semantic `{result['models']['semantic']}`, instance `{result['models']['instance']}` "
              "(same exported folders on both sides).", "",
+             f"Phantoms: {result.get('phantom_set_description', 'development set (seeds 900000+)')}. "
+             f"Written by `{result.get('command', 'benchmarks/spineps_side_by_side/run.py')}`.", "",
              "| case | side | load models s | semantic s | instance s | post s | total s (no load) | wall s | "
              "peak RSS MB | vert PQ | vert RQ | vert SQ | vert gDice | IVD PQ | IVD gDice | #vert pred/gt |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -305,7 +326,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--semantic-model", default="semantic-phantom")
     ap.add_argument("--instance-model", default="instance-phantom")
     ap.add_argument("--smoke", action="store_true", help="random tiny models and one small phantom (machinery check)")
-    ap.add_argument("--cases", type=int, default=None, help="use only the first N held-out cases")
+    ap.add_argument("--cases", type=int, default=None, help="use only the first N cases")
+    ap.add_argument("--set", dest="phantom_set", choices=tuple(SETS), default="development",
+                    help="phantom set (spineps_like.phantom_sets): development (our rules were tuned on it) or test "
+                    "(never used for any decision; results get the suffix _test); default development")
+    ap.add_argument("--name", default=None,
+                    help="file stem of the results (default side_by_side plus one suffix per option), e.g. "
+                    "side_by_side_epyc for a run on another machine")
     ap.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("P", "I", "R"),
                     help="phantom voxel size in mm (default: the phantom's random sagittal spacing)")
     ap.add_argument("--mirroring", action="store_true", help="test-time mirroring on both sides")
@@ -339,7 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.smoke:
         sem_src, inst_src = _smoke_models(work / "src_models")
     sem_dir, inst_dir = export_spineps(work / "models", sem_src, inst_src)
-    cases = write_cases(SMOKE_CASES if a.smoke else CASES[: a.cases],
+    pset = phantom_set(a.phantom_set)
+    print(f"phantoms: {pset.describe()}", flush=True)
+    cases = write_cases(cases_of(pset, CASE_INDICES[:1]) if a.smoke else cases_of(pset)[: a.cases],
                         work, a.spacing or ((1.2, 1.2, 3.5) if a.smoke else None))
     ver = subprocess.run([str(py), "-c", "import importlib.metadata as m; print(m.version('spineps'))"],
                          capture_output=True, text=True).stdout.strip()
@@ -352,6 +381,9 @@ def main(argv: list[str] | None = None) -> int:
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
               "load_note": a.load_note or f"loadavg {os.getloadavg()[0]:.1f} at start",
+              "phantom_set": pset.name, "phantom_set_description": pset.describe(),
+              "command": ".venv/bin/python benchmarks/spineps_side_by_side/run.py"
+                         + "".join(f" {x}" for x in (argv if argv is not None else sys.argv[1:])),
               "settings": {"threads": a.threads, "mirroring": a.mirroring, "n4": False, "spacing": a.spacing,
                            "restore_ours": a.restore,
                            "given_semantic": a.given_semantic, "repeats": a.repeats,
@@ -416,7 +448,7 @@ def _write_results(result: dict, a: argparse.Namespace, final: bool = False) -> 
         result["profile"] = profile_summary(prof)
     res_dir = Path(a.results)
     res_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"side_by_side{_suffix(a)}"
+    stem = a.name or f"side_by_side{_suffix(a)}"
     (res_dir / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str))
     (res_dir / f"{stem}.md").write_text(markdown(result))
     if final:
@@ -425,7 +457,13 @@ def _write_results(result: dict, a: argparse.Namespace, final: bool = False) -> 
 
 
 def _suffix(a: argparse.Namespace) -> str:
-    return (("_smoke" if a.smoke else "") + ("_given_semantic" if a.given_semantic else "")
+    """What the options add to ``side_by_side`` and ``profile_ours`` in the result file names; with ``--name STEM``
+    the results are ``STEM.{json,md}`` and the profile ``profile_ours_STEM``."""
+    if getattr(a, "name", None):
+        return "_" + a.name
+    return (("_smoke" if a.smoke else "") + ("_test" if getattr(a, "phantom_set", "development") != "development"
+                                              else "")
+            + ("_given_semantic" if a.given_semantic else "")
             + ("_spineps_malloc_tuned" if a.spineps_malloc_tuning else ""))
 
 
