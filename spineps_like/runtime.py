@@ -17,9 +17,10 @@ once at torch's first allocation, so it only takes effect when torch has not bee
 line; the cohort workers inherit it). On the side-by-side phantoms that made a whole run about 5% faster, network
 included (benchmarks/README.md). A user's own ``THP_MEM_ALLOC_ENABLE`` is left as it is.
 
-The command line and every cohort worker call it once; a library user calls it once per process. It changes nothing
-where the C library is not glibc, when ``SPINEPS_LIKE_MALLOC_TUNING=0``, or when the user already set glibc's own
-``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` (or ``GLIBC_TUNABLES``) environment variables.
+The command line and every cohort worker call it once; a library user calls it once per process. It changes nothing,
+neither the malloc thresholds nor the huge pages, where the C library is not glibc, when
+``SPINEPS_LIKE_MALLOC_TUNING=0``, when the user already set glibc's own ``MALLOC_MMAP_THRESHOLD_`` /
+``MALLOC_TRIM_THRESHOLD_`` (or ``GLIBC_TUNABLES``) environment variables, or when ``mallopt`` refuses the thresholds.
 """
 
 from __future__ import annotations
@@ -48,15 +49,15 @@ def tuning_wanted() -> bool:
 def tune_allocator(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = TRIM_THRESHOLD) -> dict[str, int] | None:
     """Set glibc malloc's mmap and trim thresholds for this process (idempotent).
 
-    Returns the settings applied (``{"mmap_threshold": ..., "trim_threshold": ...}``), or None where nothing was changed
-    (not glibc, opted out with ``SPINEPS_LIKE_MALLOC_TUNING=0``, or the user's own glibc malloc variables are set).
+    Returns the settings applied (``{"mmap_threshold": ..., "trim_threshold": ...}``; torch's huge pages were then asked
+    for too, :func:`enable_torch_huge_pages`), or None where nothing was changed, huge pages included (not glibc,
+    opted out with ``SPINEPS_LIKE_MALLOC_TUNING=0``, the user's own glibc malloc variables set, or mallopt refused).
     """
     global _applied
     if _applied is not None:
         return _applied
     if not tuning_wanted():
         return None
-    enable_torch_huge_pages()
     if any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")):
         return None
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
@@ -74,6 +75,7 @@ def tune_allocator(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = T
                                                                                settings["trim_threshold"])):
         return None
     _applied = settings
+    enable_torch_huge_pages()
     return _applied
 
 

@@ -83,15 +83,21 @@ def test_command_line_and_cohort_workers_tune_the_allocator(tmp_path):
 
 def test_command_line_asks_torch_for_huge_pages_before_torch_loads(tmp_path):
     """The CLI's tuning sets THP_MEM_ALLOC_ENABLE before torch is imported (torch reads it once); a user's own value
-    and the opt-out are respected."""
+    and the opt-out are respected, and where the tuning stands aside for the user's own glibc malloc variables it
+    leaves the huge pages alone too (it changes nothing then)."""
     code = ("import os, sys\nfrom spineps_like.runtime import tune_allocator\ntune_allocator()\n"
             "print(os.environ.get('THP_MEM_ALLOC_ENABLE'), 'torch' in sys.modules)")
 
     def run(**env: str) -> str:
-        e = {k: v for k, v in os.environ.items() if k not in ("THP_MEM_ALLOC_ENABLE", "SPINEPS_LIKE_MALLOC_TUNING")}
+        e = {k: v for k, v in os.environ.items() if k not in ("THP_MEM_ALLOC_ENABLE", "SPINEPS_LIKE_MALLOC_TUNING",
+                                                              "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
+                                                              "GLIBC_TUNABLES")}
         return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**e, **env},
                               check=True).stdout.strip()
 
     assert run() == "1 False"
     assert run(THP_MEM_ALLOC_ENABLE="0") == "0 False"
     assert run(SPINEPS_LIKE_MALLOC_TUNING="0") == "None False"
+    assert run(MALLOC_TRIM_THRESHOLD_="1000000") == "None False"
+    assert run(MALLOC_MMAP_THRESHOLD_="1000000") == "None False"
+    assert run(GLIBC_TUNABLES="glibc.malloc.trim_threshold=1000000") == "None False"
