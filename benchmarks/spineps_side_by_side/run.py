@@ -247,7 +247,10 @@ def markdown(result: dict) -> str:
              f"Models: semantic `{result['models']['semantic']}`, instance `{result['models']['instance']}` "
              "(same exported folders on both sides).", "",
              f"Phantoms: {result.get('phantom_set_description', 'development set (seeds 900000+)')}. "
-             f"Written by `{result.get('command', 'benchmarks/spineps_side_by_side/run.py')}`.", "",
+             + (f"Written by `{result['command']}`." if result.get("command") else
+                "Measured by `benchmarks/spineps_side_by_side/run.py` (the JSON does not record its options)")
+             + (f"; this table re-rendered from `{result['rendered_from']}` by `run.py --markdown-from`."
+                if result.get("rendered_from") else ""), "",
              "| case | side | load models s | semantic s | instance s | post s | total s (no load) | wall s | "
              "peak RSS MB | vert PQ | vert RQ | vert SQ | vert gDice | IVD PQ | IVD gDice | #vert pred/gt |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -350,7 +353,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--spineps-malloc-tuning", action="store_true",
                     help="run SPINEPS with our glibc malloc thresholds (MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_)")
     ap.add_argument("--load-note", default="", help="what else ran on the machine (written into the results)")
+    ap.add_argument("--markdown-from", metavar="JSON", default=None,
+                    help="run nothing: write the markdown of a results JSON next to it (same stem)")
     a = ap.parse_args(argv)
+    if a.markdown_from:
+        return write_markdown_from(Path(a.markdown_from))
 
     py = spineps_python(a.spineps_python)
     if py is None:
@@ -454,6 +461,20 @@ def _write_results(result: dict, a: argparse.Namespace, final: bool = False) -> 
     if final:
         print(f"wrote {res_dir / (stem + '.md')}")
     return 0 if both else 1
+
+
+def write_markdown_from(json_path: Path) -> int:
+    """Write ``<stem>.md`` beside a results JSON from the JSON alone (the table a run would have written)."""
+    result = json.loads(json_path.read_text())
+    try:
+        rel = json_path.resolve().relative_to(REPO)
+    except ValueError:
+        rel = json_path
+    result["rendered_from"] = str(rel)
+    out = json_path.with_suffix(".md")
+    out.write_text(markdown(result))
+    print(f"wrote {out}")
+    return 0
 
 
 def _suffix(a: argparse.Namespace) -> str:
