@@ -52,12 +52,6 @@ class Scan:
     def shape(self) -> tuple[int, ...]:
         return self.array.shape
 
-    def with_array(self, array: np.ndarray) -> "Scan":
-        """A scan on the same grid holding ``array``."""
-        if array.shape != self.array.shape:
-            raise ValueError(f"array shape {array.shape} differs from the grid {self.array.shape}")
-        return Scan(array, self.affine.copy(), self.path)
-
     def to_nifti(self, dtype: np.dtype | type | None = None) -> nib.Nifti1Image:
         arr = self.array if dtype is None else self.array.astype(dtype, copy=False)
         img = nib.Nifti1Image(arr, self.affine)

@@ -72,11 +72,6 @@ class CorpusCentres:
     def __len__(self) -> int:
         return int(self.centres.shape[0])
 
-    @property
-    def volumes_mm3(self) -> np.ndarray:
-        """Volume of each corpus in mm^3."""
-        return self.sizes * float(np.prod(self.spacing))
-
 
 def check_spacing(spacing: Sequence[float]) -> np.ndarray:
     """``spacing`` as a float array of three positive finite values, else ValueError."""

@@ -424,9 +424,6 @@ class NnUNetModel:
         data = preprocessor._normalize(data, inside, cm, pm.foreground_intensity_properties_per_channel)
         return cm.resampling_fn_data(data, new_shape, original_spacing, target_spacing), properties
 
-    def checkpoint_files(self, folds: Sequence[str]) -> list[Path]:
-        return [checkpoint_path(self.dir, f, self.checkpoint) for f in folds]
-
     def predictor(self, folds: Sequence[str], *, step_size: float, mirroring: bool,
                   mirror_axes: Sequence[int] | None = None):
         """The nnUNetPredictor set to ``folds`` (an ensemble when several), ``step_size`` and ``mirroring``
