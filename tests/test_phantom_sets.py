@@ -106,3 +106,14 @@ def test_semantic_draw_of_the_bundled_seed_holds_no_evaluation_phantom():
 
     seeds = [s.seed for s in case_specs(300, 0)]
     assert not [s for s in seeds if s in EVALUATION_SEEDS]
+
+
+def test_semantic_run_training_refuses_evaluation_specs(tmp_path):
+    """Specs handed to the Python API are checked too, before any data is written."""
+    from spineps_like.training.semantic import CaseSpec, SemanticTrainingRun, run_training
+
+    run = SemanticTrainingRun(out=str(tmp_path / "m"), n_train=1, seed=0, iterations=1, work=str(tmp_path / "w"))
+    specs = [CaseSpec("phantom_0000", 900_003, "lumbar", "t2w", None)]
+    with pytest.raises(ValueError, match="development set"):
+        run_training(run, specs=specs)
+    assert not (tmp_path / "w" / "nnUNet_raw").exists() or not any((tmp_path / "w" / "nnUNet_raw").rglob("*.nii.gz"))

@@ -44,6 +44,7 @@ from spineps_like.io import Scan, atomic_write_json, atomic_write_text, save_mas
 from spineps_like.labels import SEMANTIC_ALIASES, SEMANTIC_NAMES, Semantic
 from spineps_like.models.config import CONFIG_NAME
 from spineps_like.models.manifest import MANIFEST_NAME, ModelError, write_manifest
+from spineps_like.phantom_sets import EVALUATION_SEEDS, check_training_seeds
 from spineps_like.semantic import normalize_intensity
 
 #: Model grid: PIR, P and I fixed at 1.2 mm, R (the sagittal slice axis) kept between 2 and 4 mm.
@@ -57,9 +58,9 @@ CONFIGURATION = "3d_fullres"
 TRAINER_NAME = "SpinepsLikeSemanticTrainer"
 MAX_FILE_BYTES = 16 * 1024 * 1024
 FOVS = ("lumbar", "thoracic", "cervical", "whole")
-#: Phantom seeds reserved for evaluation (benchmarks/accuracy.py and the side-by-side runner use 900000 + index):
-#: training draws never take them.
-from spineps_like.phantom_sets import EVALUATION_SEEDS as HELD_OUT_SEEDS  # noqa: E402  (development and test sets)
+#: Phantom seeds of the evaluation sets (development and test, :mod:`spineps_like.phantom_sets`): training never
+#: draws them, and :func:`run_training` refuses specs that hold one.
+HELD_OUT_SEEDS = EVALUATION_SEEDS
 #: Labels of a synthetic-appearance dataset, fixed so that runs (and fine-tuning from the bundled model) agree.
 TRAINING_LABELS: tuple[int, ...] = (26, 41, 42, 43, 44, 45, 46, 47, 48, 49, 52, 53, 60, 61, 100)
 #: Modalities of a model trained with synthetic appearance (SPINEPS' config names).
@@ -748,6 +749,8 @@ def run_training(run: SemanticTrainingRun, argv: Sequence[str] = (), *, resume: 
     key = run.data_key()
     specs = specs if specs is not None else case_specs(run.n_train, run.seed, t2w_fraction=run.t2w_fraction,
                                                       fovs=run.fovs)
+    if cases is None:
+        check_training_seeds(s.seed for s in specs)  # hand-made specs too: never an evaluation phantom
     have_data = stamp.is_file() and stamp.read_text().strip() == key and (pre / "splits_final.json").is_file()
     if export_only and not have_data:
         raise ModelError(f"{work}: holds no training data for these parameters; nothing to export")
