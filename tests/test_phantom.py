@@ -260,3 +260,47 @@ def test_calibrated_intensities_match_the_real_crops():
     assert mri["canal"]["phantom"][0]["ratio"] > 2.0 and mri["ivd"]["phantom"][0]["ratio"] < 1.0
     assert ct["posterior"]["phantom"][0]["median"] > ct["corpus"]["phantom"][0]["median"] > \
         ct["canal"]["phantom"][0]["median"]
+
+
+def _posterior_wall_step(ph: Phantom, upper: int, lower: int) -> float:
+    """mm by which the lower corpus' top posterior wall lies behind the upper corpus' bottom one (mid-sagittal)."""
+    s, ins = ph.semantic.array, ph.instance.array
+    z = s.shape[2] // 2
+    walls = []
+    for vid, end in ((upper, "bottom"), (lower, "top")):
+        p, i = np.nonzero((ins[:, :, z] == vid) & (s[:, :, z] == 49))
+        rows = i >= i.max() - 2 if end == "bottom" else i <= i.min() + 2
+        walls.append(p[rows].max())
+    return float(walls[1] - walls[0]) * ph.semantic.spacing[0]
+
+
+@pytest.mark.parametrize("seed", [0, 2])
+def test_listhesis_slips_the_column_above_forward(seed):
+    """Anterolisthesis: a step in the posterior vertebral line at the slipped level (at least half the recorded slip),
+    none at the level above; the grade follows the slip fraction (Meyerding 1 < 25% <= 2)."""
+    ph = make_phantom(seed, fov="lumbar", variant="listhesis", spacing=(1.0, 1.0, 3.0), orientation="PIR")
+    _check_invariants(ph)
+    lis = ph.meta["anatomy"]["listhesis"]
+    assert lis["meyerding_grade"] == (1 if lis["slip_fraction"] < 0.25 else 2) and lis["slip_mm"] > 2
+    ids = [v["id"] for v in ph.meta["vertebrae"]]
+    k = ids.index(lis["id"])
+    assert _posterior_wall_step(ph, ids[k], ids[k + 1]) >= 0.5 * lis["slip_mm"]
+    assert abs(_posterior_wall_step(ph, ids[k - 1], ids[k])) <= 4.0
+    with pytest.raises(ValueError, match="not visible in a thoracic"):
+        make_phantom(seed, fov="thoracic", variant="listhesis")
+
+
+def test_kidneys_lie_lateral_of_the_spine_in_the_abdomen():
+    """Kidneys: in lumbar fields of view, left and right of the column at the upper lumbar levels, never in the neck;
+    adding them changed no mask."""
+    from spineps_like.phantom import TISSUE_ID
+
+    ph = make_phantom(1, fov="lumbar", spacing=(1.5, 1.5, 3.0), orientation="PIR")
+    k = ph.tissue.array == TISSUE_ID["kidney"]
+    assert k.sum() * np.prod(ph.tissue.spacing) > 5_000  # mm3 (a sagittal field of view shows their medial parts)
+    corpus_r = np.nonzero(ph.semantic.array == 49)[2].mean()
+    r = np.nonzero(k)[2]
+    assert (r < corpus_r - 10).any() and (r > corpus_r + 10).any()  # both sides
+    assert not k[np.broadcast_to(ph.semantic.array > 0, k.shape)].any()
+    neck = make_phantom(1, fov="cervical", spacing=(1.5, 1.5, 3.0), orientation="PIR")
+    assert not (neck.tissue.array == TISSUE_ID["kidney"]).any()

@@ -45,7 +45,7 @@ _APP = ["none", "marrow", "cortex", "endplate", "post_marrow", "post_cortex", "n
         "ligament", "epidural_fat", "other_marrow", "other_cortex", "remnant", "roots", "nucleus_deg",
         "sacrum_marrow", "sacrum_cortex"]
 A = {n: i for i, n in enumerate(_APP)}
-_BG = ["air", "fat", "muscle", "viscera", "fluid", "blood", "lung", "heart"]
+_BG = ["air", "fat", "muscle", "viscera", "fluid", "blood", "lung", "heart", "kidney"]
 #: Tissue (generation) labels of :attr:`Phantom.tissue`, id = position + 1: the spine's appearance classes, then the
 #: body's. Id 0 is never used, so every voxel of a tissue map is non-zero.
 TISSUES: tuple[str, ...] = tuple(_APP[1:] + _BG)
@@ -93,6 +93,7 @@ class _Vert:
     degenerated_disc_below: bool = False
     sacralised: bool = False
     cleft: bool = False  # intranuclear cleft (dark line in the disc below)
+    slip_below: float = 0.0  # listhesis (mm): this vertebra (and all above) sits anterior of the one below by this
     O: np.ndarray = field(default_factory=lambda: np.zeros(3))
     Rm: np.ndarray = field(default_factory=lambda: np.eye(3))
 
@@ -223,6 +224,19 @@ def _layout(rng: np.random.Generator, variant: str | None, fov_names: tuple[str,
             v.disc *= f
             v.narrow_disc_below = v.degenerated_disc_below = True
             info["narrow_discs"].append(ivd_id(v.vid))
+    if variant == "listhesis":
+        # degenerative (L4/L5, C4/C5) or isthmic (L5/S1) anterolisthesis, Meyerding grade 1-2 (slip / depth below)
+        pool = [v for v in cand if v.name in ("C3", "C4", "C5", "L3", "L4", "L5", "L6") and not v.fused_below]
+        if not pool:
+            raise ValueError(f"variant 'listhesis' needs a mid-cervical or lower lumbar vertebra inside the {fov} "
+                             "field of view")
+        v = pool[rng.integers(len(pool))]
+        f = rng.uniform(0.08, 0.45)
+        depth_below = verts[verts.index(v) + 1].D if v is not verts[-1] else v.D
+        v.slip_below = f * depth_below
+        v.disc *= rng.uniform(0.6, 0.9)
+        info["listhesis"] = {"id": v.vid, "slip_mm": round(float(v.slip_below), 1), "slip_fraction": round(float(f), 3),
+                             "meyerding_grade": 1 if f < 0.25 else 2}
     if variant == "sacralised_l5":
         l5 = verts[-1]
         l5.sacralised = True
@@ -349,6 +363,8 @@ def _chain(chain: list[_Vert], prof_theta: np.ndarray, prof_phi: np.ndarray, pro
             phi = phi + d_ph
             direction = _down(alpha_bot, phi - d_ph) + _down(alpha_top, phi)
             pos = pos + prev.disc * direction / np.linalg.norm(direction)
+            if prev.slip_below:  # listhesis: everything below lies posterior of the slipped vertebra
+                pos = pos + prev.Rm @ np.array([prev.slip_below, 0.0, 0.0])
         psi = psi_prev if (prev is not None and prev.fused_below) else float(prof_psi[k])
         v.Rm = _rot(theta, phi, psi)
         v.O = pos + v.Rm @ np.array([0.0, v.H / 2, 0.0])

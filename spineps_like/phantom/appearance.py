@@ -45,6 +45,7 @@ _CORTEX = ("cortex", "endplate", "post_cortex", "sacrum_cortex", "other_cortex")
 # :data:`ORDERINGS`); degenerated discs, flow voids and bowel gas keep their own ranges in every family.
 _RANGES: dict[str, dict[str, tuple[float, float]]] = {
     "t2w": {  # TSE T2w: fluid bright, fat bright, marrow intermediate, cortex/ligament dark
+        "kidney": (0.35, 0.60),
         "csf": (0.80, 1.00), "fluid": (0.75, 1.00), "fat": (0.55, 0.78), "epidural_fat": (0.50, 0.78),
         "nucleus": (0.45, 0.85), "nucleus_deg": (0.08, 0.30), "marrow": (0.30, 0.52), "post_marrow": (0.25, 0.50),
         "sacrum_marrow": (0.30, 0.55), "other_marrow": (0.28, 0.52), "cord": (0.30, 0.48), "roots": (0.25, 0.45),
@@ -53,6 +54,7 @@ _RANGES: dict[str, dict[str, tuple[float, float]]] = {
         "lung": (0.0, 0.05),
     },
     "t1w": {  # T1w: fat brightest, marrow bright (fatty), discs and muscle intermediate, CSF dark
+        "kidney": (0.25, 0.42),
         "fat": (0.80, 1.00), "epidural_fat": (0.75, 1.00), "marrow": (0.52, 0.75), "post_marrow": (0.48, 0.75),
         "sacrum_marrow": (0.55, 0.80), "other_marrow": (0.50, 0.75), "nucleus": (0.22, 0.40),
         "nucleus_deg": (0.15, 0.35), "annulus": (0.15, 0.30), "cord": (0.30, 0.45), "roots": (0.25, 0.40),
@@ -61,6 +63,7 @@ _RANGES: dict[str, dict[str, tuple[float, float]]] = {
         "air": (0.0, 0.03), "lung": (0.0, 0.05),
     },
     "stir": {  # fat-suppressed T2w / STIR: fluid bright, fat and marrow dark, noisy and darker overall
+        "kidney": (0.40, 0.70),
         "csf": (0.80, 1.00), "fluid": (0.80, 1.00), "nucleus": (0.45, 0.80), "nucleus_deg": (0.08, 0.30),
         "cord": (0.30, 0.48), "roots": (0.25, 0.45), "viscera": (0.20, 0.55), "muscle": (0.12, 0.24),
         "marrow": (0.10, 0.22), "post_marrow": (0.08, 0.22), "sacrum_marrow": (0.10, 0.24),
@@ -69,6 +72,7 @@ _RANGES: dict[str, dict[str, tuple[float, float]]] = {
         "air": (0.0, 0.03), "lung": (0.0, 0.05),
     },
     "pd": {  # proton density: little contrast, fat and fluid bright, cortex dark
+        "kidney": (0.45, 0.65),
         "fat": (0.75, 0.95), "epidural_fat": (0.70, 0.95), "csf": (0.60, 0.85), "fluid": (0.60, 0.90),
         "nucleus": (0.55, 0.75), "nucleus_deg": (0.25, 0.45), "marrow": (0.50, 0.68), "post_marrow": (0.45, 0.68),
         "sacrum_marrow": (0.50, 0.70), "other_marrow": (0.45, 0.68), "cord": (0.45, 0.60), "roots": (0.40, 0.55),
@@ -77,6 +81,7 @@ _RANGES: dict[str, dict[str, tuple[float, float]]] = {
         "lung": (0.0, 0.05),
     },
     "ct": {  # Hounsfield units; bone density, contrast in vessels and kernels vary between scans
+        "kidney": (25.0, 180.0),
         "cortex": (450.0, 1400.0), "endplate": (350.0, 1100.0), "post_cortex": (450.0, 1400.0),
         "sacrum_cortex": (400.0, 1300.0), "other_cortex": (400.0, 1300.0), "marrow": (70.0, 320.0),
         "post_marrow": (120.0, 450.0), "sacrum_marrow": (60.0, 320.0), "other_marrow": (100.0, 350.0),

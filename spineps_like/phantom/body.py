@@ -281,4 +281,31 @@ def _body(lay: _Layout, P, I, R, spacing: np.ndarray, hab: dict, table: dict, rn
         s, Pb, Ib, Rb, pr = bx
         d = ra - np.sqrt((Pb - (pr["p_front"] - 2.0 - ra)) ** 2 + (Rb - (pr["r_mid"] - 0.4 * pr["b"] - 6.0)) ** 2)
         blend(s, soft(np.minimum(d, np.minimum(Ib - i_t4, i_l4 - Ib))) * (1 - pr["neck"]), "blood")
+    _kidneys(lay, prof, i1, box, blend, soft, rng)
     return mu, ahf, alf
+
+
+def _kidneys(lay: _Layout, prof: dict, i1: np.ndarray, box, blend, soft, rng: np.random.Generator) -> None:
+    """Both kidneys in the paravertebral gutters, lateral of the psoas: ellipsoids about 110 x 55 x 40 mm
+    (cranio-caudal, left-right, antero-posterior), the left centred near L1, the right 10-25 mm lower. Drawn last,
+    with the last random numbers of the body, so that adding them left every other class unchanged."""
+    size = rng.uniform(0.85, 1.15)
+    drop = rng.uniform(10.0, 25.0)
+    lateral = rng.uniform(55.0, 75.0)
+    i_l1 = _level_i(lay, "L1", float("nan"))
+    if not math.isfinite(i_l1) or prof["abdomen"].max() <= 0:
+        return
+    hi, hr, hp = 55.0 * size, 27.0 * size, 20.0 * size
+    for side, di in ((-1.0, 0.0), (1.0, drop)):  # left (-r), right (+r, lower)
+        ic = i_l1 + di
+        rows = (i1 >= ic - hi) & (i1 <= ic + hi)
+        if not rows.any():
+            continue
+        pc = float(np.interp(ic, i1, prof["p_mid"]))
+        bx = box(pc - hp - 5.0, pc + hp + 5.0, ic - hi, ic + hi)
+        if not bx:
+            continue
+        s, Pb, Ib, Rb, pr = bx
+        rc = pr["r_mid"] + side * lateral
+        d = 1.0 - np.sqrt(((Pb - pc) / hp) ** 2 + ((Ib - ic) / hi) ** 2 + ((Rb - rc) / hr) ** 2)
+        blend(s, soft(d * hp) * pr["abdomen"], "kidney")

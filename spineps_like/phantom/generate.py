@@ -23,8 +23,8 @@ from spineps_like.phantom.render import _render
 
 FOVS = ("cervical", "thoracic", "lumbar", "whole")
 MODES = ("t2w", "ct", "random")
-VARIANTS = (None, "block", "collapsed", "l6", "t13", "sacralised_l5", "narrow_discs")
-GENERATOR_VERSION = "1.0"
+VARIANTS = (None, "block", "collapsed", "l6", "t13", "sacralised_l5", "narrow_discs", "listhesis")
+GENERATOR_VERSION = "1.1"  # 1.1: kidneys in the body, the listhesis variant
 #: Largest sub-voxel edge (mm) of the fine grid the anatomy is rasterised on.
 FINE_MAX_MM = 1.4
 _MAX_FINE_VOXELS = 150_000_000
@@ -111,6 +111,8 @@ def _check_args(fov: str, mode: str, variant: str | None) -> None:
         raise ValueError(f"variant {variant!r} is unknown; use None or one of {', '.join(v for v in VARIANTS if v)}")
     if variant in ("l6", "sacralised_l5") and fov not in ("lumbar", "whole"):
         raise ValueError(f"variant {variant!r} is not visible in a {fov} field of view; use fov 'lumbar' or 'whole'")
+    if variant == "listhesis" and fov == "thoracic":
+        raise ValueError("variant 'listhesis' is not visible in a thoracic field of view (mid-cervical or lower lumbar)")
     if variant == "t13" and fov == "cervical":
         raise ValueError("variant 't13' is not visible in a cervical field of view")
 
@@ -156,8 +158,9 @@ def make_phantom(seed: int, *, fov: str = "lumbar", mode: str = "t2w", variant: 
         Field of view: ~C2-T2, ~T1-L1, ~T11/T12-sacrum, C2-sacrum; vertebrae cut by its borders are flagged.
     mode : {'t2w', 'ct', 'random'}
         Calibrated T2w-like or CT (HU) intensities, or domain randomisation.
-    variant : {None, 'block', 'collapsed', 'l6', 't13', 'sacralised_l5', 'narrow_discs'}
-        Anatomical variant or pathology.
+    variant : {None, 'block', 'collapsed', 'l6', 't13', 'sacralised_l5', 'narrow_discs', 'listhesis'}
+        Anatomical variant or pathology ('listhesis': anterolisthesis of a mid-cervical or lower lumbar vertebra,
+        Meyerding grade 1-2, recorded in ``meta['anatomy']['listhesis']``).
     spacing : (float, float, float), optional
         Output voxel size in mm along P, I, R (before reorientation). Default: sagittal, in-plane 0.6-1.0 mm,
         left-right 3.0-4.0 mm (random by seed).

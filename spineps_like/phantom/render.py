@@ -23,6 +23,7 @@ _T2W = {
     "other_cortex": (0.15, 0.03, 0.0), "remnant": (0.35, 0.05, 0.02),
     "air": (0.0, 0.0, 0.0), "fat": (1.9, 0.12, 0.2), "muscle": (0.22, 0.06, 0.05), "viscera": (0.75, 0.12, 0.3),
     "fluid": (3.6, 0.1, 0.1), "blood": (0.12, 0.05, 0.25), "lung": (0.04, 0.02, 0.02), "heart": (0.35, 0.06, 0.15),
+    "kidney": (0.9, 0.12, 0.1),
 }
 _CT = {
     "marrow": (90.0, 70.0, 30.0), "cortex": (650.0, 90.0, 0.0), "endplate": (520.0, 80.0, 0.0),
@@ -33,28 +34,40 @@ _CT = {
     "other_cortex": (800.0, 100.0, 0.0), "remnant": (250.0, 40.0, 0.0),
     "air": (-1000.0, 0.0, 0.0), "fat": (-100.0, 10.0, 10.0), "muscle": (48.0, 10.0, 6.0),
     "viscera": (38.0, 12.0, 12.0), "fluid": (8.0, 5.0, 3.0), "blood": (42.0, 5.0, 3.0), "lung": (-840.0, 40.0, 40.0),
-    "heart": (42.0, 8.0, 5.0),
+    "heart": (42.0, 8.0, 5.0), "kidney": (35.0, 8.0, 5.0),
 }
 
 
 # ============================================================================================ rendering
+#: Classes added after generator 1.0: drawn after all others, so that every earlier class keeps its random draw.
+_LATER_CLASSES = ("kidney",)
+
+
 def _intensity_table(mode: str, rng: np.random.Generator) -> dict[str, tuple[float, float, float]]:
     if mode == "t2w":
-        t = {k: (m * float(rng.uniform(0.9, 1.1)), h, l_) for k, (m, h, l_) in _T2W.items()}  # scanner/subject
+        t = {k: (m * float(rng.uniform(0.9, 1.1)), h, l_) for k, (m, h, l_) in _T2W.items()
+             if k not in _LATER_CLASSES}  # scanner/subject
         hyd = rng.uniform(0.7, 1.3)  # disc hydration of this subject
         t["nucleus"] = (t["nucleus"][0] * hyd, t["nucleus"][1], t["nucleus"][2])
         t["fat"] = (t["fat"][0] * rng.uniform(0.85, 1.15), *t["fat"][1:])
         t["marrow"] = (t["marrow"][0] * rng.uniform(0.9, 1.1), *t["marrow"][1:])
+        for k in _LATER_CLASSES:
+            m, h, l_ = _T2W[k]
+            t[k] = (m * float(rng.uniform(0.9, 1.1)), h, l_)
         return t
     if mode == "ct":
-        t = {k: (m + (float(rng.normal(0.0, 6.0)) if -200 < m < 200 else 0.0), h, l_) for k, (m, h, l_) in _CT.items()}
+        t = {k: (m + (float(rng.normal(0.0, 6.0)) if -200 < m < 200 else 0.0), h, l_) for k, (m, h, l_) in _CT.items()
+             if k not in _LATER_CLASSES}
         bmd = rng.uniform(-40.0, 80.0)  # bone density of this subject
         for k in ("marrow", "sacrum_marrow", "post_marrow", "other_marrow"):
             t[k] = (t[k][0] + bmd, *t[k][1:])
+        for k in _LATER_CLASSES:
+            m, h, l_ = _CT[k]
+            t[k] = (m + float(rng.normal(0.0, 6.0)), h, l_)
         return t
-    names = set(_T2W)
+    names = sorted(set(_T2W) - set(_LATER_CLASSES)) + list(_LATER_CLASSES)
     return {k: (float(rng.uniform(0.0, 1.0)), float(rng.uniform(0.0, 0.08)), float(rng.uniform(0.0, 0.12)))
-            for k in sorted(names)}
+            for k in names}
 
 
 def _block_mean(a: np.ndarray, f: tuple[int, int, int]) -> np.ndarray:
