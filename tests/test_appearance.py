@@ -136,7 +136,12 @@ def test_training_on_painted_tissue_maps_gives_a_loadable_image_model(tmp_path, 
     plans = json.loads((nn_dir / "plans.json").read_text())
     assert plans["configurations"]["3d_fullres"]["normalization_schemes"] == ["ZScoreNormalization"]
     assert json.loads((nn_dir / "dataset.json").read_text())["channel_names"] == {"0": "MRI or CT"}
-    assert "appearance: synth" in (out / "TRAINING.md").read_text()
+    md = (out / "TRAINING.md").read_text()
+    assert "appearance: synth" in md and "phantom generator: 1.1" in md
+    again = run_training(SemanticTrainingRun(**{**run.__dict__, "out": str(tmp_path / "again")}), ["--smoke"],
+                         export_only=True)  # the finished run's final checkpoint, no training
+    assert "Exported with `--export-only` after epoch 2 of 2" in (again / "TRAINING.md").read_text()
+    assert load_semantic_model(again).verified
     model = load_semantic_model(out)
     assert model.verified and sorted(set(model.labels.values()) - {0}) == sorted(TRAINING_LABELS)
     assert "CT" in model.config.modalities

@@ -44,6 +44,7 @@ from spineps_like.io import Scan, atomic_write_json, atomic_write_text, save_mas
 from spineps_like.labels import SEMANTIC_ALIASES, SEMANTIC_NAMES, Semantic
 from spineps_like.models.config import CONFIG_NAME
 from spineps_like.models.manifest import MANIFEST_NAME, ModelError, write_manifest
+from spineps_like.phantom import VARIANTS as PHANTOM_VARIANTS
 from spineps_like.phantom_sets import EVALUATION_SEEDS, check_training_seeds
 from spineps_like.semantic import normalize_intensity
 
@@ -65,6 +66,8 @@ HELD_OUT_SEEDS = EVALUATION_SEEDS
 TRAINING_LABELS: tuple[int, ...] = (26, 41, 42, 43, 44, 45, 46, 47, 48, 49, 52, 53, 60, 61, 100)
 #: Modalities of a model trained with synthetic appearance (SPINEPS' config names).
 SYNTH_MODALITIES: tuple[str, ...] = ("T2w", "T1w", "PD", "CT")
+#: Variants a training draw picks from by default: those of phantom generator 1.0, so that a recorded command
+#: (seed, n) draws the same phantoms after newer variants were added; ``--variants`` widens it (e.g. listhesis).
 VARIANTS = ("block", "collapsed", "l6", "t13", "sacralised_l5", "narrow_discs")
 
 
@@ -104,7 +107,7 @@ class CaseSpec:
 
 
 def case_specs(n: int, seed: int, *, t2w_fraction: float = 0.5, fovs: Sequence[str] = FOVS,
-               variant_fraction: float = 0.3) -> list[CaseSpec]:
+               variant_fraction: float = 0.3, variants: Sequence[str] = VARIANTS) -> list[CaseSpec]:
     """Deterministic draw of ``n`` phantom specs: FOVs cycled, T2w-like vs. domain-randomised, some variants."""
     from spineps_like.phantom import visible_variants
 
@@ -113,7 +116,8 @@ def case_specs(n: int, seed: int, *, t2w_fraction: float = 0.5, fovs: Sequence[s
     for i in range(n):
         mode = "t2w" if rng.random() < t2w_fraction else "random"
         fov = fovs[i % len(fovs)]
-        variant = str(rng.choice(visible_variants(fov))) if rng.random() < variant_fraction else None
+        pool = [v for v in visible_variants(fov) if v in variants]
+        variant = str(rng.choice(pool)) if rng.random() < variant_fraction and pool else None
         seed_i = int(rng.integers(0, 2**31 - 1))
         while seed_i in HELD_OUT_SEEDS:  # never draw an evaluation phantom (no draw of the bundled models did)
             seed_i = int(rng.integers(0, 2**31 - 1))
@@ -437,8 +441,11 @@ def train(dataset_name: str, *, iterations: int, iterations_per_epoch: int = 50,
     out_fold = (Path(os.environ["nnUNet_results"]) / dataset_name / f"{TRAINER_NAME}__{PLANS_NAME}__{CONFIGURATION}"
                 / f"fold_{fold}")
     latest = out_fold / "checkpoint_latest.pth"
+    final = out_fold / "checkpoint_final.pth"
+    if export_only and not (latest.is_file() or final.is_file()):
+        raise ModelError(f"{out_fold}: no checkpoint to export")
     if export_only and not latest.is_file():
-        raise ModelError(f"{latest}: no checkpoint to export")
+        latest = final  # a finished run: nnU-Net removes checkpoint_latest.pth at its end
     cont = bool((resume or export_only) and latest.is_file())
     plans["continue_training"] = cont  # popped by nnUNetTrainer.__init__
     trainer = cls(plans=plans, configuration=CONFIGURATION, fold=fold, dataset_json=dataset_json,
@@ -650,11 +657,15 @@ class SemanticTrainingRun:
     init_from: str | None = None
     #: share of negative patches (synth only): the spine removed from image and labels
     negatives: float = 0.0
+    #: anatomical variants the phantom draw picks from
+    variants: tuple[str, ...] = VARIANTS
 
     def data_key(self) -> str:
         d = {k: v for k, v in asdict(self).items()
              if k in ("n_train", "seed", "t2w_fraction", "fovs", "resolution_range", "target_spacing", "patch_size",
                       "batch_size", "base_features", "max_features", "dataset_id", "appearance")}
+        if tuple(self.variants) != VARIANTS:  # keys of runs with the default draw stay as they were
+            d["variants"] = list(self.variants)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
 
@@ -687,6 +698,7 @@ def _training_md(run: SemanticTrainingRun, argv: Sequence[str], specs: list[Case
         (f"- seed: {run.seed}; training phantoms: {run.n_train} ({modes}); FOVs {fovs}; variants {variants}"
          if run.appearance != "synth" else
          f"- seed: {run.seed}; training anatomies: {run.n_train} phantom tissue maps; FOVs {fovs}; variants {variants}"),
+        f"- phantom generator: {_generator_version(run)}",
         (f"- appearance: {run.appearance}" + (
             " (every patch painted anew from its tissue map: contrast family drawn from "
             f"{_family_weights()}, random tissue intensities, blur, bias, ghosting, noise, gamma, clipping; "
@@ -701,7 +713,8 @@ def _training_md(run: SemanticTrainingRun, argv: Sequence[str], specs: list[Case
         f"- augmentation: nnU-Net default except mirroring only along network axes {trainer.mirror_axes} and "
         f"rotation +-{trainer.max_rotation_deg:g} deg (left/right and superior/inferior labels must not swap)",
         f"- iterations: {run.iterations} ({trainer.num_epochs} epochs x {trainer.num_iterations_per_epoch}); "
-        f"fold {run.fold}; device {trainer.device}; wall time {seconds / 60:.1f} min",
+        f"fold {run.fold}; device {trainer.device}; training time {_training_minutes(trainer, seconds):.1f} min "
+        "(sum of nnU-Net's epoch times)",
         f"- last epoch: train loss {train_loss}; EMA pseudo-Dice {ema}; pseudo-Dice per label "
         f"{dict(zip(names, dice))} (nnU-Net's patch-level validation estimate, not an evaluation)",
         f"- software: python {platform.python_version()}, torch {torch.__version__}, nnunetv2 {nnunetv2.__version__ if hasattr(nnunetv2, '__version__') else _dist_version('nnunetv2')}",
@@ -711,6 +724,25 @@ def _training_md(run: SemanticTrainingRun, argv: Sequence[str], specs: list[Case
         "",
     ]
     return "\n".join(lines)
+
+
+GENERATOR_STAMP = "phantom_generator.txt"
+
+
+def _generator_version(run: SemanticTrainingRun) -> str:
+    """The phantom generator version the work folder's data was drawn with (written when the data was made)."""
+    p = Path(run.work) / GENERATOR_STAMP
+    return p.read_text().strip() if p.is_file() else "not recorded"
+
+
+def _training_minutes(trainer, seconds: float) -> float:
+    """Minutes spent in epochs, from nnU-Net's epoch timestamps (all legs of a resumed run); ``seconds`` without."""
+    log = getattr(trainer, "logger", None)
+    try:
+        d = log.my_fantastic_logging
+        return sum(e - s for s, e in zip(d["epoch_start_timestamps"], d["epoch_end_timestamps"])) / 60.0
+    except (AttributeError, KeyError, TypeError):
+        return seconds / 60.0
 
 
 def _family_weights() -> dict:
@@ -726,6 +758,10 @@ def _dist_version(name: str) -> str:
         return version(name)
     except Exception:  # noqa: BLE001
         return "unknown"
+
+
+def _newest_checkpoint(results_dir: Path, fold: int | str) -> str:
+    return "latest" if (results_dir / f"fold_{fold}" / "checkpoint_latest.pth").is_file() else "final"
 
 
 def run_training(run: SemanticTrainingRun, argv: Sequence[str] = (), *, resume: bool = False,
@@ -748,9 +784,10 @@ def run_training(run: SemanticTrainingRun, argv: Sequence[str] = (), *, resume: 
     stamp = work / "data_key.txt"
     key = run.data_key()
     specs = specs if specs is not None else case_specs(run.n_train, run.seed, t2w_fraction=run.t2w_fraction,
-                                                      fovs=run.fovs)
+                                                      fovs=run.fovs, variants=run.variants)
     if cases is None:
         check_training_seeds(s.seed for s in specs)  # hand-made specs too: never an evaluation phantom
+    from_phantoms = cases is None
     have_data = stamp.is_file() and stamp.read_text().strip() == key and (pre / "splits_final.json").is_file()
     if export_only and not have_data:
         raise ModelError(f"{work}: holds no training data for these parameters; nothing to export")
@@ -772,6 +809,9 @@ def run_training(run: SemanticTrainingRun, argv: Sequence[str] = (), *, resume: 
                             normalization="NoNormalization" if synth else "ZScoreNormalization")
         ids = [p.name[: -len(".nii.gz")] for p in sorted((raw / "labelsTr").glob("*.nii.gz"))]
         write_splits(pre, ids, run.seed)
+        from spineps_like.phantom import GENERATOR_VERSION
+
+        atomic_write_text(work / GENERATOR_STAMP, (GENERATOR_VERSION if from_phantoms else "none (cases given)") + "\n")
         atomic_write_text(stamp, key + "\n")
         resume = False
     dataset_json = json.loads((raw / "dataset.json").read_text())
@@ -788,11 +828,11 @@ def run_training(run: SemanticTrainingRun, argv: Sequence[str] = (), *, resume: 
                               modality=SYNTH_MODALITIES if run.appearance == "synth" else ("T2w", "T1w"))
     md = _training_md(run, [a for a in argv if a != "--export-only"], specs, trainer, seconds, dataset_json)
     if export_only:
-        md += (f"\nExported from checkpoint_latest.pth after epoch {trainer.current_epoch} of {trainer.num_epochs} "
-               f"({trainer.current_epoch * trainer.num_iterations_per_epoch} iterations; `--export-only`).\n")
+        md += (f"\nExported with `--export-only` after epoch {trainer.current_epoch} of {trainer.num_epochs} "
+               f"({trainer.current_epoch * trainer.num_iterations_per_epoch} iterations).\n")
     return export_model_folder(results_dir, Path(run.out), fold=fold, config=config, training_md=md,
                                image_channel="MRI or CT" if run.appearance == "synth" else None,
-                               checkpoint="latest" if export_only else None)
+                               checkpoint=_newest_checkpoint(results_dir, fold) if export_only else None)
 
 
 def default_work_dir(name: str) -> Path:
@@ -836,6 +876,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "contrast family (T1w, T2w, STIR, PD, CT, random), SynthSeg-style")
     p.add_argument("--negatives", type=float, default=0.0, help="synth only: share of patches with the spine "
                    "removed from image and labels (a model that finds no spine where there is none)")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=[v for v in PHANTOM_VARIANTS if v],
+                   help="anatomical variants the phantom draw picks from (default: generator 1.0's, so that older "
+                   "commands draw the same phantoms; add e.g. listhesis)")
     p.add_argument("--init-from", default=None, help="model folder, name or checkpoint to start from (fine-tuning)")
     p.add_argument("--name", default=None, help="model name (default: the --out folder name)")
     return p
@@ -857,7 +900,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         base_features=a.features[0], max_features=a.features[1], fold=str(a.fold), da_processes=a.da_processes,
         threads=a.threads, name="".join(c if c.isalnum() else "_" for c in name), optimizer=a.optimizer,
         learning_rate=a.lr, oversample_foreground=a.oversample_foreground, appearance=a.appearance,
-        init_from=a.init_from, negatives=a.negatives,
+        init_from=a.init_from, negatives=a.negatives, variants=tuple(a.variants),
     )
     try:
         out = run_training(run, argv, resume=a.resume, export_only=a.export_only)
