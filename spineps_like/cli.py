@@ -83,7 +83,9 @@ def _cmd_segment(args: argparse.Namespace) -> int:
             ids = result.vertebra_ids
             print(f"vertebrae ({result.labeling.anchor}): " + " ".join(instance_name(i) for i in ids))
         print("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in result.timings.items()))
-    return 0
+    for flag in result.flags:
+        print(f"{args.scan}: implausible result: {flag}", file=sys.stderr)
+    return 3 if result.flags and not args.allow_implausible else 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -185,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--out", type=Path, default=None, help="output folder (default: SPINEPS' derivatives_seg)")
     sg.add_argument("--assume-orientation", metavar="CODES", default=None, help=ASSUME_HELP)
     sg.add_argument("--semantic-only", action="store_true", help="stop after the semantic phase")
+    sg.add_argument("--allow-implausible", action="store_true", help="exit 0 even when the result looks implausible "
+                    "(no canal, vertebral bodies of impossible size or spacing; flagged in the summary either way)")
     sg.add_argument("--semantic-model", default=None, help="model name or folder (default: bundled semantic model)")
     sg.add_argument("--instance-model", default=None, help="model name or folder (default: bundled instance model)")
     sg.add_argument("--instance-method", default="network", choices=["network", "geometric"],

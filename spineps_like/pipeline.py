@@ -50,6 +50,8 @@ class SegmentResult:
     timings: Timings = field(default_factory=Timings)
     notes: list[str] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
+    #: what looks implausible in the result (:func:`spineps_like.plausibility.result_flags`); empty when nothing does
+    flags: list[str] = field(default_factory=list)
 
     @property
     def vertebra_ids(self) -> list[int]:
@@ -69,6 +71,9 @@ class SegmentResult:
             from spineps_like.labeling import summary_json
 
             out.update(summary_json(self.instance.array, self.instance.affine, self.labeling))
+            from spineps_like.plausibility import summary_entry
+
+            out["plausibility"] = summary_entry(self.flags)
         out["notes"] = list(self.notes)
         out["timings_s"] = {k: round(v, 4) for k, v in self.timings.items()}
         return out
@@ -302,4 +307,9 @@ def segment(scan: str | os.PathLike | Scan | np.ndarray, *, affine: np.ndarray |
     result.semantic, result.instance, result.labeling = instance_phase(
         sem, method=instance_method, model=instance_model, device=device, amp=amp, batch_size=batch_size,
         lumbar_count=lumbar_count, timings=timings, notes=notes)
+    from spineps_like.plausibility import result_flags
+
+    with timings.phase("plausibility"):
+        result.flags = result_flags(result.semantic.array, result.instance.array, result.instance.spacing,
+                                    complete=getattr(result.labeling, "complete", None))
     return result
