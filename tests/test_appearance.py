@@ -201,3 +201,28 @@ def test_synthesis_transform_negatives_clear_the_labels(lumbar):
     cleared = [not (some(image=tissue.clone(), segmentation=seg.clone())["segmentation"] > 0).any()
                for _ in range(12)]
     assert 0 < sum(cleared) < 12
+
+
+@pytest.mark.slow
+def test_a_saved_checkpoint_continues_in_a_fresh_work_folder(tmp_path):
+    """--resume-from: the data is regenerated, the run goes on from the checkpoint's epoch (not from scratch)."""
+    import shutil
+
+    import torch
+
+    from spineps_like.training.semantic import SemanticTrainingRun, run_training
+
+    torch.set_num_threads(1)
+    base = dict(n_train=2, seed=0, iterations_per_epoch=1, val_iterations=1, patch_size=(32, 32, 16),
+                da_processes=0, threads=1, name="leg", optimizer="adamw", learning_rate=1e-3,
+                oversample_foreground=1.0, fovs=("cervical",), appearance="synth")
+    first = SemanticTrainingRun(out=str(tmp_path / "m1"), iterations=2, work=str(tmp_path / "w1"), **base)
+    run_training(first, ["--smoke"])
+    saved = tmp_path / "saved.pth"
+    shutil.copy(next((tmp_path / "w1").rglob("checkpoint_final.pth")), saved)
+    second = SemanticTrainingRun(out=str(tmp_path / "m2"), iterations=3, work=str(tmp_path / "w2"), **base)
+    out = run_training(second, ["--smoke"], resume_from=saved)
+    log = "".join(p.read_text() for p in (tmp_path / "w2").rglob("training_log_*.txt"))
+    assert "Epoch 2" in log and "Epoch 0" not in log  # continued, not restarted
+    assert "3 (3 epochs x 1)" in (out / "TRAINING.md").read_text()
+

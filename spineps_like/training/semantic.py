@@ -766,10 +766,12 @@ def _newest_checkpoint(results_dir: Path, fold: int | str) -> str:
 
 def run_training(run: SemanticTrainingRun, argv: Sequence[str] = (), *, resume: bool = False,
                  specs: list[CaseSpec] | None = None, cases: Iterable[tuple[str, Scan, Scan]] | None = None,
-                 export_only: bool = False) -> Path:
+                 export_only: bool = False, resume_from: str | os.PathLike | None = None) -> Path:
     """Generate data (unless the work folder already holds it for the same parameters), plan, preprocess, train and
     export. ``cases`` replaces the phantoms (e.g. a hand-made dataset); ``specs`` the phantom draw.
-    ``export_only``: export the work folder's newest checkpoint (checkpoint_latest.pth) without training."""
+    ``export_only``: export the work folder's newest checkpoint (checkpoint_latest.pth) without training.
+    ``resume_from``: a checkpoint saved from an earlier session (e.g. committed beside the model); it continues the run
+    in a fresh work folder, whose data this function regenerates deterministically from the same parameters."""
     import torch
 
     torch.set_num_threads(max(1, run.threads))
@@ -816,6 +818,17 @@ def run_training(run: SemanticTrainingRun, argv: Sequence[str] = (), *, resume: 
         resume = False
     dataset_json = json.loads((raw / "dataset.json").read_text())
     fold: int | str = int(run.fold) if run.fold.isdigit() else run.fold
+    if resume_from is not None:
+        src = Path(resume_from)
+        if not src.is_file():
+            raise ModelError(f"{src}: no such checkpoint to resume from")
+        fold_dir = (env["nnUNet_results"] / dataset_name / f"{TRAINER_NAME}__{PLANS_NAME}__{CONFIGURATION}"
+                    / f"fold_{fold}")
+        fold_dir.mkdir(parents=True, exist_ok=True)
+        latest = fold_dir / "checkpoint_latest.pth"
+        if not latest.is_file():  # a checkpoint the work folder already holds is newer
+            shutil.copy(src, latest)
+        resume = True
     trainer = train(dataset_name, iterations=run.iterations, iterations_per_epoch=run.iterations_per_epoch,
                     val_iterations=run.val_iterations, fold=fold, resume=resume, optimizer=run.optimizer,
                     learning_rate=run.learning_rate, oversample_foreground=run.oversample_foreground,
@@ -853,6 +866,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work", type=Path, default=None, help="nnU-Net raw/preprocessed/results folder "
                    "(default: work_tmp/train_semantic_<name> at the repository root, git-ignored); keep it to resume")
     p.add_argument("--resume", action="store_true", help="continue from the work folder's checkpoint_latest.pth")
+    p.add_argument("--resume-from", type=Path, default=None, help="continue from a saved checkpoint (e.g. one "
+                   "committed by an earlier session) in a fresh work folder: the data is regenerated from the same "
+                   "parameters first")
     p.add_argument("--export-only", action="store_true", help="export the work folder's checkpoint_latest.pth to "
                    "--out without training (a stopped run, or a look at a run still going)")
     p.add_argument("--t2w-fraction", type=float, default=0.5, help="share of T2w-like phantoms (rest randomised)")
@@ -903,7 +919,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         init_from=a.init_from, negatives=a.negatives, variants=tuple(a.variants),
     )
     try:
-        out = run_training(run, argv, resume=a.resume, export_only=a.export_only)
+        out = run_training(run, argv, resume=a.resume, export_only=a.export_only, resume_from=a.resume_from)
     except ModelError as e:
         raise SystemExit(f"error: {e}") from None
     print(out)
