@@ -766,12 +766,15 @@ def _newest_checkpoint(results_dir: Path, fold: int | str) -> str:
 
 def run_training(run: SemanticTrainingRun, argv: Sequence[str] = (), *, resume: bool = False,
                  specs: list[CaseSpec] | None = None, cases: Iterable[tuple[str, Scan, Scan]] | None = None,
-                 export_only: bool = False, resume_from: str | os.PathLike | None = None) -> Path:
+                 export_only: bool = False, resume_from: str | os.PathLike | None = None,
+                 prepare_only: bool = False) -> Path:
     """Generate data (unless the work folder already holds it for the same parameters), plan, preprocess, train and
     export. ``cases`` replaces the phantoms (e.g. a hand-made dataset); ``specs`` the phantom draw.
     ``export_only``: export the work folder's newest checkpoint (checkpoint_latest.pth) without training.
     ``resume_from``: a checkpoint saved from an earlier session (e.g. committed beside the model); it continues the run
-    in a fresh work folder, whose data this function regenerates deterministically from the same parameters."""
+    in a fresh work folder, whose data this function regenerates deterministically from the same parameters.
+    ``prepare_only``: stop once the data is written and preprocessed (returns the work folder), e.g. to prepare the
+    next run while another trains."""
     import torch
 
     torch.set_num_threads(max(1, run.threads))
@@ -816,6 +819,8 @@ def run_training(run: SemanticTrainingRun, argv: Sequence[str] = (), *, resume: 
         atomic_write_text(work / GENERATOR_STAMP, (GENERATOR_VERSION if from_phantoms else "none (cases given)") + "\n")
         atomic_write_text(stamp, key + "\n")
         resume = False
+    if prepare_only:
+        return work
     dataset_json = json.loads((raw / "dataset.json").read_text())
     fold: int | str = int(run.fold) if run.fold.isdigit() else run.fold
     if resume_from is not None:
@@ -869,6 +874,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume-from", type=Path, default=None, help="continue from a saved checkpoint (e.g. one "
                    "committed by an earlier session) in a fresh work folder: the data is regenerated from the same "
                    "parameters first")
+    p.add_argument("--prepare-only", action="store_true", help="write and preprocess the data, then stop")
     p.add_argument("--export-only", action="store_true", help="export the work folder's checkpoint_latest.pth to "
                    "--out without training (a stopped run, or a look at a run still going)")
     p.add_argument("--t2w-fraction", type=float, default=0.5, help="share of T2w-like phantoms (rest randomised)")
@@ -919,7 +925,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         init_from=a.init_from, negatives=a.negatives, variants=tuple(a.variants),
     )
     try:
-        out = run_training(run, argv, resume=a.resume, export_only=a.export_only, resume_from=a.resume_from)
+        out = run_training(run, argv, resume=a.resume, export_only=a.export_only, resume_from=a.resume_from,
+                           prepare_only=a.prepare_only)
     except ModelError as e:
         raise SystemExit(f"error: {e}") from None
     print(out)
