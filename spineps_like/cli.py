@@ -137,6 +137,35 @@ def _cmd_labels(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_measure(args: argparse.Namespace) -> int:
+    from spineps_like.io import atomic_write_json, atomic_write_text, load_scan
+    from spineps_like.measure import measure
+    from spineps_like.measure.spine import measurements_table, table_csv
+
+    sem = load_scan(args.semantic, kind="mask")
+    inst = load_scan(args.instance, kind="mask")
+    if sem.shape != inst.shape or not np_allclose(sem.affine, inst.affine):
+        raise CLIError(f"{args.instance}: grid differs from the semantic mask's ({inst.shape} vs {sem.shape})")
+    m = measure(sem.array, inst.array, sem.affine)
+    m = {"semantic": str(args.semantic), "instance": str(args.instance), **m}
+    atomic_write_json(args.out, m)
+    if args.csv is not None:
+        atomic_write_text(args.csv, table_csv(measurements_table(m)))
+    if not args.quiet:
+        graded = [f"{r['name']} grade {r['genant_grade']}" for r in m["vertebrae"] if r["genant_grade"]]
+        slips = [f"{r['name']} Meyerding {r['meyerding_grade']}" for r in m["vertebrae"] if r["meyerding_grade"]]
+        print(f"{args.out}: {len(m['vertebrae'])} vertebrae, {len(m['discs'])} discs, {len(m['canal'])} canal levels"
+              + (f"; height loss: {', '.join(graded)}" if graded else "")
+              + (f"; listhesis: {', '.join(slips)}" if slips else ""))
+    return 0
+
+
+def np_allclose(a, b) -> bool:
+    import numpy as np
+
+    return bool(np.allclose(a, b, atol=1e-3))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="spineps-like", description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--version", action="version", version=f"spineps-like {__version__}")
@@ -233,6 +262,14 @@ def build_parser() -> argparse.ArgumentParser:
     me.add_argument("--semantic-model", default="semantic-phantom")
     me.add_argument("--instance-model", default="instance-phantom")
     md.set_defaults(func=_cmd_models)
+
+    ms = sub.add_parser("measure", help="measure vertebrae, discs, listhesis and the canal in masks you already have")
+    ms.add_argument("semantic", type=Path, help="semantic mask (seg-spine: labels 41-49, 52/53, 60, 61, 100, 26)")
+    ms.add_argument("instance", type=Path, help="instance mask on the same grid (seg-vert: v, 100+v, 200+v)")
+    ms.add_argument("--out", required=True, type=Path, help="measurements JSON to write")
+    ms.add_argument("--csv", type=Path, default=None, help="also a CSV table, one row per structure")
+    ms.add_argument("--quiet", action="store_true")
+    ms.set_defaults(func=_cmd_measure)
 
     from spineps_like.cohort.run import add_cohort_parser
 

@@ -52,6 +52,8 @@ class SegmentResult:
     settings: dict[str, Any] = field(default_factory=dict)
     #: what looks implausible in the result (:func:`spineps_like.plausibility.result_flags`); empty when nothing does
     flags: list[str] = field(default_factory=list)
+    #: per-vertebra, per-disc and per-level measurements (:func:`spineps_like.measure.measure`); None without instances
+    measurements: dict[str, Any] | None = None
 
     @property
     def vertebra_ids(self) -> list[int]:
@@ -100,6 +102,9 @@ class SegmentResult:
         if snapshot:
             paths["snapshot"] = folder / derivative_name(src, "spine", "snp", ".png")
         paths["summary"] = folder / derivative_name(src, "spine", "summary", ".json")
+        if self.measurements is not None:
+            paths["measurements"] = folder / derivative_name(src, "spine", "measurements", ".json")
+            paths["measurements_csv"] = folder / derivative_name(src, "spine", "measurements", ".csv")
         # all files go to temporary names first and are renamed together at the end: an error (or a kill) on the
         # way leaves none of them under its final name
         with self.timings.phase("write"), ExitStack() as stack:
@@ -116,6 +121,11 @@ class SegmentResult:
 
                 save_snapshot(tmp["snapshot"], self.image, self.semantic, self.instance, title=src.name)
             atomic_write_json(tmp["summary"], self.summary())
+            if self.measurements is not None:
+                from spineps_like.measure.spine import measurements_table, table_csv
+
+                atomic_write_json(tmp["measurements"], self.measurements)
+                tmp["measurements_csv"].write_text(table_csv(measurements_table(self.measurements)))
         return paths
 
 
@@ -312,4 +322,9 @@ def segment(scan: str | os.PathLike | Scan | np.ndarray, *, affine: np.ndarray |
     with timings.phase("plausibility"):
         result.flags = result_flags(result.semantic.array, result.instance.array, result.instance.spacing,
                                     complete=getattr(result.labeling, "complete", None))
+    from spineps_like.measure import measure
+
+    with timings.phase("measure"):
+        result.measurements = measure(result.semantic.array, result.instance.array, result.instance.affine,
+                                      complete=getattr(result.labeling, "complete", None))
     return result
