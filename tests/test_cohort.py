@@ -339,7 +339,8 @@ def test_cli_run_killed_midway_resumes_without_loss_or_duplicates(tmp_path, phan
         # done in the first run: not redone; the rest exactly once more
         assert r["attempts"] == (1 if first[key]["state"] == "done" else first[key]["attempts"] + 1)
         files = sorted(p.name for p in Path(r["out_dir"]).iterdir())
-        assert len(files) == 4 and all(not f.startswith(".") for f in files)  # spine, vert, ctd, summary
+        # spine, vert, ctd, summary, measurements (.json, .csv)
+        assert len(files) == 6 and all(not f.startswith(".") for f in files)
         for rec in json.loads(r["outputs"]).values():
             assert Path(rec["path"]).exists()
     masks = sorted(out.rglob("*_seg-vert_msk.nii.gz"))

@@ -60,7 +60,8 @@ def test_segment_cli_writes_spineps_outputs_and_nothing_partial(tmp_path, sample
     stem = "sub-ct_label-22_mod-ct"
     assert names == sorted([f"{stem}_seg-spine_msk.nii.gz", f"{stem}_seg-vert_msk.nii.gz",
                             f"{stem}_seg-spine_ctd.json", f"{stem}_seg-spine_snp.png",
-                            f"{stem}_seg-spine_summary.json"])
+                            f"{stem}_seg-spine_summary.json", f"{stem}_seg-spine_measurements.json",
+                            f"{stem}_seg-spine_measurements.csv"])
     summary = json.loads((out / f"{stem}_seg-spine_summary.json").read_text())
     assert len(summary["vertebrae"]) == 3
     from TPTBox import POI
