@@ -83,6 +83,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
             ids = result.vertebra_ids
             print(f"vertebrae ({result.labeling.anchor}): " + " ".join(instance_name(i) for i in ids))
         print("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in result.timings.items()))
+    for note in result.advisories:
+        print(f"{args.scan}: warning: {note}", file=sys.stderr)
     for flag in result.flags:
         print(f"{args.scan}: implausible result: {flag}", file=sys.stderr)
     return 3 if result.flags and not args.allow_implausible else 0

@@ -11,7 +11,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -52,6 +52,8 @@ class SegmentResult:
     settings: dict[str, Any] = field(default_factory=dict)
     #: what looks implausible in the result (:func:`spineps_like.plausibility.result_flags`); empty when nothing does
     flags: list[str] = field(default_factory=list)
+    #: what deserves a look without being implausible (:func:`spineps_like.plausibility.advisories`)
+    advisories: list[str] = field(default_factory=list)
     #: per-vertebra, per-disc and per-level measurements (:func:`spineps_like.measure.measure`); None without instances
     measurements: dict[str, Any] | None = None
 
@@ -75,7 +77,7 @@ class SegmentResult:
             out.update(summary_json(self.instance.array, self.instance.affine, self.labeling))
             from spineps_like.plausibility import summary_entry
 
-            out["plausibility"] = summary_entry(self.flags)
+            out["plausibility"] = summary_entry(self.flags, self.advisories)
         out["notes"] = list(self.notes)
         out["timings_s"] = {k: round(v, 4) for k, v in self.timings.items()}
         return out
@@ -317,11 +319,12 @@ def segment(scan: str | os.PathLike | Scan | np.ndarray, *, affine: np.ndarray |
     result.semantic, result.instance, result.labeling = instance_phase(
         sem, method=instance_method, model=instance_model, device=device, amp=amp, batch_size=batch_size,
         lumbar_count=lumbar_count, timings=timings, notes=notes)
-    from spineps_like.plausibility import result_flags
+    from spineps_like.plausibility import advisories, result_flags
 
     with timings.phase("plausibility"):
         result.flags = result_flags(result.semantic.array, result.instance.array, result.instance.spacing,
                                     complete=getattr(result.labeling, "complete", None))
+        result.advisories = advisories(result.semantic.array, result.instance.array)
     from spineps_like.measure import measure
 
     with timings.phase("measure"):

@@ -8,8 +8,10 @@ them in the summary (``"plausibility"``) and the command line prints them and ex
 - :data:`CORPUS_CM3`: the vertebral body (corpus + endplates) of a vertebra the field of view did not cut lies between
   0.8 cm3 (a small C3 of a small adult: ~3 cm3) and 150 cm3 (a large L5: ~60 cm3), per region;
 - :data:`NEIGHBOUR_MM`: neighbouring vertebra centroids are 8-70 mm apart (cervical ~15 mm, lumbar ~40 mm);
-- vertebrae without any spinal canal or cord beside them are no spine (every vertebra rings the canal);
 - :data:`MIN_BODY_FRACTION`: at least a third of the vertebrae must hold a body (corpus).
+
+:func:`advisories` adds what deserves a look without making the result implausible: vertebrae without any spinal
+canal or cord (every vertebra rings the canal, but many CT label sets, and models trained on them, leave it out).
 """
 
 from __future__ import annotations
@@ -47,8 +49,6 @@ def result_flags(semantic: np.ndarray, instance: np.ndarray, spacing: Sequence[f
     flags: list[str] = []
     if not vertebrae:
         return flags
-    if not np.isin(sem, _CANAL_LABELS).any():
-        flags.append(f"{len(vertebrae)} vertebrae but no spinal canal or cord anywhere: not a spine")
     body = np.isin(sem, _BODY_LABELS)
     body_counts = label_counts(np.where(body & (ins < 100), ins, 0), minlength=max(ids) + 1)
     with_body = [v for v in vertebrae if body_counts[v] > 0]
@@ -75,6 +75,15 @@ def result_flags(semantic: np.ndarray, instance: np.ndarray, spacing: Sequence[f
     return flags
 
 
-def summary_entry(flags: list[str]) -> dict[str, Any]:
-    """The summary's ``"plausibility"`` entry."""
-    return {"plausible": not flags, "flags": list(flags)}
+def advisories(semantic: np.ndarray, instance: np.ndarray) -> list[str]:
+    """What deserves a look but does not make a result implausible (see the module docstring)."""
+    ins = np.asarray(instance)
+    n = len([i for i in np.flatnonzero(label_counts(np.where(ins < 100, ins, 0))) if i and i != SACRUM_ID])
+    if n and not np.isin(np.asarray(semantic), _CANAL_LABELS).any():
+        return [f"{n} vertebrae but no spinal canal or cord anywhere (a label set without the canal, or no spine)"]
+    return []
+
+
+def summary_entry(flags: list[str], notes: list[str] | None = None) -> dict[str, Any]:
+    """The summary's ``"plausibility"`` entry: implausible ``flags`` and advisory ``notes``."""
+    return {"plausible": not flags, "flags": list(flags), "advisories": list(notes or [])}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from spineps_like.phantom import make_phantom
-from spineps_like.plausibility import result_flags
+from spineps_like.plausibility import advisories, result_flags
 
 FAST = (1.3, 1.3, 3.9)
 
@@ -25,7 +25,8 @@ def test_garbage_is_flagged():
     ph = make_phantom(5, fov="lumbar", spacing=FAST)
     sem, ins, sp = ph.semantic.array, ph.instance.array, ph.semantic.spacing
     no_canal = np.where(np.isin(sem, (60, 61)), 0, sem)
-    assert any("no spinal canal" in f for f in result_flags(no_canal, ins, sp))
+    assert result_flags(no_canal, ins, sp) == []  # a label set without the canal: advisory, not implausible
+    assert any("no spinal canal" in f for f in advisories(no_canal, ins)) and advisories(sem, ins) == []
     # the same masks read at a tenth of their voxel size: bodies far too small, vertebrae far too close
     tiny = result_flags(sem, ins, tuple(s / 10 for s in sp))
     assert any("vertebral body of" in f for f in tiny) and any("apart" in f for f in tiny)
@@ -58,4 +59,4 @@ def test_cli_exit_code_and_summary_for_an_implausible_result(tmp_path, monkeypat
     monkeypatch.undo()
     assert cli.main(argv + ["--out", str(tmp_path / "c")]) == 0
     summary = json.loads(next((tmp_path / "c").rglob("*summary.json")).read_text())
-    assert summary["plausibility"] == {"plausible": True, "flags": []}
+    assert summary["plausibility"] == {"plausible": True, "flags": [], "advisories": []}
