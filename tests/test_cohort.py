@@ -224,7 +224,7 @@ def test_in_process_cohort_is_byte_identical_resumes_and_isolates_failures(tmp_p
     assert str(corrupt) in fail["error"] and fail["error"].startswith("ScanError")
     assert "Traceback" in Path(fail["traceback"]).read_text()
     ref = _reference(tmp_path, [(data / i.name, m) for i, m in rows], **GEOMETRIC)
-    assert _outputs(out) == ref and len(ref) == 9  # semantic + instance masks + centroids, byte for byte
+    assert _outputs(out) == ref and len(ref) == 15  # masks, centroids, measurements (JSON, CSV), byte for byte
 
     # resume: nothing redone; an output changed on disk is redone; the failure stays failed without --retry-failed
     vert = next((out / "derivatives_seg").rglob("*phantom0001*_seg-vert_msk.nii.gz"))
