@@ -738,6 +738,7 @@ def _generator_version(run: SemanticTrainingRun) -> str:
 def _training_minutes(trainer, seconds: float) -> float:
     """Minutes spent in epochs, from nnU-Net's epoch timestamps (all legs of a resumed run); ``seconds`` without."""
     log = getattr(trainer, "logger", None)
+    log = getattr(log, "local_logger", log)  # nnU-Net >= 2.6 wraps its LocalLogger in a MetaLogger
     try:
         d = log.my_fantastic_logging
         return sum(e - s for s, e in zip(d["epoch_start_timestamps"], d["epoch_end_timestamps"])) / 60.0
