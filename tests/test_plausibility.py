@@ -60,3 +60,27 @@ def test_cli_exit_code_and_summary_for_an_implausible_result(tmp_path, monkeypat
     assert cli.main(argv + ["--out", str(tmp_path / "c")]) == 0
     summary = json.loads(next((tmp_path / "c").rglob("*summary.json")).read_text())
     assert summary["plausibility"] == {"plausible": True, "flags": [], "advisories": []}
+
+
+@pytest.mark.parametrize("kind", ["noise", "smooth blobs"])
+def test_no_confident_spine_in_noise(tmp_path, kind, capsys):
+    """An image of pure noise or smooth random blobs passes the signal checks and reaches the default model; whatever
+    it paints, segment must not answer with exit 0 and an unflagged spine."""
+    import nibabel as nib
+    from scipy import ndimage as ndi
+
+    from spineps_like import cli
+
+    rng = np.random.default_rng(0)
+    arr = rng.normal(100, 20, (15, 200, 200))
+    if kind != "noise":
+        arr = ndi.gaussian_filter(rng.normal(0, 1, arr.shape), (1, 8, 8)) * 100 + 500
+    path = tmp_path / "sub-01_T2w.nii.gz"
+    nib.save(nib.Nifti1Image(arr.astype(np.float32), np.diag([3.3, 1.0, 1.0, 1.0])), str(path))
+    code = cli.main(["segment", str(path), "--out", str(tmp_path / "out"), "--no-snapshot", "--quiet"])
+    summary = list((tmp_path / "out").rglob("*summary.json"))
+    if code == 0:  # only acceptable when nothing was found
+        data = json.loads(summary[0].read_text())
+        assert not [v for v in data["vertebrae"] if v["id"] != 26], data["vertebrae"]
+    else:
+        assert code == 3 and "implausible result" in capsys.readouterr().err
