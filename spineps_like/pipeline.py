@@ -20,7 +20,7 @@ from spineps_like.io import Scan, atomic_write_json, derivative_name, derivative
 from spineps_like.labels import VERTEBRA_LABELS, label_mask
 
 #: Bundled model names (folders in models/) used when the caller names none.
-DEFAULT_SEMANTIC_MODEL = "semantic-phantom"
+DEFAULT_SEMANTIC_MODEL = "semantic-synth"
 DEFAULT_INSTANCE_MODEL = "instance-phantom"
 INSTANCE_METHODS = ("network", "geometric")
 #: Bone labels an instance (vertebra) may cover before assignment: the vertebra labels plus CT aliases.
