@@ -135,30 +135,14 @@ def check_semantic_model(name: Any) -> Any:
 def check_instance_model(name: Any) -> Any:
     """The instance model folder exists, has a valid ``inference_config.json`` of a 'unet' model and one weights
     file, and its manifest (when it has one) matches. Returns the folder's path."""
-    import json
-
     from spineps_like.models import find_model, verify_manifest
+    from spineps_like.models.folders import read_instance_folder
 
     folder = find_model(name).path
-    cfg_path = folder / "inference_config.json"
-    if not cfg_path.is_file():
-        raise ModelError(f"{folder}: no inference_config.json; not an instance model")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelError(f"{cfg_path}: invalid JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(config, dict):
-        raise ModelError(f"{cfg_path}: not a JSON object")
-    modeltype = str(config.get("modeltype", "unet")).lower()
-    if modeltype != "unet":
-        raise ModelError(f"{cfg_path}: modeltype is {modeltype!r}, an instance model needs 'unet'")
-    ckpts = sorted(folder.glob("**/*.ckpt")) or sorted(folder.glob("**/*.pt"))
-    weights = [c for c in ckpts if "weights" in c.name] or ckpts
-    if len(weights) != 1:
-        raise ModelError(f"{folder}: expected one *.ckpt or *.pt weights file, found {len(weights)}")
-    if weights[0].stat().st_size == 0:
-        raise ModelError(f"{weights[0]}: empty weights file")
-    verify_manifest(folder, required=[cfg_path, weights[0]])
+    cfg_path, _, weights = read_instance_folder(folder)
+    if weights.stat().st_size == 0:
+        raise ModelError(f"{weights}: empty weights file")
+    verify_manifest(folder, required=[cfg_path, weights])
     return folder
 
 

@@ -14,7 +14,6 @@ from the state dict, so other widths (e.g. spineps' newer ``dim=8``) load as wel
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 from torch import nn
 
 from spineps_like.instance.cutouts import SPINEPS_INPUT_MAPPING, Cutouts, SparsePrediction, sparse_prediction
+from spineps_like.models.folders import read_instance_folder
 from spineps_like.models.manifest import ModelError, verify_manifest
 
 #: spineps' legacy single-channel models read the mapped label divided by this.
@@ -356,26 +356,13 @@ def load_instance_model(folder: str | Path, *, device: str | torch.device = "cpu
     folder = Path(folder)
     if not folder.is_dir():
         raise ModelError(f"{folder}: instance model folder not found")
-    cfg_path = folder / "inference_config.json"
-    if not cfg_path.is_file():
-        raise ModelError(f"{folder}: no inference_config.json")
+    cfg_path, config, weights = read_instance_folder(folder)
+    verified = bool(verify and verify_manifest(folder, required=[cfg_path, weights]))
     try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelError(f"{cfg_path}: invalid JSON ({e.msg} at line {e.lineno})") from None
-    modeltype = str(config.get("modeltype", "unet")).lower()
-    if modeltype != "unet":
-        raise ModelError(f"{cfg_path}: modeltype is {modeltype!r}, an instance model needs 'unet'")
-    ckpts = sorted(folder.glob("**/*.ckpt")) or sorted(folder.glob("**/*.pt"))
-    weights = [c for c in ckpts if "weights" in c.name] or ckpts
-    if len(weights) != 1:
-        raise ModelError(f"{folder}: expected one *.ckpt or *.pt weights file, found {len(weights)}")
-    verified = bool(verify and verify_manifest(folder, required=[cfg_path, weights[0]]))
-    try:
-        network = Unet3D.from_state_dict(load_checkpoint_state_dict(weights[0]))
+        network = Unet3D.from_state_dict(load_checkpoint_state_dict(weights))
     except (ValueError, RuntimeError) as e:  # RuntimeError: strict load found missing/unexpected/mis-shaped keys
         msg = str(e).strip().splitlines()[0]
-        raise ModelError(msg if str(weights[0]) in msg else f"{weights[0]}: {msg}") from None
+        raise ModelError(msg if str(weights) in msg else f"{weights}: {msg}") from None
     network.eval().to(device)
     mapping = {int(k): int(v) for k, v in config["mapping"].items()} if config.get("mapping") else dict(SPINEPS_INPUT_MAPPING)
     model = InstanceModel(network, config, folder, mapping, verified)

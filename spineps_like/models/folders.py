@@ -180,3 +180,30 @@ def find_model(name: str | os.PathLike) -> ModelFolder:
     if m.layout == "spineps" and m.nnunet_dir is None:
         m = ModelFolder(m.name, m.path, m.layout, _find_nnunet_dir(m.path))
     return m
+
+
+def read_instance_folder(folder: Path) -> tuple[Path, dict, Path]:
+    """(config path, config, weights file) of a SPINEPS-layout instance model folder: ``inference_config.json`` of a
+    'unet' model and exactly one ``*.ckpt`` (or ``*.pt``) weights file. Raises :class:`ModelError` naming the file and
+    the problem. Reads no weights (no torch needed)."""
+    import json
+
+    folder = Path(folder)
+    cfg_path = folder / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise ModelError(f"{folder}: no {CONFIG_NAME}; not an instance model")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{cfg_path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{cfg_path}: not a JSON object")
+    modeltype = str(config.get("modeltype", "unet")).lower()
+    if modeltype != "unet":
+        raise ModelError(f"{cfg_path}: modeltype is {modeltype!r}, an instance model needs 'unet'")
+    ckpts = sorted(folder.glob("**/*.ckpt")) or sorted(folder.glob("**/*.pt"))
+    weights = [c for c in ckpts if "weights" in c.name] or ckpts
+    if len(weights) != 1:
+        raise ModelError(f"{folder}: expected one *.ckpt or *.pt weights file, found {len(weights)}")
+    return cfg_path, config, weights[0]
+
