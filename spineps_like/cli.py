@@ -140,13 +140,14 @@ def _cmd_labels(args: argparse.Namespace) -> int:
 
 
 def _cmd_measure(args: argparse.Namespace) -> int:
+    from spineps_like.geometry import same_grid
     from spineps_like.io import atomic_write_json, atomic_write_text, load_scan
     from spineps_like.measure import measure
     from spineps_like.measure.spine import measurements_table, table_csv
 
     sem = load_scan(args.semantic, kind="mask")
     inst = load_scan(args.instance, kind="mask")
-    if sem.shape != inst.shape or not np_allclose(sem.affine, inst.affine):
+    if not same_grid(sem.shape, sem.affine, inst.shape, inst.affine, atol=1e-3):
         raise CLIError(f"{args.instance}: grid differs from the semantic mask's ({inst.shape} vs {sem.shape})")
     m = measure(sem.array, inst.array, sem.affine)
     m = {"semantic": str(args.semantic), "instance": str(args.instance), **m}
@@ -160,12 +161,6 @@ def _cmd_measure(args: argparse.Namespace) -> int:
               + (f"; height loss: {', '.join(graded)}" if graded else "")
               + (f"; listhesis: {', '.join(slips)}" if slips else ""))
     return 0
-
-
-def np_allclose(a, b) -> bool:
-    import numpy as np
-
-    return bool(np.allclose(a, b, atol=1e-3))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -219,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--assume-orientation", metavar="CODES", default=None, help=ASSUME_HELP)
     sg.add_argument("--semantic-only", action="store_true", help="stop after the semantic phase")
     sg.add_argument("--allow-implausible", action="store_true", help="exit 0 even when the result looks implausible "
-                    "(no canal, vertebral bodies of impossible size or spacing; flagged in the summary either way)")
+                    "(vertebrae without bodies, bodies of impossible size or spacing; flagged in the summary either "
+                    "way)")
     sg.add_argument("--semantic-model", default=None, help="model name or folder (default: bundled semantic model)")
     sg.add_argument("--instance-model", default=None, help="model name or folder (default: bundled instance model)")
     sg.add_argument("--instance-method", default="network", choices=["network", "geometric"],

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from spineps_like.labels import SACRUM_ID, instance_name, label_counts
+from spineps_like.labels import ANATOMICAL_ORDER, IVD_OFFSET, SACRUM_ID, instance_name, label_counts, present_ids
 
 #: Body volume range (cm3) of a complete vertebra, by region letter of its name.
 CORPUS_CM3: dict[str, tuple[float, float]] = {"C": (0.8, 40.0), "T": (2.0, 100.0), "L": (5.0, 150.0)}
@@ -29,6 +29,11 @@ NEIGHBOUR_MM: tuple[float, float] = (8.0, 70.0)
 MIN_BODY_FRACTION = 1.0 / 3.0
 _BODY_LABELS = (49, 50, 52, 53, 62)
 _CANAL_LABELS = (60, 61)
+
+
+def _vertebra_ids(instance: np.ndarray) -> list[int]:
+    """Vertebra ids present (sacrum included), from one counting pass over the mask."""
+    return [int(i) for i in present_ids(instance) if 0 < i < IVD_OFFSET]
 
 
 def result_flags(semantic: np.ndarray, instance: np.ndarray, spacing: Sequence[float],
@@ -44,7 +49,7 @@ def result_flags(semantic: np.ndarray, instance: np.ndarray, spacing: Sequence[f
         raise ValueError(f"semantic {sem.shape} and instance {ins.shape} masks differ in shape")
     sp = np.asarray(spacing, dtype=float)
     vox_cm3 = float(np.prod(sp)) / 1000.0
-    ids = [int(i) for i in np.flatnonzero(label_counts(np.where(ins < 100, ins, 0))) if i]
+    ids = _vertebra_ids(ins)
     vertebrae = [i for i in ids if i != SACRUM_ID]
     flags: list[str] = []
     if not vertebrae:
@@ -63,10 +68,10 @@ def result_flags(semantic: np.ndarray, instance: np.ndarray, spacing: Sequence[f
         if not lo <= cm3 <= hi:
             flags.append(f"{name}: vertebral body of {cm3:.1f} cm3, outside {lo:g}-{hi:g} cm3 for the region")
     if len(vertebrae) > 1:
-        idx = np.nonzero((ins > 0) & (ins < 100) & (ins != SACRUM_ID))
-        lab = ins[idx]
-        cen = {v: np.array([c[lab == v].mean() for c in idx]) * sp for v in vertebrae}
-        order = sorted(vertebrae, key=lambda v: 19.5 if v == 28 else v)  # T13 (28) sits between T12 and L1
+        from spineps_like.labeling import centroids
+
+        cen = {v: c * sp for v, c in centroids(ins, vertebrae).items()}
+        order = sorted(vertebrae, key=ANATOMICAL_ORDER.index)  # T13 (28) between T12 and L1
         for u, w in zip(order[:-1], order[1:]):
             d = float(np.linalg.norm(cen[u] - cen[w]))
             if not NEIGHBOUR_MM[0] <= d <= NEIGHBOUR_MM[1]:
@@ -77,8 +82,7 @@ def result_flags(semantic: np.ndarray, instance: np.ndarray, spacing: Sequence[f
 
 def advisories(semantic: np.ndarray, instance: np.ndarray) -> list[str]:
     """What deserves a look but does not make a result implausible (see the module docstring)."""
-    ins = np.asarray(instance)
-    n = len([i for i in np.flatnonzero(label_counts(np.where(ins < 100, ins, 0))) if i and i != SACRUM_ID])
+    n = len([i for i in _vertebra_ids(instance) if i != SACRUM_ID])
     if n and not np.isin(np.asarray(semantic), _CANAL_LABELS).any():
         return [f"{n} vertebrae but no spinal canal or cord anywhere (a label set without the canal, or no spine)"]
     return []
