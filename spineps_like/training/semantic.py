@@ -41,7 +41,8 @@ import numpy as np
 
 from spineps_like.geometry import to_model_grid
 from spineps_like.io import Scan, atomic_write_json, atomic_write_text, save_mask, save_scan
-from spineps_like.labels import SEMANTIC_ALIASES, SEMANTIC_NAMES, Semantic
+from spineps_like.assign import map_aliases
+from spineps_like.labels import SEMANTIC_NAMES, Semantic
 from spineps_like.models.config import CONFIG_NAME
 from spineps_like.models.manifest import MANIFEST_NAME, ModelError, write_manifest
 from spineps_like.phantom import VARIANTS as PHANTOM_VARIANTS
@@ -86,10 +87,7 @@ def prepare_case(
         raise ValueError(f"image {image.shape} and semantic mask {semantic.shape} are not on the same grid")
     arr = normalize_intensity(image.array) if normalize else image.array.astype(np.float32)
     img = to_model_grid(Scan(arr, image.affine), orientation, resolution_range, order=3)
-    lab = np.asarray(semantic.array).copy()
-    for src, dst in SEMANTIC_ALIASES.items():
-        lab[lab == src] = dst
-    seg = to_model_grid(Scan(lab, semantic.affine), orientation, resolution_range, order=0)
+    seg = to_model_grid(Scan(map_aliases(semantic.array), semantic.affine), orientation, resolution_range, order=0)
     if seg.shape != img.shape or not np.allclose(seg.affine, img.affine, atol=1e-4):
         raise AssertionError("image and mask ended on different model grids")
     return img, Scan(seg.array, img.affine.copy())
@@ -438,8 +436,7 @@ def train(dataset_name: str, *, iterations: int, iterations_per_epoch: int = 50,
     cls.synthesis_negatives = float(negatives)
     labels = [label_value(n) for n in dataset_json["labels"] if n not in ("background", "ignore")]
     cls.mirror_axes = label_safe_mirror_axes("PIR", plans["transpose_forward"], labels)
-    out_fold = (Path(os.environ["nnUNet_results"]) / dataset_name / f"{TRAINER_NAME}__{PLANS_NAME}__{CONFIGURATION}"
-                / f"fold_{fold}")
+    out_fold = fold_dir(dataset_name, fold)
     latest = out_fold / "checkpoint_latest.pth"
     final = out_fold / "checkpoint_final.pth"
     if export_only and not (latest.is_file() or final.is_file()):
@@ -457,6 +454,12 @@ def train(dataset_name: str, *, iterations: int, iterations_per_epoch: int = 50,
     if not export_only:
         trainer.run_training()
     return trainer
+
+
+def fold_dir(dataset_name: str, fold: int | str) -> Path:
+    """The trainer's output folder of ``fold`` under ``$nnUNet_results`` (checkpoints, logs)."""
+    return (Path(os.environ["nnUNet_results"]) / dataset_name / f"{TRAINER_NAME}__{PLANS_NAME}__{CONFIGURATION}"
+            / f"fold_{fold}")
 
 
 def initial_checkpoint(source: str | os.PathLike) -> Path:
@@ -828,10 +831,9 @@ def run_training(run: SemanticTrainingRun, argv: Sequence[str] = (), *, resume: 
         src = Path(resume_from)
         if not src.is_file():
             raise ModelError(f"{src}: no such checkpoint to resume from")
-        fold_dir = (env["nnUNet_results"] / dataset_name / f"{TRAINER_NAME}__{PLANS_NAME}__{CONFIGURATION}"
-                    / f"fold_{fold}")
-        fold_dir.mkdir(parents=True, exist_ok=True)
-        latest = fold_dir / "checkpoint_latest.pth"
+        out_fold = fold_dir(dataset_name, fold)
+        out_fold.mkdir(parents=True, exist_ok=True)
+        latest = out_fold / "checkpoint_latest.pth"
         if not latest.is_file():  # a checkpoint the work folder already holds is newer
             shutil.copy(src, latest)
         resume = True

@@ -20,7 +20,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from spineps_like.io import Scan
-from spineps_like.labels import SEMANTIC_ALIASES
+from spineps_like.assign import map_aliases
 
 #: nnU-Net array axes of the PIR model grid as SimpleITK reads it: (R, I, P); R is the sagittal slice axis.
 SLICE_AXIS = 0
@@ -31,9 +31,7 @@ def tissue_case(seed: int, *, fov: str, variant: str | None, spacing_pir: Sequen
     from spineps_like.phantom import make_phantom
 
     ph = make_phantom(seed, fov=fov, mode="t2w", variant=variant, spacing=tuple(spacing_pir), orientation="PIR")
-    lab = np.asarray(ph.semantic.array).copy()
-    for src, dst in SEMANTIC_ALIASES.items():
-        lab[lab == src] = dst
+    lab = map_aliases(ph.semantic.array)
     tissue = ph.tissue.array.astype(np.float32)
     return Scan(tissue, ph.tissue.affine.copy()), Scan(lab, ph.tissue.affine.copy())
 
