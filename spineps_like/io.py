@@ -17,7 +17,7 @@ import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import nibabel as nib
 import numpy as np
@@ -37,6 +37,9 @@ class Scan:
     array: np.ndarray
     affine: np.ndarray
     path: Path | None = None
+    #: where a scan read from DICOM came from (:class:`spineps_like.dicom.DicomSource`: series, headers, slice
+    #: order), what a DICOM-SEG needs to reference it; None for other inputs
+    source: Any = None
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -364,8 +367,18 @@ def _metaimage_header(p: Path, size: int) -> None:
                         f"{need:,} bytes of data, the file holds {max(size - start, 0):,}")
 
 
-def load_scan(path: str | os.PathLike, *, kind: str = "image", assume_orientation: str | None = None) -> Scan:
-    """Load a 3D NIfTI (.nii, .nii.gz) or MetaImage (.mha, .mhd) file.
+def _has_dicom_preamble(p: Path) -> bool:
+    """'DICM' at byte 128: a DICOM file (checked only for names that are not NIfTI/MetaImage)."""
+    try:
+        with _open_for_reading(p) as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def load_scan(path: str | os.PathLike, *, kind: str = "image", assume_orientation: str | None = None,
+              series: str | int | None = None) -> Scan:
+    """Load a 3D NIfTI (.nii, .nii.gz) or MetaImage (.mha, .mhd) file, or a DICOM series.
 
     The array keeps the file's voxel order (x, y, z index order, as nibabel gives it); MetaImage geometry is
     converted from ITK's LPS to RAS so both formats give the same array and affine for the same image.
@@ -377,12 +390,28 @@ def load_scan(path: str | os.PathLike, *, kind: str = "image", assume_orientatio
     declares more than :func:`max_voxels` voxels, a zero, negative or NaN voxel size, a singular affine, NaN/inf
     values, and a NIfTI without orientation (qform and sform codes 0). For the last, ``assume_orientation`` (axis
     codes such as 'RAS') reads the array axes as pointing that way, with a :class:`ScanWarning` saying so.
+
+    A folder (or an enhanced multi-frame DICOM file) is read as a DICOM series by :func:`spineps_like.dicom.load_dicom`:
+    the array's axes are (column, row, slice), slices in order along the slice normal, and ``Scan.source`` says which
+    series it was. ``series`` picks one series of a folder that holds several (a SeriesInstanceUID, SeriesNumber or
+    SeriesDescription); without it such a folder is refused with a list of its series.
     """
     p = Path(path)
-    size = _check_file(p)
-    suffix = _suffix(p)
+    source = None
+    dicom = p.is_dir() and _suffix(p) not in NIFTI_SUFFIXES + MHA_SUFFIXES  # a folder: a DICOM series
+    if not dicom:
+        size = _check_file(p)
+        suffix = _suffix(p)
+        dicom = suffix not in NIFTI_SUFFIXES + MHA_SUFFIXES and (suffix == ".dcm" or _has_dicom_preamble(p))
+    if series is not None and not dicom:
+        raise ScanError(f"{p}: --series (series=) picks a series of a DICOM folder; this is not one")
     try:
-        if suffix in NIFTI_SUFFIXES:
+        if dicom:
+            from spineps_like.dicom import load_dicom
+
+            loaded = load_dicom(p, series=series)
+            arr, affine, source = loaded.array, loaded.affine, loaded.source
+        elif suffix in NIFTI_SUFFIXES:
             hdr, assumed = _nifti_header(p, suffix, size, assume_orientation)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # nibabel's own header 'fixes' are refused above
@@ -410,7 +439,8 @@ def load_scan(path: str | os.PathLike, *, kind: str = "image", assume_orientatio
                 np.array(img.GetDirection()), np.array(img.GetSpacing()), np.array(img.GetOrigin())
             )
         else:
-            raise ScanError(f"{p}: unsupported file type {suffix or '(none)'!r}; use .nii, .nii.gz, .mha or .mhd")
+            raise ScanError(f"{p}: unsupported file type {suffix or '(none)'!r}; use .nii, .nii.gz, .mha, .mhd or a "
+                            "folder of DICOM files")
     except ScanError:
         raise
     except MemoryError:
@@ -442,7 +472,7 @@ def load_scan(path: str | os.PathLike, *, kind: str = "image", assume_orientatio
                 raise ScanError(f"{p}: image holds {bad} NaN/inf voxels")
     except MemoryError:
         raise ScanError(f"{p}: not enough memory to load it") from None
-    return Scan(arr, affine, p)
+    return Scan(arr, affine, p, source)
 
 
 # ---------------------------------------------------------------- atomic writes
