@@ -2,7 +2,9 @@
 
 Inputs may be a folder (searched recursively), a BIDS dataset (``rawdata/sub-*/[ses-*/]anat/*``), a glob pattern,
 a CSV/TSV list (column ``path``, optionally ``semantic_mask``), a single scan file, or a list of any of these.
-Masks (``*_msk``, ``*_seg-*``), ``derivatives*`` folders and hidden/temporary files are skipped.
+Masks (``*_msk``, ``*_seg-*``), ``derivatives*`` folders and hidden/temporary files are skipped. A folder that holds
+DICOM files itself (files with the 'DICM' preamble) is one scan: its series, read by
+:func:`spineps_like.dicom.load_dicom` (a folder holding several series fails with their list).
 
 Outputs go to ``OUT/derivatives_seg/sub-*/[ses-*/]`` for BIDS-like inputs (as SPINEPS lays them out) and to
 ``OUT/derivatives_seg/<folder relative to the input root>/`` otherwise, so two folders holding the same file name
@@ -59,10 +61,30 @@ def is_scan_file(path: Path) -> bool:
     return not (stem.endswith("_msk") or "_seg-" in stem or stem.endswith(("_seg", "_label", "_labels")))
 
 
+def is_dicom_folder(path: Path, filenames: Iterable[str] | None = None) -> bool:
+    """True for a folder that holds a DICOM file itself (not only in subfolders): one non-hidden file, not named like a
+    scan or DICOMDIR, with the 'DICM' preamble is enough."""
+    from spineps_like.dicom import is_dicom_file
+
+    if filenames is None:
+        try:
+            filenames = sorted(e.name for e in os.scandir(path) if e.is_file())
+        except OSError:
+            return False
+    for f in filenames:
+        if f.startswith(".") or f.upper() == "DICOMDIR" or f.lower().endswith(SCAN_SUFFIXES + (".mhd", ".raw")):
+            continue
+        if is_dicom_file(path / f):
+            return True
+    return False
+
+
 def _walk(root: Path) -> Iterable[Path]:
-    """Scan files under ``root`` (recursive, sorted), skipping derivatives* and hidden folders."""
+    """Scan files and DICOM folders under ``root`` (recursive, sorted), skipping derivatives* and hidden folders."""
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "derivatives")))
+        if is_dicom_folder(Path(dirpath), sorted(filenames)):
+            yield Path(dirpath)
         for f in sorted(filenames):
             p = Path(dirpath) / f
             if is_scan_file(p):
@@ -112,7 +134,7 @@ def _read_list(path: Path) -> list[tuple[Path, Path | None]]:
                 mp = mp if mp.is_absolute() else path.parent / mp
                 if not mp.is_file():
                     raise ValueError(f"{path}: line {i}: semantic mask {mp} not found")
-            if not p.is_file():
+            if not (p.is_file() or p.is_dir()):
                 raise ValueError(f"{path}: line {i}: scan {p} not found")
             rows.append((p, mp))
     return rows
@@ -133,11 +155,15 @@ def _sources(item: str | os.PathLike) -> tuple[Path, list[tuple[Path, Path | Non
             root = Path(os.path.commonpath([str(r[0].resolve().parent) for r in rows]))
             return root, [(r[0].resolve(), r[1]) for r in rows]
         if not p.name.lower().endswith(SCAN_SUFFIXES):
-            raise ValueError(f"{p}: not a scan (.nii.gz, .nii, .mha), folder or scan list (.csv, .tsv)")
+            from spineps_like.dicom import is_dicom_file
+
+            if not is_dicom_file(p):
+                raise ValueError(f"{p}: not a scan (.nii.gz, .nii, .mha, a DICOM file or folder), folder or scan list "
+                                 "(.csv, .tsv)")
         return p.parent, [(p, None)]
     if _MAGIC & set(s):
         files = sorted(Path(f) for f in glob.glob(os.path.expanduser(s), recursive=True))
-        files = [f for f in files if f.is_file() and is_scan_file(f)
+        files = [f for f in files if (f.is_file() and is_scan_file(f) or f.is_dir() and is_dicom_folder(f))
                  and not any(x.startswith("derivatives") for x in f.parts)]
         return _glob_root(os.path.expanduser(s)), [(f, None) for f in files]
     raise ValueError(f"{s}: no such file or folder")
