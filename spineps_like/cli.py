@@ -16,6 +16,8 @@ class CLIError(Exception):
 ASSUME_HELP = ("for a NIfTI whose header has no orientation (qform and sform codes 0, refused otherwise): the "
                "directions its array axes point to, e.g. RAS (x to the right, y to the front, z up) or LAS; the "
                "header's voxel sizes are kept and a warning says what was assumed")
+SERIES_HELP = ("for a folder holding several DICOM series: the one to read, by SeriesNumber, SeriesDescription or "
+               "SeriesInstanceUID (without it such a folder is refused with a list of its series)")
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -39,10 +41,13 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
 def _cmd_info(args: argparse.Namespace) -> int:
     from spineps_like.io import load_scan
 
-    scan = load_scan(args.scan, kind="mask" if args.mask else "image", assume_orientation=args.assume_orientation)
+    scan = load_scan(args.scan, kind="mask" if args.mask else "image", assume_orientation=args.assume_orientation,
+                     series=args.series)
     a = scan.array
     print(f"{scan.path}: shape {a.shape}, spacing {tuple(round(s, 4) for s in scan.spacing)} mm, "
           f"orientation {scan.orientation}, dtype {a.dtype}, range [{a.min()}, {a.max()}]")
+    if scan.source is not None:
+        print(f"{scan.path}: DICOM {scan.source.series.describe()}")
     return 0
 
 
@@ -61,7 +66,11 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 
     # bad input, an output folder that cannot be written, a model folder that does not load and a missing device
     # all fail here, in about a second, before any phase runs or any file is written
-    scan = load_scan(args.scan, assume_orientation=args.assume_orientation)
+    scan = load_scan(args.scan, assume_orientation=args.assume_orientation, series=args.series)
+    if args.dicom_seg:  # a DICOM-SEG needs DICOM source images: refused here, before any work
+        from spineps_like.dicom_seg import check_dicom_seg
+
+        check_dicom_seg(scan)
     if args.semantic_mask is None:
         check_image(scan)
     preflight(out_dir=args.out if args.out is not None else derivatives_dir(args.scan),
@@ -73,7 +82,20 @@ def _cmd_segment(args: argparse.Namespace) -> int:
                      semantic_only=args.semantic_only, device=args.device, amp=args.amp, mirroring=args.mirroring,
                      step_size=args.step_size, n4=args.n4, restore=args.restore, batch_size=args.batch_size,
                      lumbar_count=args.lumbar_count)
-    paths = result.save(args.out, snapshot=not args.no_snapshot)
+    name_from = None
+    if scan.source is not None:  # a DICOM series: outputs named after its folder (and the series, if it has several)
+        from spineps_like.dicom import output_name
+
+        name_from = output_name(scan)
+        result.notes.append(f"input: DICOM {scan.source.series.describe()}")
+    if args.dicom_seg:
+        from spineps_like.dicom_seg import save_with_dicom_seg
+
+        paths = save_with_dicom_seg(result, args.out, name_from=name_from, snapshot=not args.no_snapshot)
+        if not any(k.startswith("dicom_seg") for k in paths):
+            print(f"{args.scan}: warning: the masks are empty; no DICOM-SEG written", file=sys.stderr)
+    else:
+        paths = result.save(args.out, name_from=name_from, snapshot=not args.no_snapshot)
     if not args.quiet:
         for kind, path in paths.items():
             print(f"{kind}: {path}")
@@ -187,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("scan", type=Path)
     inf.add_argument("--mask", action="store_true", help="load as an integer mask")
     inf.add_argument("--assume-orientation", metavar="CODES", default=None, help=ASSUME_HELP)
+    inf.add_argument("--series", default=None, metavar="SERIES", help=SERIES_HELP)
     inf.set_defaults(func=_cmd_info)
 
     lb = sub.add_parser("labels", help="export the label colour table for ITK-SNAP (.txt) or 3D Slicer (.ctbl)")
@@ -209,9 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=_cmd_evaluate)
 
     sg = sub.add_parser("segment", help="segment a scan: semantic + instance masks, centroids, snapshot, summary")
-    sg.add_argument("scan", type=Path, help="NIfTI (.nii/.nii.gz) or MetaImage (.mha) scan")
+    sg.add_argument("scan", type=Path, help="NIfTI (.nii/.nii.gz) or MetaImage (.mha) scan, or a folder of DICOM files")
     sg.add_argument("--out", type=Path, default=None, help="output folder (default: SPINEPS' derivatives_seg)")
     sg.add_argument("--assume-orientation", metavar="CODES", default=None, help=ASSUME_HELP)
+    sg.add_argument("--series", default=None, metavar="SERIES", help=SERIES_HELP)
+    sg.add_argument("--dicom-seg", action="store_true",
+                    help="DICOM input only: also write the semantic and instance masks as DICOM-SEG files "
+                         "(..._seg-spine_msk.dcm, ..._seg-vert_msk.dcm) referencing the source series")
     sg.add_argument("--semantic-only", action="store_true", help="stop after the semantic phase")
     sg.add_argument("--allow-implausible", action="store_true", help="exit 0 even when the result looks implausible "
                     "(vertebrae without bodies, bodies of impossible size or spacing; flagged in the summary either "
