@@ -56,6 +56,8 @@ class SegmentResult:
     advisories: list[str] = field(default_factory=list)
     #: per-vertebra, per-disc and per-level measurements (:func:`spineps_like.measure.measure`); None without instances
     measurements: dict[str, Any] | None = None
+    #: per-vertebra confidence in the id and the body (:func:`spineps_like.plausibility.vertebra_confidence`)
+    confidence: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def vertebra_ids(self) -> list[int]:
@@ -75,6 +77,9 @@ class SegmentResult:
             from spineps_like.labeling import summary_json
 
             out.update(summary_json(self.instance.array, self.instance.affine, self.labeling))
+            for row in out["vertebrae"]:
+                if row["id"] in self.confidence:
+                    row["confidence"] = self.confidence[row["id"]]
             from spineps_like.plausibility import summary_entry
 
             out["plausibility"] = summary_entry(self.flags, self.advisories)
@@ -141,11 +146,12 @@ def instance_phase(semantic: Scan, *, method: str = "network", model: Any = None
     the network predicts vertebra above/centre/below per cutout, fusion commits vertebrae, which come back to the
     input grid. ``method='geometric'``: vertebrae from corpus components separated by IVDs, no weights.
     Then, on the input grid in PIR, cropped to the spine's bounding box: IVD/endplate assignment, post-processing,
-    anatomical labelling.
+    the sacrum on evidence (:func:`spineps_like.sacrum.confirm_sacrum`), anatomical labelling.
     """
     from spineps_like.assign import assign_ivds_endplates
     from spineps_like.labeling import label_vertebrae
     from spineps_like.postprocess import postprocess
+    from spineps_like.sacrum import confirm_sacrum
 
     timings = timings if timings is not None else Timings()
     notes = notes if notes is not None else []
@@ -171,6 +177,9 @@ def instance_phase(semantic: Scan, *, method: str = "network", model: Any = None
     with timings.phase("postprocess"):
         sem_arr, instance, report = postprocess(sem_arr, instance, spacing)
         notes.extend(getattr(report, "notes", []) or [])
+    with timings.phase("sacrum"):
+        sem_arr, instance, sacrum = confirm_sacrum(sem_arr, instance, spacing)
+        notes.extend(f"sacrum: {n}" for n in sacrum.notes if n != "no sacrum label in the mask")
     with timings.phase("labeling"):
         labelled, labeling = label_vertebrae(instance, sem_arr, spacing, lumbar_count=lumbar_count)
         dropped = (labelled == 0) & (instance > 0)  # e.g. disc voxels above C1: no instance, so no semantic label
@@ -319,15 +328,17 @@ def segment(scan: str | os.PathLike | Scan | np.ndarray, *, affine: np.ndarray |
     result.semantic, result.instance, result.labeling = instance_phase(
         sem, method=instance_method, model=instance_model, device=device, amp=amp, batch_size=batch_size,
         lumbar_count=lumbar_count, timings=timings, notes=notes)
-    from spineps_like.plausibility import advisories, result_flags
-
-    with timings.phase("plausibility"):
-        result.flags = result_flags(result.semantic.array, result.instance.array, result.instance.spacing,
-                                    complete=getattr(result.labeling, "complete", None))
-        result.advisories = advisories(result.semantic.array, result.instance.array)
     from spineps_like.measure import measure
 
     with timings.phase("measure"):
         result.measurements = measure(result.semantic.array, result.instance.array, result.instance.affine,
                                       complete=getattr(result.labeling, "complete", None))
+    from spineps_like.plausibility import advisories, result_flags, vertebra_confidence
+
+    with timings.phase("plausibility"):
+        result.flags = result_flags(result.semantic.array, result.instance.array, result.instance.spacing,
+                                    complete=getattr(result.labeling, "complete", None),
+                                    measurements=result.measurements)
+        result.advisories = advisories(result.semantic.array, result.instance.array)
+        result.confidence = vertebra_confidence(result.labeling, result.measurements)
     return result

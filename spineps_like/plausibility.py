@@ -8,7 +8,11 @@ them in the summary (``"plausibility"``) and the command line prints them and ex
 - :data:`CORPUS_CM3`: the vertebral body (corpus + endplates) of a vertebra the field of view did not cut lies between
   0.8 cm3 (a small C3 of a small adult: ~3 cm3) and 150 cm3 (a large L5: ~60 cm3), per region;
 - :data:`NEIGHBOUR_MM`: neighbouring vertebra centroids are 8-70 mm apart (cervical ~15 mm, lumbar ~40 mm);
-- :data:`MIN_BODY_FRACTION`: at least a third of the vertebrae must hold a body (corpus).
+- :data:`MIN_BODY_FRACTION`: at least a third of the vertebrae must hold a body (corpus);
+- :data:`MAX_VERTEBRAE`: at most 26 vertebrae; :data:`MERGED_BODY_RATIO`: no body taller than 1.9 x its neighbours.
+
+:func:`vertebra_confidence` grades each vertebra's id (its anchor) and body (its height against its neighbours) for
+the summary, so that a cohort's weak results can be found.
 
 :func:`advisories` adds what deserves a look without making the result implausible: vertebrae without any spinal
 canal or cord (every vertebra rings the canal, but many CT label sets, and models trained on them, leave it out).
@@ -27,6 +31,10 @@ CORPUS_CM3: dict[str, tuple[float, float]] = {"C": (0.8, 40.0), "T": (2.0, 100.0
 #: Distance range (mm) between the centroids of neighbouring vertebrae.
 NEIGHBOUR_MM: tuple[float, float] = (8.0, 70.0)
 MIN_BODY_FRACTION = 1.0 / 3.0
+#: Vertebrae of a whole spine (C1-C7, T1-T12, L1-L5) with both transitional extras (T13, L6).
+MAX_VERTEBRAE = 26
+#: A body taller than this x its neighbours' is two or more bodies in one instance (two bodies and a disc ~ 2.3 x).
+MERGED_BODY_RATIO = 1.9
 _BODY_LABELS = (49, 50, 52, 53, 62)
 _CANAL_LABELS = (60, 61)
 
@@ -37,11 +45,12 @@ def _vertebra_ids(instance: np.ndarray) -> list[int]:
 
 
 def result_flags(semantic: np.ndarray, instance: np.ndarray, spacing: Sequence[float],
-                 complete: dict[int, bool] | None = None) -> list[str]:
+                 complete: dict[int, bool] | None = None, measurements: dict[str, Any] | None = None) -> list[str]:
     """Plain-language flags for an implausible result (empty: nothing implausible found).
 
     ``semantic`` and ``instance`` are the final masks on one grid with voxel size ``spacing`` (mm); ``complete``
-    maps vertebra id -> False where the field of view cut it (those skip the volume check).
+    maps vertebra id -> False where the field of view cut it (those skip the volume check); ``measurements``
+    (:func:`spineps_like.measure.measure`) adds the body-height check (:data:`MERGED_BODY_RATIO`).
     """
     sem = np.asarray(semantic)
     ins = np.asarray(instance)
@@ -67,6 +76,13 @@ def result_flags(semantic: np.ndarray, instance: np.ndarray, spacing: Sequence[f
         cm3 = float(body_counts[v]) * vox_cm3
         if not lo <= cm3 <= hi:
             flags.append(f"{name}: vertebral body of {cm3:.1f} cm3, outside {lo:g}-{hi:g} cm3 for the region")
+    if len(vertebrae) > MAX_VERTEBRAE:
+        flags.append(f"{len(vertebrae)} vertebrae: more than the {MAX_VERTEBRAE} of a spine with T13 and L6")
+    for rec in (measurements or {}).get("vertebrae", []):
+        ratio = rec.get("ratio_posterior_neighbours")
+        if rec["id"] not in (1, 2) and ratio is not None and ratio > MERGED_BODY_RATIO:  # C1 has no body, C2 a dens
+            flags.append(f"{rec['name']}: body {ratio:.1f} x as tall as its neighbours: several vertebral bodies in "
+                         "one instance")
     if len(vertebrae) > 1:
         from spineps_like.labeling import centroids
 
@@ -86,6 +102,75 @@ def advisories(semantic: np.ndarray, instance: np.ndarray) -> list[str]:
     if n and not np.isin(np.asarray(semantic), _CANAL_LABELS).any():
         return [f"{n} vertebrae but no spinal canal or cord anywhere (a label set without the canal, or no spine)"]
     return []
+
+
+#: A body taller than this x its neighbours' (posterior height) is likely two bodies in one instance; lower than
+#: :data:`LOW_BODY_RATIO` x, a body split in two or a severe fracture.
+TALL_BODY_RATIO = 1.6
+LOW_BODY_RATIO = 0.5
+#: Ids more than this many levels from their anchor rest on a long count: one missed or doubled body shifts them.
+FAR_FROM_ANCHOR = 10
+
+
+def vertebra_confidence(labeling: Any, measurements: dict[str, Any] | None) -> dict[int, dict[str, Any]]:
+    """Per-vertebra confidence for the summary: how its id was found and whether its body looks like one body.
+
+    ``labeling`` is the :class:`spineps_like.labeling.LabelingResult`, ``measurements`` the output of
+    :func:`spineps_like.measure.measure` (None: body checks skipped). For each vertebra id::
+
+        {"level": "high" | "medium" | "low",        # the lower of the two below
+         "id": {"level", "anchor", "levels_from_anchor", "why"},
+         "body": {"level", "height_vs_neighbours", "why"}}
+
+    Id: ``low`` without an anchor (the ids are a count), ``medium`` when the labelling was ambiguous (T13/L6, counts
+    that disagree), for a transitional id, or more than :data:`FAR_FROM_ANCHOR` levels from the anchor; else
+    ``high``. Body: ``low`` when its posterior body height is over :data:`TALL_BODY_RATIO` x (two bodies in one
+    instance?) or under :data:`LOW_BODY_RATIO` x (a split body, or a severe fracture) that of its neighbours,
+    ``medium`` when the field of view cuts it or it could not be measured; else ``high``.
+    """
+    order = [int(v) for v in getattr(labeling, "order", []) or []]
+    anchor = getattr(labeling, "anchor", "none")
+    ambiguous = bool(getattr(labeling, "ambiguous", False))
+    records = {int(r["id"]): r for r in (measurements or {}).get("vertebrae", [])}
+    rank = {"low": 0, "medium": 1, "high": 2}
+    out: dict[int, dict[str, Any]] = {}
+    n = len(order)
+    for k, v in enumerate(order):
+        dist = {"sacrum": n - k, "C2": k - order.index(2) if 2 in order else None}
+        if anchor == "sacrum+C2":
+            steps = min(d for d in dist.values() if d is not None)
+        else:
+            steps = dist.get(anchor)
+        if anchor == "none":
+            idc = {"level": "low", "why": "no anchor in view: the id is a count from the top, not anatomy"}
+        elif ambiguous or v in (25, 28):
+            idc = {"level": "medium", "why": "the labelling was ambiguous (see labeling.notes)" if ambiguous
+                   else "a transitional vertebra"}
+        elif steps is not None and abs(steps) > FAR_FROM_ANCHOR:
+            idc = {"level": "medium", "why": f"{abs(steps)} levels from the anchor: one missed or doubled body "
+                   "shifts the id"}
+        else:
+            idc = {"level": "high", "why": f"counted from the {anchor.split('+')[0]}"}
+        idc.update({"anchor": anchor, "levels_from_anchor": None if steps is None else abs(int(steps))})
+        rec = records.get(v)
+        ratio = rec.get("ratio_posterior_neighbours") if rec and v not in (1, 2) else None  # C1: no body; C2: dens
+        if rec is None:
+            body = {"level": "medium", "why": "not measured"}
+        elif ratio is not None and ratio > TALL_BODY_RATIO:
+            body = {"level": "low", "why": f"body {ratio:.1f} x as tall as its neighbours: two bodies in one "
+                    "instance?"}
+        elif ratio is not None and ratio < LOW_BODY_RATIO:
+            body = {"level": "low", "why": f"body {ratio:.1f} x as tall as its neighbours: a split body or a "
+                    "severe fracture"}
+        elif rec.get("complete") is False:
+            body = {"level": "medium", "why": "cut by the field of view"}
+        elif ratio is None:
+            body = {"level": "medium", "why": "no neighbour to compare its height with"}
+        else:
+            body = {"level": "high", "why": "one body of its neighbours' height"}
+        body["height_vs_neighbours"] = ratio
+        out[v] = {"level": min((idc["level"], body["level"]), key=rank.__getitem__), "id": idc, "body": body}
+    return out
 
 
 def summary_entry(flags: list[str], notes: list[str] | None = None) -> dict[str, Any]:

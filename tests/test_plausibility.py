@@ -55,6 +55,9 @@ def test_cli_exit_code_and_summary_for_an_implausible_result(tmp_path, monkeypat
     assert "implausible result" in err and "vertebral body of" in err
     summary = json.loads(next((tmp_path / "a").rglob("*summary.json")).read_text())
     assert summary["plausibility"]["plausible"] is False and summary["plausibility"]["flags"]
+    graded = [v for v in summary["vertebrae"] if v["id"] != 26]
+    assert graded and all(v["confidence"]["level"] in ("high", "medium", "low") for v in graded)
+    assert {v["confidence"]["id"]["anchor"] for v in graded} == {summary["labeling"]["anchor"]}
     assert cli.main(argv + ["--out", str(tmp_path / "b"), "--allow-implausible"]) == 0
     monkeypatch.undo()
     assert cli.main(argv + ["--out", str(tmp_path / "c")]) == 0
@@ -84,3 +87,60 @@ def test_no_confident_spine_in_noise(tmp_path, kind, capsys):
         assert not [v for v in data["vertebrae"] if v["id"] != 26], data["vertebrae"]
     else:
         assert code == 3 and "implausible result" in capsys.readouterr().err
+
+
+def _merge_two_bodies(ph):
+    """The phantom's GT with two neighbouring lumbar vertebrae (and the disc between them) in one instance."""
+    sem, ins = ph.semantic.array.copy(), ph.instance.array.copy()
+    upper, lower = 21, 22  # L2, L3
+    disc = ins == 100 + upper
+    sem[disc] = 49
+    ins[disc] = upper
+    ins[ins == 200 + lower] = 200 + upper
+    ins[ins == lower] = upper
+    ins[ins == 100 + lower] = 100 + upper
+    return sem, ins
+
+
+def test_an_instance_spanning_two_bodies_is_flagged_and_graded_low():
+    from spineps_like.labeling import label_vertebrae
+    from spineps_like.measure import measure
+    from spineps_like.plausibility import vertebra_confidence
+
+    ph = make_phantom(5, fov="lumbar", spacing=FAST)
+    sp = ph.semantic.spacing
+    complete = {v["id"]: not v["cut"] for v in ph.meta["vertebrae"]}
+    good = measure(ph.semantic.array, ph.instance.array, ph.semantic.affine, complete=complete)
+    assert result_flags(ph.semantic.array, ph.instance.array, sp, complete, measurements=good) == []
+    _, lab = label_vertebrae(ph.instance.array, ph.semantic.array, sp)
+    conf = vertebra_confidence(lab, good)
+    assert set(conf) == set(lab.order)
+    assert all(c["body"]["level"] != "low" for c in conf.values())
+    # anchored by the sacrum; medium where the labelling had to guess (here: the 6th vertebra up is cut, L6 or T12)
+    want = "medium" if lab.ambiguous else "high"
+    assert all(c["id"]["level"] == want and c["id"]["anchor"] == "sacrum" for c in conf.values())
+    assert conf[24]["id"]["levels_from_anchor"] == 1  # L5 sits on the sacrum
+
+    sem, ins = _merge_two_bodies(ph)
+    bad = measure(sem, ins, ph.semantic.affine, complete=complete)
+    flags = result_flags(sem, ins, sp, complete, measurements=bad)
+    assert any("L2: body" in f and "several vertebral bodies" in f for f in flags)
+    _, lab = label_vertebrae(ins, sem, sp)
+    conf = vertebra_confidence(lab, bad)
+    merged = [v for v, c in conf.items() if c["body"]["level"] == "low"]
+    assert len(merged) == 1 and conf[merged[0]]["body"]["height_vs_neighbours"] > 1.9
+    assert conf[merged[0]]["level"] == "low"
+
+
+def test_ids_without_an_anchor_are_low_confidence():
+    from spineps_like.labeling import label_vertebrae
+    from spineps_like.plausibility import vertebra_confidence
+
+    ph = make_phantom(5, fov="lumbar", spacing=FAST)
+    sem = np.where(ph.semantic.array == 26, 0, ph.semantic.array)
+    ins = np.where(ph.instance.array == 26, 0, ph.instance.array)
+    _, lab = label_vertebrae(ins, sem, ph.semantic.spacing)
+    conf = vertebra_confidence(lab, None)
+    assert lab.anchor == "none" and conf
+    assert all(c["id"]["level"] == "low" and c["level"] == "low" for c in conf.values())
+    assert all(c["body"]["why"] == "not measured" for c in conf.values())

@@ -1,0 +1,246 @@
+"""The sacrum on evidence: which sacrum label is the sacrum, and which 'vertebrae' are sacral segments.
+
+Arrays are PIR (axis 0 posterior, axis 1 inferior, axis 2 right); ``spacing`` is mm per array axis. Runs after
+post-processing (semantic and instance masks agree) and before labelling, which anchors the ids on the sacrum when
+one is in view: a wrong sacrum shifts every id, so here the sacrum must show its own evidence.
+
+1. **Which sacrum label is the sacrum.** A component of the sacrum label (26) is kept as sacrum when it lies at the
+   bottom of the column (it reaches below the lowest vertebral body and its centre is not above the second-lowest
+   vertebra's) and is large enough (the largest such component at least ``min_volume_fraction`` x the median
+   corpus volume). A semantic model's stray sacrum blobs (a few hundred mm3 at the top of a cervical crop,
+   crumbs in a lumbar body) fail and are given back to the nearest vertebra within ``reach_mm`` (its instance id and
+   semantic label) or removed from both masks.
+2. **Sacral segments painted as corpus.** The lowest vertebra is a sacral segment (S1, then S2) when the kept sacrum
+   flanks its body on both sides at the body's mid-height (the alae beside S1), or on one side while it has almost
+   no posterior elements of its own (the sacrum's laminae and crest carry label 26). Such a segment, its endplates
+   and the disc below it become sacrum in both masks. L5 is never flanked at its mid-height: the alae begin at the
+   S1 endplate, below the L5/S1 disc.
+
+Everything is decided on the spine's voxels and per-component statistics (:func:`cc3d.statistics`); the one distance
+transform runs on the bounding box of the rejected sacrum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import cc3d
+import numpy as np
+from scipy import ndimage as ndi
+
+from spineps_like.assign import vertebra_ids, vertebra_order
+from spineps_like.geometry import bbox, grow_box
+from spineps_like.instance.centres import check_mask, check_spacing
+from spineps_like.labels import ENDPLATE_OFFSET, IVD_OFFSET, SACRUM_ID, VERTEBRA_LABELS, label_mask
+
+BODY_LABELS: tuple[int, ...] = (49, 52, 53)
+POSTERIOR_LABELS: tuple[int, ...] = (41, 42, 43, 44, 45, 46, 47, 48)
+
+
+@dataclass
+class SacrumReport:
+    """What :func:`confirm_sacrum` decided.
+
+    Attributes
+    ----------
+    confirmed : True when a sacrum with its own evidence is in view (the labelling may anchor on it).
+    volume_mm3 : volume of the kept sacrum (sacral segments included).
+    rejected_mm3 : volume of the sacrum label that was not the sacrum (given to a vertebra or removed).
+    absorbed : instance ids (input numbering) of the 'vertebrae' taken into the sacrum as sacral segments.
+    notes : one line per decision.
+    """
+
+    confirmed: bool = False
+    volume_mm3: float = 0.0
+    rejected_mm3: float = 0.0
+    absorbed: list[int] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _corpus_voxels(vert: np.ndarray, sem: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Corpus voxels per vertebra in ``ids``."""
+    n = int(max(ids.max(initial=0), 1)) + 1
+    corpus = np.bincount(vert[sem == 49], minlength=n)
+    return corpus[ids]
+
+
+def _stray_sacrum(sem: np.ndarray, inst: np.ndarray, cc: np.ndarray, keep: np.ndarray, sp: np.ndarray,
+                  reach_mm: float) -> int:
+    """Give the voxels of the rejected sacrum components (``cc`` ids not in ``keep``) to the nearest vertebra bone
+    voxel within ``reach_mm`` (instance id and semantic label), or clear them in both masks; in place. Returns the
+    voxel count."""
+    rejected = (cc > 0) & ~np.isin(cc, keep)
+    # a disc or endplate named after the sacrum (126 / 226) is no longer one when no sacrum is kept
+    if len(keep) == 0:
+        rejected |= (inst == IVD_OFFSET + SACRUM_ID) | (inst == ENDPLATE_OFFSET + SACRUM_ID)
+    n = int(rejected.sum())
+    if n == 0:
+        return 0
+    margin = int(np.ceil(reach_mm / sp.min())) + 1
+    box = grow_box(bbox(rejected), sem.shape, margin)
+    s, i, r = sem[box], inst[box], rejected[box]
+    bone = label_mask(s, VERTEBRA_LABELS) & (i > 0) & (i < IVD_OFFSET) & (i != SACRUM_ID)
+    if not bone.any():
+        s[r], i[r] = 0, 0
+        return n
+    dist, idx = ndi.distance_transform_edt(~bone, sampling=sp, return_indices=True)
+    near = r & (dist <= reach_mm)
+    src = tuple(a[near] for a in idx)
+    v = i[src]
+    was_endplate = i[near] == ENDPLATE_OFFSET + SACRUM_ID
+    was_disc = i[near] == IVD_OFFSET + SACRUM_ID
+    i[near] = np.where(was_endplate, ENDPLATE_OFFSET + v, np.where(was_disc, IVD_OFFSET + v, v))
+    s[near] = np.where(was_endplate | was_disc, s[near], s[src])
+    far = r & ~near
+    s[far], i[far] = 0, 0
+    return n
+
+
+def _flanking(sacrum: np.ndarray, body: np.ndarray, axis_mm: np.ndarray, sp: np.ndarray) -> tuple[int, int]:
+    """Sacrum voxels left and right of ``body`` at its mid-height (middle half of its extent along the spine axis),
+    within its antero-posterior range."""
+    bc = np.argwhere(body)
+    sc = np.argwhere(sacrum)
+    if len(bc) == 0 or len(sc) == 0:
+        return 0, 0
+    origin = bc.mean(axis=0)
+    qb = ((bc - origin) * sp) @ axis_mm
+    qs = ((sc - origin) * sp) @ axis_mm
+    lo, hi = np.percentile(qb, [25, 75])
+    p_lo, p_hi = bc[:, 0].min(), bc[:, 0].max()
+    level = (qs >= lo) & (qs <= hi) & (sc[:, 0] >= p_lo) & (sc[:, 0] <= p_hi)
+    r_lo, r_hi = bc[:, 2].min(), bc[:, 2].max()
+    return int(np.count_nonzero(level & (sc[:, 2] < r_lo))), int(np.count_nonzero(level & (sc[:, 2] > r_hi)))
+
+
+def _absorb(sem: np.ndarray, inst: np.ndarray, v: int) -> int:
+    """Make vertebra ``v``, its endplates and the disc below it sacrum in both masks (in place); voxel count."""
+    sel = (inst == v) | (inst == ENDPLATE_OFFSET + v) | (inst == IVD_OFFSET + v)
+    sem[sel] = SACRUM_ID
+    inst[sel] = SACRUM_ID
+    return int(sel.sum())
+
+
+def confirm_sacrum(
+    semantic: np.ndarray,
+    instance: np.ndarray,
+    spacing: Sequence[float],
+    *,
+    min_volume_fraction: float = 0.25,
+    reach_mm: float = 5.0,
+    max_segments: int = 2,
+    flank_fraction: float = 0.02,
+    posterior_share: float = 0.1,
+) -> tuple[np.ndarray, np.ndarray, SacrumReport]:
+    """Keep the sacrum label only where it is the sacrum, and take sacral segments painted as corpus into it.
+
+    Parameters
+    ----------
+    semantic, instance : (X, Y, Z) int arrays, PIR, consistent (after :func:`spineps_like.postprocess.postprocess`)
+    spacing : 3 floats, mm
+    min_volume_fraction : the sacrum (its largest component at the bottom of the column) must hold at least this x
+        the median vertebral-body volume.
+    reach_mm : rejected sacrum voxels within this distance of vertebra bone join that vertebra; the rest are cleared.
+    max_segments : at most this many vertebrae at the bottom are taken into the sacrum (S1, S2).
+    flank_fraction : a flank counts when it holds at least this x the body's voxels.
+    posterior_share : a vertebra flanked on one side only is a sacral segment when its posterior elements are below
+        this share of its bone.
+
+    Returns
+    -------
+    semantic, instance, report : new arrays (inputs untouched) and a :class:`SacrumReport`.
+    """
+    sem = check_mask(semantic).copy()
+    inst = check_mask(instance, "instance").copy()
+    if sem.shape != inst.shape:
+        raise ValueError(f"instance mask shape {inst.shape} differs from the semantic mask {sem.shape}")
+    sp = check_spacing(spacing)
+    rep = SacrumReport()
+    vox_mm3 = float(np.prod(sp))
+    sacrum_label = sem == SACRUM_ID
+    if not sacrum_label.any():
+        rep.notes.append("no sacrum label in the mask")
+        return sem, inst, rep
+    cc = cc3d.connected_components(sacrum_label, connectivity=26).astype(np.int32)
+    st = cc3d.statistics(cc)
+    counts = st["voxel_counts"][1:]
+    cen = st["centroids"][1:]
+    vert = vertebra_ids(inst)
+    ids, vcen, axes = vertebra_order(vert, sem, sp)
+    keep = np.zeros(0, np.int64)
+    if len(ids) == 0:
+        keep = np.arange(1, len(counts) + 1)
+        rep.notes.append("sacrum kept: no vertebra to compare it with")
+    else:
+        bodies = _corpus_voxels(vert, sem, ids)
+        ref = float(np.median(bodies[bodies > 0])) if (bodies > 0).any() else 0.0
+        axis = axes[-1] / max(np.linalg.norm(axes[-1]), 1e-9)
+        low = vcen[-1]
+        # how far below the lowest body's centre each sacrum component reaches, along the spine axis (mm)
+        lowest_body = np.argwhere((vert == ids[-1]) & (sem == 49))
+        body_reach = float((((lowest_body - low) * sp) @ axis).max()) if len(lowest_body) else 0.0
+        reach = np.zeros(len(counts))
+        for c in range(len(counts)):  # few components: a pass over each one's own voxels
+            sl = st["bounding_boxes"][c + 1]
+            pts = np.argwhere(cc[sl] == c + 1) + [s.start for s in sl]
+            reach[c] = float((((pts - low) * sp) @ axis).max())
+        q_centre = ((cen - low) * sp) @ axis
+        above_second = np.zeros(len(counts), bool)
+        if len(ids) > 1:
+            above_second = ((cen - vcen[-2]) * sp) @ axis < 0
+        at_bottom = (reach > body_reach) & ~above_second
+        big = counts >= min_volume_fraction * ref
+        if (at_bottom & big).any():
+            keep = np.flatnonzero(at_bottom) + 1
+            rep.notes.append(f"sacrum kept: {counts[at_bottom].sum() * vox_mm3:.0f} mm3 at the bottom of the column "
+                             f"(median vertebral body {ref * vox_mm3:.0f} mm3)")
+        elif at_bottom.any():
+            rep.notes.append(f"sacrum label at the bottom of the column too small to be the sacrum "
+                             f"({counts[at_bottom].max() * vox_mm3:.0f} mm3, under {min_volume_fraction:g} x the "
+                             f"median vertebral body {ref * vox_mm3:.0f} mm3)")
+        away = ~np.isin(np.arange(1, len(counts) + 1), keep)
+        if away.any() and (~at_bottom & away).any():
+            rep.notes.append(f"sacrum label away from the bottom of the column ({int((~at_bottom).sum())} "
+                             f"component(s), {counts[~at_bottom].sum() * vox_mm3:.0f} mm3, centre up to "
+                             f"{-q_centre[~at_bottom].min():.0f} mm above the lowest body): not the sacrum")
+    n_rejected = _stray_sacrum(sem, inst, cc, keep, sp, reach_mm)
+    rep.rejected_mm3 = round(n_rejected * vox_mm3, 1)
+    if n_rejected:
+        rep.notes.append(f"{rep.rejected_mm3:.0f} mm3 of sacrum label given to the nearest vertebra within "
+                         f"{reach_mm:g} mm or removed")
+    rep.confirmed = len(keep) > 0
+    if rep.confirmed and len(ids) > 1:
+        _take_sacral_segments(sem, inst, sp, rep, flank_fraction, posterior_share, max_segments)
+    rep.volume_mm3 = round(float(np.count_nonzero(sem == SACRUM_ID)) * vox_mm3, 1)
+    return sem, inst, rep
+
+
+def _take_sacral_segments(sem: np.ndarray, inst: np.ndarray, sp: np.ndarray, rep: SacrumReport,
+                          flank_fraction: float, posterior_share: float, max_segments: int) -> None:
+    """Take the lowest vertebrae into the sacrum while they look like sacral segments (in place)."""
+    for _ in range(max_segments):
+        vert = vertebra_ids(inst)
+        ids, _, axes = vertebra_order(vert, sem, sp)
+        if len(ids) < 2:  # the last vertebra is never taken: something must stay above the sacrum
+            return
+        v = int(ids[-1])
+        box = bbox((vert == v) | (sem == SACRUM_ID), margin=1)
+        s, i = sem[box], inst[box]
+        own = i == v
+        body = own & (s == 49)
+        if not body.any():
+            return
+        axis = axes[-1] / max(np.linalg.norm(axes[-1]), 1e-9)
+        left, right = _flanking(s == SACRUM_ID, body, axis, sp)
+        n_body = int(body.sum())
+        flanks = (left >= flank_fraction * n_body) + (right >= flank_fraction * n_body)
+        posterior = float(np.count_nonzero(own & label_mask(s, POSTERIOR_LABELS))) / max(int(own.sum()), 1)
+        if flanks == 2 or (flanks == 1 and posterior < posterior_share):
+            n = _absorb(sem, inst, v)
+            rep.absorbed.append(v)
+            rep.notes.append(f"the lowest vertebra (instance {v}) is a sacral segment painted as corpus: the sacrum "
+                             f"flanks its body on {flanks} side(s) at mid-height, posterior elements "
+                             f"{posterior:.0%} of its bone; {n * float(np.prod(sp)):.0f} mm3 taken into the sacrum")
+        else:
+            return
