@@ -34,6 +34,8 @@ ENDPLATE_LIKE: tuple[int, ...] = (52, 53, 62)
 CORPUS_BONE: tuple[int, ...] = (49, 50, 51)
 _IS_CORPUS = np.zeros(256, bool)
 _IS_CORPUS[list(CORPUS_BONE)] = True
+_IS_POSTERIOR = np.zeros(256, bool)
+_IS_POSTERIOR[41:49] = True
 
 
 def map_aliases(semantic: np.ndarray) -> np.ndarray:
@@ -68,7 +70,10 @@ def vertebra_order(vertebrae: np.ndarray, semantic: np.ndarray, spacing: Sequenc
     """Vertebra ids present (sacrum included) in spine order, their corpus centres (voxel coords) and axes.
 
     The centre is that of the vertebra's corpus voxels (semantic 49-51), or of all its voxels when it has no corpus.
-    The sacrum comes last; the others are ordered by centre along axis 1. Axes are unit vectors in mm space.
+    The sacrum comes last; vertebrae with a corpus are ordered by centre along axis 1. A vertebra without one (the
+    spinous tip or facet of a vertebra the field of view cut) is placed by its posterior elements: above the first
+    vertebra whose posterior elements lie below its centre (comparing its corpus-free centre with the others' corpus
+    centres would put a spinous tip hanging over the next body below that body). Axes are unit vectors in mm space.
     """
     sp = check_spacing(spacing)
     v = np.asarray(vertebrae)
@@ -90,12 +95,39 @@ def vertebra_order(vertebrae: np.ndarray, semantic: np.ndarray, spacing: Sequenc
     cen = cen.astype(np.float64, copy=False) / np.maximum(c_cnt, 1)[:, None]
     for i in ids_all[c_cnt[ids_all] == 0]:  # rare: a vertebra without corpus voxels
         cen[i] = [c.sum() / a_cnt[i] for c in np.unravel_index(idx[lab == i], v.shape)]
+    key = cen[:, 1].copy()
+    bodyless = np.flatnonzero(c_cnt == 0)
+    bodyless = bodyless[(a_cnt[bodyless] > 0) & (bodyless != SACRUM_ID)]
+    if len(bodyless) and (c_cnt > 0).any():
+        key = _bodyless_keys(key, bodyless, c_cnt, lab, idx, v.shape, semantic)
     cen = cen[ids_all]
     sac = ids_all == SACRUM_ID
-    order = np.lexsort((cen[:, 1], sac))
+    order = np.lexsort((key[ids_all], sac))
     ids, cen = ids_all[order], cen[order]
     axes = spine_axes(cen * sp)
     return ids.astype(np.int64), cen, axes
+
+
+def _bodyless_keys(key: np.ndarray, bodyless: np.ndarray, c_cnt: np.ndarray, lab: np.ndarray, idx: np.ndarray,
+                   shape: tuple[int, ...], semantic: np.ndarray) -> np.ndarray:
+    """Sort keys (axis 1) for vertebrae without corpus: just above the first vertebra with a corpus whose posterior
+    elements' centre lies below theirs (below every one: after the last)."""
+    rows = np.unravel_index(idx, shape)[1].astype(np.float64)
+    post = np.take(_IS_POSTERIOR, np.asarray(semantic).ravel()[idx], mode="clip")
+    n = len(key)
+    p_cnt = np.bincount(lab[post], minlength=n)
+    p_row = np.bincount(lab[post], weights=rows[post], minlength=n) / np.maximum(p_cnt, 1)
+    a_cnt = np.bincount(lab, minlength=n)
+    a_row = np.bincount(lab, weights=rows, minlength=n) / np.maximum(a_cnt, 1)
+    ref = np.where(p_cnt > 0, p_row, a_row)  # where a vertebra's posterior elements are (all of it without them)
+    with_body = np.flatnonzero(c_cnt > 0)
+    with_body = with_body[with_body != SACRUM_ID]
+    with_body = with_body[np.argsort(key[with_body], kind="stable")]
+    out = key.copy()
+    for b in bodyless:
+        below = with_body[ref[with_body] > ref[b]]
+        out[b] = key[below[0]] - 0.5 if len(below) else key[with_body[-1]] + 0.5 if len(with_body) else ref[b]
+    return out
 
 
 def _previous_ids(ids: np.ndarray) -> np.ndarray:
