@@ -10,10 +10,10 @@ one is in view: a wrong sacrum shifts every id, so here the sacrum must show its
    corpus volume). A semantic model's stray sacrum blobs (a few hundred mm3 at the top of a cervical crop,
    crumbs in a lumbar body) fail and are given back to the nearest vertebra within ``reach_mm`` (its instance id and
    semantic label) or removed from both masks.
-2. **Sacral segments painted as corpus.** The lowest vertebra is a sacral segment (S1, then S2) when the kept sacrum
+2. **Sacral segments painted as corpus.** One of the lowest two vertebrae is a sacral segment when the kept sacrum
    flanks its body on both sides at the body's mid-height (the alae beside S1), or on one side while it has almost
-   no posterior elements of its own (the sacrum's laminae and crest carry label 26). Such a segment, its endplates
-   and the disc below it become sacrum in both masks. L5 is never flanked at its mid-height: the alae begin at the
+   no posterior elements of its own (the sacrum's laminae and crest carry label 26); it and every vertebra below it
+   (S2 under S1, which the alae do not reach) become sacrum in both masks, with their endplates and discs. L5 is never flanked at its mid-height: the alae begin at the
    S1 endplate, below the L5/S1 disc.
 
 Everything is decided on the spine's voxels and per-component statistics (:func:`cc3d.statistics`); the one distance
@@ -218,29 +218,33 @@ def confirm_sacrum(
 
 def _take_sacral_segments(sem: np.ndarray, inst: np.ndarray, sp: np.ndarray, rep: SacrumReport,
                           flank_fraction: float, posterior_share: float, max_segments: int) -> None:
-    """Take the lowest vertebrae into the sacrum while they look like sacral segments (in place)."""
-    for _ in range(max_segments):
-        vert = vertebra_ids(inst)
-        ids, _, axes = vertebra_order(vert, sem, sp)
-        if len(ids) < 2:  # the last vertebra is never taken: something must stay above the sacrum
-            return
-        v = int(ids[-1])
+    """Take the lowest vertebrae into the sacrum when they look like sacral segments (in place): the highest of the
+    lowest ``max_segments`` that does (S1 above a painted S2 that the alae do not flank) and every one below it."""
+    vert = vertebra_ids(inst)
+    ids, _, axes = vertebra_order(vert, sem, sp)
+    sacral_from, why = None, ""
+    for k in range(len(ids) - 1, max(len(ids) - 1 - max_segments, 0), -1):  # never the topmost: it stays above
+        v = int(ids[k])
         box = bbox((vert == v) | (sem == SACRUM_ID), margin=1)
         s, i = sem[box], inst[box]
         own = i == v
         body = own & (s == 49)
         if not body.any():
-            return
-        axis = axes[-1] / max(np.linalg.norm(axes[-1]), 1e-9)
+            continue
+        axis = axes[k] / max(np.linalg.norm(axes[k]), 1e-9)
         left, right = _flanking(s == SACRUM_ID, body, axis, sp)
         n_body = int(body.sum())
-        flanks = (left >= flank_fraction * n_body) + (right >= flank_fraction * n_body)
+        flanks = int(left >= flank_fraction * n_body) + int(right >= flank_fraction * n_body)
         posterior = float(np.count_nonzero(own & label_mask(s, POSTERIOR_LABELS))) / max(int(own.sum()), 1)
         if flanks == 2 or (flanks == 1 and posterior < posterior_share):
-            n = _absorb(sem, inst, v)
-            rep.absorbed.append(v)
-            rep.notes.append(f"the lowest vertebra (instance {v}) is a sacral segment painted as corpus: the sacrum "
-                             f"flanks its body on {flanks} side(s) at mid-height, posterior elements "
-                             f"{posterior:.0%} of its bone; {n * float(np.prod(sp)):.0f} mm3 taken into the sacrum")
-        else:
-            return
+            sacral_from = k
+            why = (f"the sacrum flanks the body of instance {v} on {flanks} side(s) at mid-height, posterior elements "
+                   f"{posterior:.0%} of its bone")
+    if sacral_from is None:
+        return
+    vox_mm3 = float(np.prod(sp))
+    taken = [int(v) for v in ids[sacral_from:]]
+    n = sum(_absorb(sem, inst, v) for v in taken)
+    rep.absorbed.extend(taken)
+    rep.notes.append(f"{len(taken)} lowest vertebra(e) (instances {', '.join(map(str, taken))}) are sacral segments "
+                     f"painted as corpus: {why}; {n * vox_mm3:.0f} mm3 taken into the sacrum")

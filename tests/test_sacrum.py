@@ -84,3 +84,47 @@ def test_inputs_are_not_modified():
     keep_sem, keep_inst = bad_sem.copy(), bad_inst.copy()
     confirm_sacrum(bad_sem, bad_inst, sy.spacing)
     assert np.array_equal(bad_sem, keep_sem) and np.array_equal(bad_inst, keep_inst)
+
+
+def _phantom_ids(semantic: np.ndarray, ph, confirm: bool = True) -> tuple[dict[int, int], object]:
+    """Instance steps + sacrum + labelling on ``semantic`` (the phantom's grid, PIR); {GT vertebra: our id}."""
+    from spineps_like.geometry import reorient
+    from spineps_like.io import Scan
+
+    sp = reorient(ph.semantic, "PIR").spacing
+    vert = geometric_instances(semantic, sp)
+    inst, sem = assign_ivds_endplates(semantic, vert, sp)
+    sem, inst, _ = postprocess(sem, inst, sp)
+    rep = None
+    if confirm:
+        sem, inst, rep = confirm_sacrum(sem, inst, sp)
+    out, _ = label_vertebrae(inst, sem, sp)
+    gt = reorient(Scan(ph.instance.array, ph.instance.affine), "PIR").array
+    pairs = {}
+    for g in [int(v) for v in np.unique(gt) if 0 < v < 26]:
+        ids, n = np.unique(out[(gt == g) & (out > 0) & (out < 100)], return_counts=True)
+        pairs[g] = int(ids[np.argmax(n)]) if len(ids) else 0
+    return pairs, rep
+
+
+def test_sacral_segments_painted_as_corpus_are_taken_into_the_sacrum():
+    """S1 (and S2 under it, with the rudimentary disc between them) painted as corpus, as semantic models do: without
+    this stage they are 'L5' / 'L6' and every id above shifts; with it they are sacrum and the ids are right."""
+    from spineps_like.evaluation.degrade import sacrum_as_corpus
+    from spineps_like.geometry import reorient
+    from spineps_like.phantom import make_phantom
+
+    ph = make_phantom(7, fov="lumbar", spacing=(1.3, 1.3, 3.9))
+    sem = reorient(ph.semantic, "PIR").array
+    ins = reorient(ph.instance, "PIR").array
+    sp = reorient(ph.semantic, "PIR").spacing
+    clean, rep = _phantom_ids(sem, ph)
+    assert rep.absorbed == [] and all(g == v for g, v in clean.items() if v)
+    for segments in (1, 2):
+        painted = sacrum_as_corpus(sem, ins, sp, segments, np.random.default_rng(0))
+        assert (painted == 49).sum() > (sem == 49).sum()
+        pairs, rep = _phantom_ids(painted, ph)
+        assert len(rep.absorbed) == segments, rep.notes
+        assert pairs == clean
+        assert _phantom_ids(painted, ph, confirm=False)[0] != clean
+
