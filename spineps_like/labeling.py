@@ -17,6 +17,10 @@ Numbering (:func:`label_vertebrae`), by the anchors in view:
 - **none**: a top-to-bottom count starting at ``first_id`` (default 2, "C2", as SPINEPS does without its labelling
   model): these ids are a count, not anatomy, and the result says so (``anchor == "none"``).
 
+A body the semantic mask lost (neighbouring corpus centres far further apart than the others,
+:func:`missing_levels`) keeps its place in every count: its id is skipped, the ids beyond it are not shifted, and the
+notes say so. The sacrum passed in is trusted: :func:`spineps_like.sacrum.confirm_sacrum` decides before.
+
 IVD ids (100 + v) and endplate ids (200 + v) follow their vertebra; the disc above the topmost vertebra (100 + an
 id not in view) becomes the IVD of the vertebra before the top one.
 """
@@ -150,6 +154,47 @@ def _features(vmask: np.ndarray, sem_raw: np.ndarray, sem: np.ndarray, ids: np.n
                      body[take], top[take], bottom[take], corpus_border[take])
 
 
+def missing_levels(centres_mm: np.ndarray, has_corpus: np.ndarray, *, ratio: float = 1.75, window: int = 3
+                   ) -> np.ndarray:
+    """How many vertebrae seem missing between each vertebra and the next (spine order): the distance between their
+    corpus centres (mm) over ``ratio`` x the median distance of the neighbouring pairs (``window`` on each side)
+    means ``round(distance / median) - 1`` bodies the masks lost. Pairs with a vertebra without corpus are not
+    judged (its centre is not a body's). Returns an int array of length ``len(centres_mm) - 1``."""
+    c = np.asarray(centres_mm, dtype=float)
+    n = len(c)
+    gaps = np.zeros(max(n - 1, 0), dtype=np.int64)
+    if n < 3:
+        return gaps
+    d = np.linalg.norm(np.diff(c, axis=0), axis=1)
+    judged = has_corpus[:-1] & has_corpus[1:]
+    for k in np.flatnonzero(judged):
+        lo, hi = max(0, k - window), min(n - 1, k + window + 1)
+        others = [j for j in range(lo, hi) if j != k and judged[j]]
+        if len(others) < 2:
+            continue
+        ref = float(np.median(d[others]))
+        if ref > 0 and d[k] > ratio * ref:
+            gaps[k] = max(1, int(round(d[k] / ref)) - 1)
+    return gaps
+
+
+def _with_gaps(f: _Features, gaps: np.ndarray) -> _Features:
+    """``f`` with an empty placeholder (id -1, no corpus, not cut) after each vertebra for each level missing there."""
+    reps = np.ones(len(f.ids), dtype=np.int64)
+    at = np.concatenate([[0], np.cumsum(reps + np.concatenate([gaps, [0]]))])[:-1]  # slot of each real vertebra
+    n_slots = int(len(f.ids) + gaps.sum())
+
+    def spread(a: np.ndarray, fill) -> np.ndarray:
+        out = np.full(n_slots, fill, dtype=a.dtype)
+        out[at] = a
+        return out
+
+    return _Features(spread(f.ids, -1), spread(f.corpus, 0), spread(f.bone, 0), spread(f.costal, 0),
+                     spread(f.costal_span, 0.0), spread(f.dens, 0), spread(f.protrusion_mm, 0.0),
+                     spread(f.body_mm, 0.0), spread(f.top, False), spread(f.bottom, False),
+                     spread(f.corpus_border, False))
+
+
 def _looks_lumbar(f: _Features, k: int, below: np.ndarray, ratio: float = 0.85) -> bool | None:
     """Whether the vertebra at order index ``k`` has lumbar-size costal processes: their left-right span (relative
     to its corpus width) reaches ``ratio`` x the median of the vertebrae at order indices ``below`` (lumbar
@@ -204,6 +249,7 @@ def label_vertebrae(
     use_sacrum: bool = True,
     use_dens: bool = True,
     dens_ratio: float = 0.6,
+    use_gaps: bool = True,
 ) -> tuple[np.ndarray, LabelingResult]:
     """Give the vertebrae anatomical ids (where an anchor is in view) and flag the incomplete ones.
 
@@ -223,6 +269,9 @@ def label_vertebrae(
         Allow the sacrum / C2 anchors.
     dens_ratio : float
         The top vertebra is C2 when its corpus reaches at least this x the median body height above its body.
+    use_gaps : bool
+        Skip the ids of vertebrae that seem missing (:func:`missing_levels`: a body the semantic mask lost), so that
+        the ids beyond the gap stay right.
 
     Returns
     -------
@@ -242,12 +291,20 @@ def label_vertebrae(
     sem = map_aliases(sem_raw)
     res = LabelingResult()
     vert = vertebra_ids(inst)
-    ids, _, _ = vertebra_order(vert, sem, sp)
-    n = len(ids)
-    if n == 0:
+    ids, centres, _ = vertebra_order(vert, sem, sp)
+    if len(ids) == 0:
         res.notes.append("no vertebra in the instance mask")
         return inst.astype(np.int32, copy=True), res
     f = _features(vert, sem_raw, sem, ids, sp)
+    gaps = missing_levels(centres * sp, f.corpus > 0) if use_gaps else np.zeros(max(len(ids) - 1, 0), np.int64)
+    if gaps.any():
+        # a body the masks lost keeps its place in the count: the ids beyond it are not shifted
+        for k in np.flatnonzero(gaps):
+            res.notes.append(f"{int(gaps[k])} vertebra(e) seem missing below the {k + 1}. vertebra from the top "
+                             "(corpus centres far further apart than their neighbours'): their ids are skipped")
+        f = _with_gaps(f, gaps)
+        ids = f.ids
+    n = len(ids)
     sacrum = use_sacrum and bool((sem == SACRUM_ID).any() or (inst == SACRUM_ID).any())
     c2_k, c2_why = _find_c2(f, dens_ratio) if use_dens else (None, "dens anchor disabled")
     new: list[int] | None = None
@@ -344,13 +401,13 @@ def label_vertebrae(
         res.notes.append(f"no anchor in view (no sacrum, no dens): ids count top to bottom from "
                          f"{VERTEBRA_ID_TO_NAME[first_id]}; they are not anatomical")
 
-    mapping = {int(o): int(v) for o, v in zip(ids, new)}
+    mapping = {int(o): int(v) for o, v in zip(ids, new) if o >= 0}
     res.mapping = mapping
-    res.order = [v for v in new if v > 0]
+    res.order = [v for o, v in zip(ids, new) if v > 0 and o >= 0]
     res.names = {v: VERTEBRA_ID_TO_NAME[v] for v in res.order}
     # completeness
     for k, v in enumerate(new):
-        if v == 0:
+        if v == 0 or ids[k] < 0:
             continue
         why = []
         if f.top[k]:
@@ -364,7 +421,7 @@ def label_vertebrae(
         res.truncated_by[v] = why
         res.complete[v] = not why
 
-    out = remap_instance(inst, mapping, ids)
+    out = remap_instance(inst, mapping, ids[ids >= 0])
     return out, res
 
 

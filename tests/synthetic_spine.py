@@ -144,3 +144,30 @@ def make_spine(
         sem[sel] = 49
         ins[sel] = np.where(s[sel] < bot + gap / 2, v0, v1)
     return Synth(sem.reshape(shape), ins.reshape(shape), tuple(float(x) for x in sp), ids)
+
+
+def phantom_ids(semantic: np.ndarray, ph, confirm: bool = True) -> tuple[dict[int, int], object]:
+    """The pipeline's instance steps (geometric vertebrae, ids, post-processing, sacrum, labelling) on ``semantic``
+    (a phantom's semantic mask in PIR, possibly degraded); ({GT vertebra: our id holding most of it}, sacrum report)."""
+    from spineps_like.assign import assign_ivds_endplates
+    from spineps_like.geometry import reorient
+    from spineps_like.instance.geometric import geometric_instances
+    from spineps_like.io import Scan
+    from spineps_like.labeling import label_vertebrae
+    from spineps_like.postprocess import postprocess
+    from spineps_like.sacrum import confirm_sacrum
+
+    sp = reorient(ph.semantic, "PIR").spacing
+    vert = geometric_instances(semantic, sp)
+    inst, sem = assign_ivds_endplates(semantic, vert, sp)
+    sem, inst, _ = postprocess(sem, inst, sp)
+    rep = None
+    if confirm:
+        sem, inst, rep = confirm_sacrum(sem, inst, sp)
+    out, _ = label_vertebrae(inst, sem, sp)
+    gt = reorient(Scan(ph.instance.array, ph.instance.affine), "PIR").array
+    pairs = {}
+    for g in [int(v) for v in np.unique(gt) if 0 < v < 26]:
+        ids, n = np.unique(out[(gt == g) & (out > 0) & (out < 100)], return_counts=True)
+        pairs[g] = int(ids[np.argmax(n)]) if len(ids) else 0
+    return pairs, rep

@@ -212,3 +212,37 @@ def test_ids_stay_in_the_scheme_when_vertebrae_are_left_unnumbered():
     assert res.mapping[top] == 0
     # the disc above the unnumbered topmost vertebra must not take the id of the disc below the new C1
     assert np.all(out[inst == 101] == 0)
+
+
+def test_missing_levels_finds_a_lost_body_and_nothing_else():
+    from spineps_like.labeling import missing_levels
+
+    pitch = np.array([30.0, 31, 32, 33, 35, 36, 38])
+    centres = np.stack([np.zeros(8), np.concatenate([[0], np.cumsum(pitch)]), np.zeros(8)], axis=1)
+    has = np.ones(8, bool)
+    assert missing_levels(centres, has).tolist() == [0] * 7  # heights grow down the spine: no gap
+    lost = np.delete(centres, 4, axis=0)  # one body gone: 33 + 35 mm between its neighbours
+    assert missing_levels(lost, np.ones(7, bool)).tolist() == [0, 0, 0, 1, 0, 0]
+    two = np.delete(centres, [3, 4], axis=0)
+    assert missing_levels(two, np.ones(6, bool)).tolist() == [0, 0, 2, 0, 0]
+    # a vertebra without corpus next to the gap: its centre is not a body's, the pair is not judged
+    no_corpus = np.ones(7, bool)
+    no_corpus[4] = False
+    assert missing_levels(lost, no_corpus)[3] == 0
+
+
+def test_a_lost_corpus_keeps_the_ids_beyond_it():
+    """A semantic mask without one lumbar corpus: the ids above the gap stay anatomical (skipped, not shifted)."""
+    from spineps_like.evaluation.degrade import missing_corpus
+    from spineps_like.geometry import reorient
+    from spineps_like.phantom import make_phantom
+    from synthetic_spine import phantom_ids
+
+    ph = make_phantom(7, fov="lumbar", spacing=(1.3, 1.3, 3.9))
+    sem, ins = reorient(ph.semantic, "PIR").array, reorient(ph.instance, "PIR").array
+    lost = missing_corpus(sem, ins, reorient(ph.semantic, "PIR").spacing, 1, np.random.default_rng(0))
+    gone = sorted(set(np.unique(ins[(sem == 49) & (lost != 49)]).tolist()) & set(range(1, 26)))
+    assert len(gone) == 1
+    pairs, _ = phantom_ids(lost, ph)
+    right = {g: v for g, v in pairs.items() if g != gone[0]}
+    assert right and all(g == v for g, v in right.items()), pairs

@@ -13,7 +13,7 @@ from spineps_like.labeling import label_vertebrae
 from spineps_like.labels import SACRUM_ID
 from spineps_like.postprocess import check_consistency, postprocess
 from spineps_like.sacrum import confirm_sacrum
-from synthetic_spine import make_spine
+from synthetic_spine import make_spine, phantom_ids
 
 
 @lru_cache(maxsize=None)
@@ -86,27 +86,6 @@ def test_inputs_are_not_modified():
     assert np.array_equal(bad_sem, keep_sem) and np.array_equal(bad_inst, keep_inst)
 
 
-def _phantom_ids(semantic: np.ndarray, ph, confirm: bool = True) -> tuple[dict[int, int], object]:
-    """Instance steps + sacrum + labelling on ``semantic`` (the phantom's grid, PIR); {GT vertebra: our id}."""
-    from spineps_like.geometry import reorient
-    from spineps_like.io import Scan
-
-    sp = reorient(ph.semantic, "PIR").spacing
-    vert = geometric_instances(semantic, sp)
-    inst, sem = assign_ivds_endplates(semantic, vert, sp)
-    sem, inst, _ = postprocess(sem, inst, sp)
-    rep = None
-    if confirm:
-        sem, inst, rep = confirm_sacrum(sem, inst, sp)
-    out, _ = label_vertebrae(inst, sem, sp)
-    gt = reorient(Scan(ph.instance.array, ph.instance.affine), "PIR").array
-    pairs = {}
-    for g in [int(v) for v in np.unique(gt) if 0 < v < 26]:
-        ids, n = np.unique(out[(gt == g) & (out > 0) & (out < 100)], return_counts=True)
-        pairs[g] = int(ids[np.argmax(n)]) if len(ids) else 0
-    return pairs, rep
-
-
 def test_sacral_segments_painted_as_corpus_are_taken_into_the_sacrum():
     """S1 (and S2 under it, with the rudimentary disc between them) painted as corpus, as semantic models do: without
     this stage they are 'L5' / 'L6' and every id above shifts; with it they are sacrum and the ids are right."""
@@ -118,13 +97,13 @@ def test_sacral_segments_painted_as_corpus_are_taken_into_the_sacrum():
     sem = reorient(ph.semantic, "PIR").array
     ins = reorient(ph.instance, "PIR").array
     sp = reorient(ph.semantic, "PIR").spacing
-    clean, rep = _phantom_ids(sem, ph)
+    clean, rep = phantom_ids(sem, ph)
     assert rep.absorbed == [] and all(g == v for g, v in clean.items() if v)
     for segments in (1, 2):
         painted = sacrum_as_corpus(sem, ins, sp, segments, np.random.default_rng(0))
         assert (painted == 49).sum() > (sem == 49).sum()
-        pairs, rep = _phantom_ids(painted, ph)
+        pairs, rep = phantom_ids(painted, ph)
         assert len(rep.absorbed) == segments, rep.notes
         assert pairs == clean
-        assert _phantom_ids(painted, ph, confirm=False)[0] != clean
+        assert phantom_ids(painted, ph, confirm=False)[0] != clean
 
