@@ -261,10 +261,11 @@ def _detach_cut_pieces(ins: np.ndarray, s: np.ndarray, sp: np.ndarray, box: tupl
     return cleared
 
 
-def _reconcile_corpora(ins: np.ndarray, s: np.ndarray, crumb_share: float = 0.2) -> int:
+def _reconcile_corpora(ins: np.ndarray, s: np.ndarray, crumb_share: float = 0.2, merged_ratio: float = 1.8) -> int:
     """One vertebra per vertebral body (in place): each connected body (corpus + endplates, IVDs separate bodies) goes
     to the vertebra holding most of it, from every other vertebra that either owns a body of its own or holds only a
-    crumb (< ``crumb_share``) of this one. A vertebra sharing a body without owning one is left alone (a block
+    crumb (< ``crumb_share`` of this body, or of the median body when this one is over ``merged_ratio`` x the
+    median: bodies merged across discs; C2 with its dens is not that large). A vertebra sharing a body without owning one is left alone (a block
     vertebra: two vertebrae in one fused body). Returns the voxels relabelled."""
     body = label_mask(s, (49, 52, 53)) & vertebra_voxels(ins)
     if not body.any():
@@ -279,10 +280,14 @@ def _reconcile_corpora(ins: np.ndarray, s: np.ndarray, crumb_share: float = 0.2)
     first = np.r_[True, comp[order][1:] != comp[order][:-1]]
     owner_of = dict(zip(comp[order][first].tolist(), inst[order][first].tolist()))
     owners = set(owner_of.values())
+    # a crumb is small against one vertebral body: in a body over twice the median (bodies merged across discs and
+    # split again upstream), a share of a median body's size is a vertebra's body, whatever its share of the whole
+    typical = float(np.median(totals[np.unique(comp)]))
+    ref = np.where(totals > merged_ratio * typical, typical, totals)
     moves: dict[tuple[int, int], int] = {}
     for c, v, n in zip(comp.tolist(), inst.tolist(), counts.tolist()):
         w = owner_of[c]
-        if v != w and (v in owners or n < crumb_share * totals[c]):
+        if v != w and (v in owners or n < crumb_share * ref[c]):
             moves[(c, v)] = w
     if not moves:
         return 0

@@ -421,6 +421,7 @@ def corpus_centres(
                 for i in np.flatnonzero(inside):
                     cuts.setdefault(int(i), []).append(float(q[i]))
     ref = reference_height_mm
+    discs = _discs(sem[box] == IVD_LABEL, sp, min_volume_mm3) if use_ivds else None
     if len(p.counts) > 1 or ref:
         centres_mm = p.centres * sp
         pitch_all = np.linalg.norm(np.diff(centres_mm, axis=0), axis=1) if len(p.counts) > 1 else np.zeros(0)
@@ -435,6 +436,11 @@ def corpus_centres(
             pitch = float(np.median(others)) if len(others) else 1.25 * r
             pitch = max(pitch, r)
             gap = pitch - r
+            disc_mm = _disc_next_to(discs, p, i, sp) if discs is not None else None
+            if disc_mm:  # bodies between their neighbours' heights and discs as thick as those at its ends: the
+                # neighbours' pitch may be of smaller vertebrae (T11/T12 above merged lumbar bodies)
+                r = _neighbour_height(p, i) or r
+                gap, pitch = disc_mm, r + disc_mm
             n = max(2, int(round((h + gap) / pitch)))
             step = (p.body_hi[i] - p.body_lo[i]) / n
             cuts[i] = [float(p.body_lo[i] + step * j) for j in range(1, n)]
@@ -464,6 +470,52 @@ def corpus_centres(
         spacing=tuple(float(s) for s in sp),
         repairs=repairs,
     )
+
+
+def _neighbour_height(p: _Pieces, i: int) -> float | None:
+    """Mean body height of the pieces right above and below piece ``i`` (those the field of view does not cut and
+    that are not fragments); None without one. Bodies merged into piece ``i`` lie between the two in size."""
+    ok = ~p.touches_border & (p.counts >= 0.3 * np.median(p.counts))
+    near = [j for j in (i - 1, i + 1) if 0 <= j < len(ok) and ok[j]]
+    return float(np.mean(p.heights[near])) if near else None
+
+
+def _discs(ivd: np.ndarray, sp: np.ndarray, min_volume_mm3: float) -> tuple[np.ndarray, np.ndarray] | None:
+    """Centre (mm, crop frame) and thickness (mm) of each disc in ``ivd`` (a boolean crop): components of at least
+    ``min_volume_mm3`` and a third of the median disc; thickness sqrt(12 x the smallest variance of its voxels' mm
+    coordinates), exact for a uniform slab. None without such a disc."""
+    if not ivd.any():
+        return None
+    cc = cc3d.connected_components(ivd, connectivity=26)
+    st = cc3d.statistics(cc)
+    vol = st["voxel_counts"][1:] * float(np.prod(sp))
+    real = vol >= min_volume_mm3
+    if not real.any():
+        return None
+    real &= vol >= 0.33 * np.median(vol[real])
+    centres, thickness = [], []
+    for c in np.flatnonzero(real) + 1:
+        sl = st["bounding_boxes"][c]
+        pts = (np.argwhere(cc[sl] == c) + [s.start for s in sl]) * sp
+        if len(pts) < 10:
+            continue
+        centres.append(pts.mean(axis=0))
+        thickness.append(float(np.sqrt(12.0 * max(np.linalg.eigvalsh(np.cov(pts.T))[0], 0.0))))
+    return (np.array(centres), np.array(thickness)) if centres else None
+
+
+def _disc_next_to(discs: tuple[np.ndarray, np.ndarray], p: _Pieces, i: int, sp: np.ndarray) -> float | None:
+    """Mean thickness (mm) of the discs nearest to piece ``i``'s two ends along its axis (within 20 mm of an end);
+    the median disc when none is that close; None without discs."""
+    centres, thickness = discs
+    c = p.centres[i] * sp
+    near = []
+    for q in (p.lo[i], p.hi[i]):
+        d = np.linalg.norm(centres - (c + q * p.axes[i]), axis=1)
+        k = int(np.argmin(d))
+        if d[k] <= 20.0:
+            near.append(thickness[k])
+    return float(np.mean(near)) if near else float(np.median(thickness))
 
 
 def _refine_cuts(p: _Pieces, i: int, cuts: list[float], window: float, waist: float = 0.85) -> list[float]:
