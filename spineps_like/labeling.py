@@ -297,7 +297,14 @@ def label_vertebrae(
         return inst.astype(np.int32, copy=True), res
     f = _features(vert, sem_raw, sem, ids, sp)
     gaps = missing_levels(centres * sp, f.corpus > 0) if use_gaps else np.zeros(max(len(ids) - 1, 0), np.int64)
+    if np.count_nonzero(gaps) > 2 or gaps.sum() > 3:
+        # bodies this irregularly spaced are not a column with a lost body or two: a plain count, flagged
+        res.ambiguous = True
+        res.notes.append(f"the bodies are irregularly spaced ({np.count_nonzero(gaps)} gaps of up to "
+                         f"{int(gaps.max())} missing levels): no level skipped, the ids are a plain count")
+        gaps = np.zeros_like(gaps)
     if gaps.any():
+        res.ambiguous = True
         # a body the masks lost keeps its place in the count: the ids beyond it are not shifted
         for k in np.flatnonzero(gaps):
             res.notes.append(f"{int(gaps[k])} vertebra(e) seem missing below the {k + 1}. vertebra from the top "
