@@ -348,3 +348,31 @@ def test_cli_run_killed_midway_resumes_without_loss_or_duplicates(tmp_path, phan
     a, b = (load_scan(p, kind="mask").array for p in (masks[0], masks[3]))  # siteA and siteB copies of one scan
     assert np.array_equal(a, b)
     assert clean_partial_files(out) == []
+
+
+def test_cohort_assume_orientation_reads_headerless_scans_and_notes_it(tmp_path, phantoms, capsys):
+    """A NIfTI with neither qform nor sform fails in a cohort (one line naming --assume-orientation); with
+    --assume-orientation it is read with those axes, and its summary notes what was assumed."""
+    import nibabel as nib
+
+    from spineps_like.cohort.run import main as cohort_cli
+
+    src_img, src_mask = nib.load(str(phantoms["images"][0])), nib.load(str(phantoms["masks"][0]))
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name, src in (("sub-01_T2w.nii.gz", src_img), ("sub-01_msk.nii.gz", src_mask)):
+        img = nib.Nifti1Image(np.asanyarray(src.dataobj), np.diag([*src.header.get_zooms()[:3], 1.0]))
+        img.header.set_qform(None, code=0)
+        img.header.set_sform(None, code=0)
+        nib.save(nib.Nifti1Image(np.asanyarray(src.dataobj), None, img.header.copy()), str(folder / name))
+    rows = [(folder / "sub-01_T2w.nii.gz", folder / "sub-01_msk.nii.gz")]
+    lst = _write_csv(tmp_path / "list.csv", rows)
+    argv = ["run", str(lst), "--instance-method", "geometric", "--no-snapshot", "--quiet"]
+    assert cohort_cli(argv + ["--out", str(tmp_path / "a")]) == 1
+    failed = _rows(tmp_path / "a" / "cohort.sqlite")
+    assert [r["state"] for r in failed.values()] == ["failed"]
+    assert "--assume-orientation" in next(iter(failed.values()))["error"]
+    assert cohort_cli(argv + ["--out", str(tmp_path / "b"), "--assume-orientation", "RAS"]) == 0
+    summary = json.loads(next((tmp_path / "b").rglob("*summary.json")).read_text())
+    assert any("assumed RAS" in n for n in summary["notes"])
+    assert summary.get("vertebrae")

@@ -29,6 +29,8 @@ log = logging.getLogger("spineps_like.cohort")
 #: Keyword arguments of :func:`spineps_like.pipeline.segment` a cohort passes through.
 SEGMENT_SETTINGS = ("semantic_model", "instance_model", "instance_method", "semantic_only", "device", "amp",
                     "mirroring", "step_size", "n4", "restore", "batch_size", "lumbar_count")
+#: Settings of how a scan is read (:func:`spineps_like.io.load_scan`), passed through like the segment settings.
+LOAD_SETTINGS = ("assume_orientation",)
 EXECUTORS = ("local", "ray")
 _IN_FLIGHT = 1  # scans outstanding per worker; each call also names the worker's next scan, which it prefetches
 
@@ -43,13 +45,23 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
 
 
-def load_inputs(task: dict[str, Any]) -> tuple[Any, Any]:
-    """(image, semantic mask or None) of a task, read from disk."""
-    from spineps_like.io import load_scan
+def load_inputs(task: dict[str, Any], assume_orientation: str | None = None) -> tuple[Any, Any, list[str]]:
+    """(image, semantic mask or None, what was assumed) of a task, read from disk (``assume_orientation``: see
+    :func:`spineps_like.io.load_scan`; its warnings become the scan's notes)."""
+    import warnings
 
-    image = load_scan(task["path"])
-    mask = load_scan(task["semantic_mask"], kind="mask") if task.get("semantic_mask") else None
-    return image, mask
+    from spineps_like.io import ScanWarning, load_scan
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ScanWarning)
+        image = load_scan(task["path"], assume_orientation=assume_orientation)
+        mask = (load_scan(task["semantic_mask"], kind="mask", assume_orientation=assume_orientation)
+                if task.get("semantic_mask") else None)
+    notes = [str(w.message) for w in caught if issubclass(w.category, ScanWarning)]
+    for w in caught:
+        if not issubclass(w.category, ScanWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return image, mask, notes
 
 
 class CohortWorker:
@@ -119,7 +131,7 @@ class CohortWorker:
     def prefetch(self, task: dict[str, Any] | None) -> None:
         """Start loading ``task``'s scan in the background."""
         if task is not None and task["key"] not in self._prefetched:
-            self._prefetched[task["key"]] = self._loader.submit(load_inputs, task)
+            self._prefetched[task["key"]] = self._loader.submit(load_inputs, task, self.settings.get("assume_orientation"))
 
     def process(self, task: dict[str, Any], next_task: dict[str, Any] | None = None) -> dict[str, Any]:
         """Segment one scan and write its outputs; never raises for a bad scan (the result says why)."""
@@ -135,7 +147,8 @@ class CohortWorker:
         self.prefetch(next_task)
         try:
             wait0 = time.perf_counter()
-            image, mask = fut.result() if fut is not None else load_inputs(task)
+            image, mask, assumed = (fut.result() if fut is not None
+                                    else load_inputs(task, self.settings.get("assume_orientation")))
             load_wait = time.perf_counter() - wait0
             kwargs = {k: v for k, v in self.settings.items() if k in SEGMENT_SETTINGS and v is not None}
             if mask is not None:
@@ -149,6 +162,7 @@ class CohortWorker:
             else:
                 segment_fn = self.segment_fn
             result = segment_fn(image, **kwargs)
+            result.notes.extend(assumed)
             paths = result.save(task["out_dir"], name_from=task["path"], snapshot=self.snapshot)
             timings = {k: round(v, 4) for k, v in result.timings.items()}
             timings["load_wait"] = round(load_wait, 4)

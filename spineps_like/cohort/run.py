@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from spineps_like.cohort.discover import ScanEntry, discover_scans
-from spineps_like.cohort.executors import EXECUTORS, SEGMENT_SETTINGS, CohortError, make_executor
+from spineps_like.cohort.executors import EXECUTORS, LOAD_SETTINGS, SEGMENT_SETTINGS, CohortError, make_executor
 from spineps_like.cohort.manifest import MANIFEST_NAME, VERIFY_MODES, Manifest, format_summary
 from spineps_like.io import atomic_write_text
 
@@ -95,7 +95,7 @@ class Cohort:
     segment_fn : per-scan function instead of :func:`spineps_like.pipeline.segment` (same signature).
     **segment_settings : keyword arguments of :func:`~spineps_like.pipeline.segment` (semantic_model,
         instance_model, instance_method, semantic_only, device, amp, mirroring, step_size, n4, restore, batch_size,
-        lumbar_count).
+        lumbar_count) and how scans are read (``assume_orientation``, see :func:`spineps_like.io.load_scan`).
     """
 
     def __init__(self, inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir: str | os.PathLike, *,
@@ -103,9 +103,10 @@ class Cohort:
                  gpus_per_worker: float | None = None, max_task_retries: int = 1,
                  modalities: Sequence[str] | None = None, verify: str = "checksum", snapshot: bool = True,
                  segment_fn: Callable | None = None, **segment_settings: Any):
-        unknown = sorted(set(segment_settings) - set(SEGMENT_SETTINGS))
+        known = SEGMENT_SETTINGS + LOAD_SETTINGS
+        unknown = sorted(set(segment_settings) - set(known))
         if unknown:
-            raise ValueError(f"unknown segment setting(s) {', '.join(unknown)}; known: {', '.join(SEGMENT_SETTINGS)}")
+            raise ValueError(f"unknown segment setting(s) {', '.join(unknown)}; known: {', '.join(known)}")
         if executor not in EXECUTORS:
             raise ValueError(f"unknown executor {executor!r}: use one of {', '.join(EXECUTORS)}")
         if verify not in VERIFY_MODES:
@@ -302,6 +303,9 @@ def add_segment_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="instance cutouts per forward pass")
     p.add_argument("--lumbar-count", type=int, default=None, choices=[4, 5, 6])
     p.add_argument("--no-snapshot", action="store_true", help="do not write PNG snapshots")
+    p.add_argument("--assume-orientation", metavar="CODES", default=None,
+                   help="axis codes (e.g. RAS) for NIfTIs whose header has no orientation (no qform, no sform); the "
+                   "header's voxel sizes are kept and each such scan's summary notes what was assumed")
 
 
 def add_cohort_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -352,7 +356,7 @@ def _cohort_main(args: argparse.Namespace) -> int:
         return 1 if summary["counts"]["failed"] else 0
     if args.quiet:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    settings = {k: getattr(args, k) for k in SEGMENT_SETTINGS if getattr(args, k, None) is not None}
+    settings = {k: getattr(args, k) for k in SEGMENT_SETTINGS + LOAD_SETTINGS if getattr(args, k, None) is not None}
     for flag in ("semantic_only", "amp", "n4"):
         if not settings.get(flag):
             settings.pop(flag, None)
