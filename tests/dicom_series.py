@@ -138,7 +138,21 @@ def write_enhanced(path: str | Path, datasets: Sequence[Dataset]) -> Path:
 
 def write_sitk_series(folder: str | Path, array: np.ndarray, affine: np.ndarray, *, modality: str = "CT",
                       intercept: float = -1024.0) -> tuple[list[Path], np.ndarray]:
-    """The same kind of series written by SimpleITK's GDCM ImageIO (int16 stored values, RescaleIntercept)."""
+    """The same kind of series written by SimpleITK's GDCM ImageIO (int16 stored values, RescaleIntercept).
+
+    GDCM's writer switches the process to the C locale and leaves it there (Python's default text encoding becomes
+    ASCII for every later test): the locale is put back afterwards."""
+    import locale
+
+    before = locale.setlocale(locale.LC_ALL)
+    try:
+        return _write_sitk_series(folder, array, affine, modality=modality, intercept=intercept)
+    finally:
+        locale.setlocale(locale.LC_ALL, before)
+
+
+def _write_sitk_series(folder: str | Path, array: np.ndarray, affine: np.ndarray, *, modality: str,
+                       intercept: float) -> tuple[list[Path], np.ndarray]:
     import SimpleITK as sitk
 
     folder = Path(folder)
