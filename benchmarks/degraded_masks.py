@@ -298,14 +298,16 @@ def main(argv=None) -> int:
     if not 1 <= args.n <= len(PHANTOMS):
         ap.error(f"--n must be 1-{len(PHANTOMS)}")
     t0 = time.perf_counter()
+    # the code measured is the code imported now: its commit is read before the run, not after
+    commit = _git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = bool(_git("status", "--porcelain", "--", "spineps_like", "models"))
     rows, severities = run(args)
     import torch
 
     argv_used = list(sys.argv[1:] if argv is None else argv)
     meta = {"date": time.strftime("%Y-%m-%d"), "command": " ".join([".venv/bin/python benchmarks/degraded_masks.py",
                                                                     *argv_used]),
-            "commit": _git("rev-parse", "--short", "HEAD") or "unknown",
-            "dirty": bool(_git("status", "--porcelain", "--", "spineps_like", "models")),
+            "commit": commit, "dirty": dirty,
             "instance_model": args.instance_model, "methods": args.methods, "severities": severities,
             "levels": LEVELS, "seed": args.seed, "torch_threads": torch.get_num_threads(),
             "phantom_set": DEVELOPMENT.describe(), "seconds": time.perf_counter() - t0}
