@@ -210,12 +210,19 @@ def write_dicom_seg(result: Any, out_dir: str | os.PathLike | None = None, *,
                     name_from: str | os.PathLike | None = None) -> dict[str, Path]:
     """Write the DICOM-SEG files of a segmentation of a DICOM input, all or nothing (atomic renames at the end);
     returns {kind: path}. Raises :class:`DicomSegError` when the input was not DICOM."""
+    with ExitStack() as stack:
+        return _stage_segs(stack, result, out_dir, name_from)
+
+
+def _stage_segs(stack: ExitStack, result: Any, out_dir: str | os.PathLike | None,
+                name_from: str | os.PathLike | None) -> dict[str, Path]:
+    """Build the DICOM-SEG datasets and write them to temporary names that ``stack`` renames into place when it
+    closes without an error; returns {kind: final path}."""
     datasets = dicom_seg_datasets(result)
     paths = {k: p for k, p in dicom_seg_paths(result, out_dir, name_from=name_from).items() if k in datasets}
-    with ExitStack() as stack:
-        for k, p in paths.items():
-            tmp = stack.enter_context(atomic_path(p))
-            datasets[k].save_as(str(tmp), enforce_file_format=True)
+    for k, p in paths.items():
+        tmp = stack.enter_context(atomic_path(p))
+        datasets[k].save_as(str(tmp), enforce_file_format=True)
     return paths
 
 
@@ -223,12 +230,8 @@ def save_with_dicom_seg(result: Any, out_dir: str | os.PathLike | None = None, *
                         name_from: str | os.PathLike | None = None, **save_kwargs: Any) -> dict[str, Path]:
     """``result.save(...)`` and the DICOM-SEG files, all or nothing: the SEGs are built first (an error there writes
     nothing), then every file is renamed into place together."""
-    datasets = dicom_seg_datasets(result)
-    paths = {k: p for k, p in dicom_seg_paths(result, out_dir, name_from=name_from).items() if k in datasets}
     with ExitStack() as stack:
-        for k, p in paths.items():
-            tmp = stack.enter_context(atomic_path(p))
-            datasets[k].save_as(str(tmp), enforce_file_format=True)
+        paths = _stage_segs(stack, result, out_dir, name_from)
         saved = result.save(out_dir, name_from=name_from, **save_kwargs)
     return {**saved, **paths}
 

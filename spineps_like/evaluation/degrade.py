@@ -167,11 +167,9 @@ def merge_bodies(semantic: np.ndarray, instance: np.ndarray, spacing: Sequence[f
     return out
 
 
-def bleed_into_disc(semantic: np.ndarray, instance: np.ndarray, spacing: Sequence[float], severity: float,
-                    rng: np.random.Generator) -> np.ndarray:
-    """The corpus grows ``severity`` mm into the discs: every disc voxel within that distance of a body voxel
-    (49/52/53) becomes corpus."""
-    semantic, instance, spacing = _check(semantic, instance, spacing, severity)
+def _grow_bodies(semantic: np.ndarray, spacing: Sequence[float], severity: float, into: tuple[int, ...]) -> np.ndarray:
+    """A copy of ``semantic`` where voxels labelled one of ``into`` within ``severity`` mm of a vertebral body voxel
+    (49/52/53) become corpus."""
     out = semantic.copy()
     body = np.isin(semantic, BODY_LABELS)
     box = _crop(body, spacing, severity)
@@ -179,8 +177,16 @@ def bleed_into_disc(semantic: np.ndarray, instance: np.ndarray, spacing: Sequenc
         return out
     dist = _edt_mm(~body[box], spacing)
     sub = out[box]
-    sub[(sub == IVD) & (dist <= severity)] = CORPUS
+    sub[np.isin(sub, into) & (dist <= severity)] = CORPUS
     return out
+
+
+def bleed_into_disc(semantic: np.ndarray, instance: np.ndarray, spacing: Sequence[float], severity: float,
+                    rng: np.random.Generator) -> np.ndarray:
+    """The corpus grows ``severity`` mm into the discs: every disc voxel within that distance of a body voxel
+    (49/52/53) becomes corpus."""
+    semantic, instance, spacing = _check(semantic, instance, spacing, severity)
+    return _grow_bodies(semantic, spacing, severity, into=(IVD,))
 
 
 def missing_corpus(semantic: np.ndarray, instance: np.ndarray, spacing: Sequence[float], severity: float,
@@ -232,15 +238,7 @@ def dilate_corpus(semantic: np.ndarray, instance: np.ndarray, spacing: Sequence[
     """Every vertebral body grows by ``severity`` mm: background and disc voxels within that distance of a body voxel
     (49/52/53) become corpus (canal, cord, posterior elements and sacrum keep their labels)."""
     semantic, instance, spacing = _check(semantic, instance, spacing, severity)
-    out = semantic.copy()
-    body = np.isin(semantic, BODY_LABELS)
-    box = _crop(body, spacing, severity)
-    if severity == 0 or box is None:
-        return out
-    dist = _edt_mm(~body[box], spacing)
-    sub = out[box]
-    sub[((sub == 0) | (sub == IVD)) & (dist <= severity)] = CORPUS
-    return out
+    return _grow_bodies(semantic, spacing, severity, into=(0, IVD))
 
 
 def false_blobs(semantic: np.ndarray, instance: np.ndarray, spacing: Sequence[float], severity: float,
