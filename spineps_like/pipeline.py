@@ -123,11 +123,13 @@ class SegmentResult:
                 save_scan(self.instance, tmp["instance"], dtype=np.uint16 if self.instance.array.max() > 255
                           else np.uint8)
                 write_centroids_json(tmp["centroids"], self.instance.array, self.instance.affine)
-            if snapshot:
+            summary = self.summary()
+            if snapshot:  # the QC picture: names and the summary's flags drawn on the sagittal and coronal planes
                 from spineps_like.snapshot import save_snapshot
 
-                save_snapshot(tmp["snapshot"], self.image, self.semantic, self.instance, title=src.name)
-            atomic_write_json(tmp["summary"], self.summary())
+                save_snapshot(tmp["snapshot"], self.image, self.semantic, self.instance, title=src.name,
+                              summary=summary)
+            atomic_write_json(tmp["summary"], summary)
             if self.measurements is not None:
                 from spineps_like.measure.spine import measurements_table, table_csv
 
