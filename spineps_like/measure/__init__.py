@@ -1,5 +1,5 @@
-"""Spine measurements from the masks (issue 29, first slice): vertebral body heights and Genant grade, discs,
-listhesis and the canal's antero-posterior diameter.
+"""Spine measurements from the masks (issue 29): vertebral body heights and Genant grade, discs, listhesis and the
+canal's antero-posterior diameter.
 
 Everything is a pure function of the semantic and instance masks plus their geometry (voxel size or affine) and is
 measured in world millimetres, so the numbers do not depend on the array's orientation. See
