@@ -226,3 +226,21 @@ def test_a_saved_checkpoint_continues_in_a_fresh_work_folder(tmp_path):
     assert "Epoch 2" in log and "Epoch 0" not in log  # continued, not restarted
     assert "3 (3 epochs x 1)" in (out / "TRAINING.md").read_text()
 
+
+
+def test_noise_max_default_keeps_the_draw_and_a_higher_bound_adds_low_snr_draws(lumbar):
+    """``noise_max`` at its default paints exactly the image of a call without it; a higher bound puts about half
+    of the drawn noise levels between the default and the bound (STIR x1.5), never above it."""
+    from spineps_like.phantom.appearance import NOISE_MAX, _noise_share
+
+    tissue = lumbar.tissue.array
+    a, _ = synthesize(tissue, np.random.default_rng(5), family="t2w")
+    b, _ = synthesize(tissue, np.random.default_rng(5), family="t2w", noise_max=NOISE_MAX)
+    np.testing.assert_array_equal(a, b)
+    rng = np.random.default_rng(0)
+    default = np.array([_noise_share(rng, NOISE_MAX, 1.0) for _ in range(400)])
+    assert default.max() <= NOISE_MAX and default.mean() == pytest.approx(NOISE_MAX / 2, rel=0.15)
+    high = np.array([_noise_share(rng, 0.2, 1.0) for _ in range(400)])
+    assert high.max() <= 0.2 and 0.4 < float(np.mean(high > NOISE_MAX)) < 0.6
+    stir = np.array([_noise_share(rng, 0.2, 1.5) for _ in range(400)])
+    assert stir.max() <= 0.3 and stir.max() > 0.2

@@ -37,6 +37,9 @@ FAMILIES: tuple[str, ...] = ("t1w", "t2w", "stir", "pd", "ct", "random")
 #: Draw weights of :func:`draw_family` (MRI of any contrast first, CT a fifth, SynthSeg's uniform draw a quarter).
 FAMILY_WEIGHTS: dict[str, float] = {"t1w": 0.15, "t2w": 0.2, "stir": 0.12, "pd": 0.08, "ct": 0.2, "random": 0.25}
 
+#: Default upper bound of the MRI noise sigma, a share of the image's 99th percentile (STIR x1.5).
+NOISE_MAX = 0.08
+
 _MARROW = ("marrow", "post_marrow", "sacrum_marrow", "other_marrow")
 _CORTEX = ("cortex", "endplate", "post_cortex", "sacrum_cortex", "other_cortex")
 
@@ -226,6 +229,13 @@ def rician(img: np.ndarray, rng: np.random.Generator, sigma: float) -> np.ndarra
 _NEGATIVE_FILL = ("muscle", "fat", "viscera", "air")
 
 
+def _noise_share(rng: np.random.Generator, noise_max: float, factor: float) -> float:
+    """MRI noise sigma over the 99th percentile (see :func:`synthesize`'s ``noise_max``)."""
+    if noise_max <= NOISE_MAX or rng.random() < 0.5:
+        return float(rng.uniform(0.0, factor * min(noise_max, NOISE_MAX)))
+    return float(rng.uniform(factor * NOISE_MAX, factor * noise_max))
+
+
 def without_spine(tissue: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A negative sample: the tissue map with no spine in it (for training a model not to find one where there is
     none). Half of the draws replace every spine tissue (:data:`~spineps_like.phantom.TISSUES` before the body's)
@@ -244,7 +254,7 @@ def without_spine(tissue: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def synthesize(tissue: np.ndarray, rng: np.random.Generator, *, family: str | None = None,
                spacing: tuple[float, ...] = (3.0, 1.2, 1.2), slice_axis: int = 0,
-               normalize: bool = True) -> tuple[np.ndarray, dict]:
+               normalize: bool = True, noise_max: float = NOISE_MAX) -> tuple[np.ndarray, dict]:
     """An image painted from the tissue map ``tissue`` (ids of :data:`~spineps_like.phantom.TISSUES`, 0 = padding).
 
     Parameters
@@ -258,6 +268,9 @@ def synthesize(tissue: np.ndarray, rng: np.random.Generator, *, family: str | No
     spacing : voxel size in mm per axis (sets the scale of texture and bias fields).
     slice_axis : the axis across sagittal slices (thick-slice blur, never the ghosting axis).
     normalize : z-score the image over the non-padding voxels (nnU-Net's ``ZScoreNormalization``), padding 0.
+    noise_max : MRI noise sigma as a share of the 99th percentile, upper bound (STIR x1.5). At the default
+        (:data:`NOISE_MAX`) sigma is uniform below it; above it, half of the draws are uniform below the default and
+        half between the default and ``noise_max`` (low-SNR scans: fat-suppressed, fast, small coils).
 
     Returns
     -------
@@ -297,7 +310,7 @@ def synthesize(tissue: np.ndarray, rng: np.random.Generator, *, family: str | No
         img *= bias_field(img.shape, rng, spacing, strength=strength, coil_axis=coil)
         if rng.random() < 0.2:
             img = ghost(img, rng, int(rng.choice(inplane)))
-        sigma = float(rng.uniform(0.0, 0.12 if family == "stir" else 0.08)) * float(np.percentile(img, 99) + 1e-6)
+        sigma = _noise_share(rng, noise_max, 1.5 if family == "stir" else 1.0) * float(np.percentile(img, 99) + 1e-6)
         img = rician(img, rng, sigma)
         top = float(img.max()) + 1e-6
         gamma = float(np.exp(rng.normal(0.0, 0.35)))

@@ -342,6 +342,8 @@ def trainer_class():
         synthesis_seed = 0
         #: share of painted patches that are negatives: no spine in the image, none in the labels
         synthesis_negatives = 0.0
+        #: upper bound of the painted MRI noise (None: synthesize's default)
+        synthesis_noise_max = None
 
         def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                      device: torch.device = torch.device("cpu")):
@@ -393,7 +395,8 @@ def trainer_class():
 
             synth = synthesis_transform_class()(seed=[self.synthesis_seed, stream, self.current_epoch],
                                                 spacing=self.configuration_manager.spacing,
-                                                negatives=self.synthesis_negatives)
+                                                negatives=self.synthesis_negatives,
+                                                noise_max=self.synthesis_noise_max)
             return ComposeTransforms([synth, *transforms.transforms])
 
         def get_training_transforms(self, *args, **kwargs):
@@ -410,13 +413,14 @@ def train(dataset_name: str, *, iterations: int, iterations_per_epoch: int = 50,
           fold: int | str = 0, device: str = "cpu", resume: bool = False, optimizer: str = "sgd",
           learning_rate: float | None = None, oversample_foreground: float = 0.33, synthetic_appearance: bool = False,
           synthesis_seed: int = 0, init_weights: str | os.PathLike | None = None, export_only: bool = False,
-          negatives: float = 0.0):
+          negatives: float = 0.0, noise_max: float | None = None):
     """Train fold ``fold`` of the preprocessed dataset; returns the trainer (its output_folder holds the checkpoints).
 
     ``export_only``: load the fold's checkpoint_latest.pth and return without training (to export a run that was
     stopped, or a checkpoint of a run still going).
     ``synthetic_appearance``: the dataset's images are tissue maps, painted anew for every patch; ``negatives`` of
-    those patches lose their spine (image and labels: :func:`spineps_like.phantom.appearance.without_spine`).
+    those patches lose their spine (image and labels: :func:`spineps_like.phantom.appearance.without_spine`);
+    ``noise_max`` bounds their MRI noise (None: the painter's default).
     ``init_weights``: a checkpoint (or model folder) whose network weights start a fresh run (fine-tuning); the
     architecture and labels must be the same. Ignored when resuming.
     """
@@ -434,6 +438,7 @@ def train(dataset_name: str, *, iterations: int, iterations_per_epoch: int = 50,
     cls.optimizer_name, cls.learning_rate, cls.oversample_foreground = optimizer, learning_rate, oversample_foreground
     cls.synthetic_appearance, cls.synthesis_seed = bool(synthetic_appearance), int(synthesis_seed)
     cls.synthesis_negatives = float(negatives)
+    cls.synthesis_noise_max = None if noise_max is None else float(noise_max)
     labels = [label_value(n) for n in dataset_json["labels"] if n not in ("background", "ignore")]
     cls.mirror_axes = label_safe_mirror_axes("PIR", plans["transpose_forward"], labels)
     out_fold = fold_dir(dataset_name, fold)
@@ -662,6 +667,8 @@ class SemanticTrainingRun:
     negatives: float = 0.0
     #: anatomical variants the phantom draw picks from
     variants: tuple[str, ...] = VARIANTS
+    #: synth only: upper bound of the painted MRI noise (None: the painter's default); not part of the data key
+    noise_max: float | None = None
 
     def data_key(self) -> str:
         d = {k: v for k, v in asdict(self).items()
@@ -706,6 +713,7 @@ def _training_md(run: SemanticTrainingRun, argv: Sequence[str], specs: list[Case
             " (every patch painted anew from its tissue map: contrast family drawn from "
             f"{_family_weights()}, random tissue intensities, blur, bias, ghosting, noise, gamma, clipping; "
             f"spineps_like.phantom.appearance); negatives (spine removed from image and labels): {run.negatives:g}"
+            + (f"; MRI noise up to {run.noise_max:g} of the 99th percentile" if run.noise_max is not None else "")
             if run.appearance == "synth" else " (the phantoms' own images)")),
         f"- initialised from: {run.init_from or 'random weights'}",
         f"- model grid: PIR, resolution_range {run.resolution_range}; nnU-Net spacing (P, I, R) {list(run.target_spacing)}",
@@ -841,7 +849,8 @@ def run_training(run: SemanticTrainingRun, argv: Sequence[str] = (), *, resume: 
                     val_iterations=run.val_iterations, fold=fold, resume=resume, optimizer=run.optimizer,
                     learning_rate=run.learning_rate, oversample_foreground=run.oversample_foreground,
                     synthetic_appearance=run.appearance == "synth", synthesis_seed=run.seed,
-                    init_weights=run.init_from, export_only=export_only, negatives=run.negatives)
+                    init_weights=run.init_from, export_only=export_only, negatives=run.negatives,
+                    noise_max=run.noise_max)
     seconds = time.perf_counter() - t0
     results_dir = Path(trainer.output_folder_base)
     config = inference_config(dataset_json, name=run.name or Path(run.out).name, fold=fold,
@@ -904,6 +913,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=[v for v in PHANTOM_VARIANTS if v],
                    help="anatomical variants the phantom draw picks from (default: generator 1.0's, so that older "
                    "commands draw the same phantoms; add e.g. listhesis)")
+    p.add_argument("--noise-max", type=float, default=None, help="synth only: upper bound of the painted MRI noise "
+                   "as a share of the 99th percentile (default 0.08; above it half the draws lie between 0.08 and "
+                   "this: low-SNR scans)")
     p.add_argument("--init-from", default=None, help="model folder, name or checkpoint to start from (fine-tuning)")
     p.add_argument("--name", default=None, help="model name (default: the --out folder name)")
     return p
@@ -914,6 +926,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     if not 0.0 <= a.negatives < 1.0 or (a.negatives and a.appearance != "synth"):
         raise SystemExit("error: --negatives must lie in [0, 1) and needs --appearance synth")
+    if a.noise_max is not None and (not 0.0 < a.noise_max <= 1.0 or a.appearance != "synth"):
+        raise SystemExit("error: --noise-max must lie in (0, 1] and needs --appearance synth")
     if a.n_train < 1 or a.iterations < 1:
         raise SystemExit("error: --n-train and --iterations must be >= 1")
     name = a.name or a.out.name
@@ -925,7 +939,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         base_features=a.features[0], max_features=a.features[1], fold=str(a.fold), da_processes=a.da_processes,
         threads=a.threads, name="".join(c if c.isalnum() else "_" for c in name), optimizer=a.optimizer,
         learning_rate=a.lr, oversample_foreground=a.oversample_foreground, appearance=a.appearance,
-        init_from=a.init_from, negatives=a.negatives, variants=tuple(a.variants),
+        init_from=a.init_from, negatives=a.negatives, variants=tuple(a.variants), noise_max=a.noise_max,
     )
     try:
         out = run_training(run, argv, resume=a.resume, export_only=a.export_only, resume_from=a.resume_from,

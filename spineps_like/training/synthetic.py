@@ -54,18 +54,21 @@ def synthesis_transform_class():
         """Replace channel 0 (a tissue map) by an image synthesised from it; labels are untouched, except in a
         negative sample (probability ``negatives``), whose spine is removed from the map and from the labels.
 
-        ``spacing`` is the patch's voxel size in nnU-Net's axis order; ``jitter`` a random scale and shift of the
+        ``noise_max``: upper bound of the MRI noise (:func:`~spineps_like.phantom.appearance.synthesize`), None for
+        its default. ``spacing`` is the patch's voxel size in nnU-Net's axis order; ``jitter`` a random scale and shift of the
         z-scored result (a patch's statistics are not the whole scan's, which inference normalises over).
         """
 
         def __init__(self, seed, spacing: Sequence[float], families: dict[str, float] | None = None,
-                     jitter: tuple[float, float] = (0.25, 0.3), negatives: float = 0.0):
+                     jitter: tuple[float, float] = (0.25, 0.3), negatives: float = 0.0,
+                     noise_max: float | None = None):
             super().__init__()
             self.rng = np.random.default_rng(seed)
             self.spacing = tuple(float(s) for s in spacing)
             self.families = families
             self.jitter = jitter
             self.negatives = float(negatives)
+            self.noise_max = noise_max
 
         def get_parameters(self, **data_dict) -> dict:
             return {"negative": self.negatives > 0 and self.rng.random() < self.negatives}
@@ -84,8 +87,9 @@ def synthesis_transform_class():
                 tissue = without_spine(tissue, self.rng)
             spacing = self.spacing[-tissue.ndim:]
             family = draw_family(self.rng, self.families)
+            extra = {} if self.noise_max is None else {"noise_max": float(self.noise_max)}
             out, _ = synthesize(tissue, self.rng, family=family, spacing=spacing,
-                                slice_axis=SLICE_AXIS if tissue.ndim == 3 else -1)
+                                slice_axis=SLICE_AXIS if tissue.ndim == 3 else -1, **extra)
             scale = float(np.exp(self.rng.uniform(-self.jitter[0], self.jitter[0])))
             out = out * scale + float(self.rng.uniform(-self.jitter[1], self.jitter[1]))
             res = img.clone()
