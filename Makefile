@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test clean
+.PHONY: install browser demo test clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,16 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip uninstall -q -y torchvision || true
 	touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP) browser
+
+# Debian's chromium for the cohort report's browser test (tests/test_cohort_report.py); as root with apt-get only,
+# elsewhere a note (the test is skipped without it, and fails under CI=true)
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium; \
+	  else echo "chromium not found: install it (apt-get install chromium) for the cohort report's browser test"; fi; }
 
 demo: install
 	$(VENV)/bin/spineps-like demo --out demo_output

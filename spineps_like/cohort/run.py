@@ -91,7 +91,8 @@ class Cohort:
     max_task_retries : retries of a scan whose worker process died.
     modalities : keep only scans with these BIDS suffixes (e.g. ``['T2w']``).
     verify : how done scans are checked on resume: 'checksum' (sha256), 'size' or 'none'.
-    snapshot : write PNG snapshots.
+    snapshot : write PNG snapshots (the per-scan QC pictures).
+    report : write the cohort's HTML report (``out_dir/cohort_report.html``) at the end of each run.
     segment_fn : per-scan function instead of :func:`spineps_like.pipeline.segment` (same signature).
     **segment_settings : keyword arguments of :func:`~spineps_like.pipeline.segment` (semantic_model,
         instance_model, instance_method, semantic_only, device, amp, mirroring, step_size, n4, restore, batch_size,
@@ -102,7 +103,7 @@ class Cohort:
                  workers: int = 1, executor: str = "local", address: str | None = None, threads: int | None = None,
                  gpus_per_worker: float | None = None, max_task_retries: int = 1,
                  modalities: Sequence[str] | None = None, verify: str = "checksum", snapshot: bool = True,
-                 segment_fn: Callable | None = None, **segment_settings: Any):
+                 segment_fn: Callable | None = None, report: bool = True, **segment_settings: Any):
         known = SEGMENT_SETTINGS + LOAD_SETTINGS
         unknown = sorted(set(segment_settings) - set(known))
         if unknown:
@@ -124,6 +125,7 @@ class Cohort:
         self.modalities = modalities
         self.verify = verify
         self.snapshot = snapshot
+        self.report = report
         self.segment_fn = segment_fn
         self.settings = dict(segment_settings)
 
@@ -195,7 +197,20 @@ class Cohort:
                 manifest.finish_run(run_id, done=stats["done"], failed=stats["failed"], status=status)
             summary = manifest.summary()
         summary["run"] = stats
+        if self.report:
+            summary["report"] = self._write_report()
         return summary
+
+    def _write_report(self) -> str | None:
+        """The cohort's HTML report (:mod:`spineps_like.cohort.report`); a report that cannot be written is a
+        warning, never a failed run."""
+        from spineps_like.cohort.report import write_report
+
+        try:
+            return str(write_report(self.out_dir))
+        except Exception as e:  # noqa: BLE001 - the scans are done and recorded whatever happens here
+            log.warning("%s: the cohort report could not be written: %s", self.out_dir, " ".join(str(e).split()))
+            return None
 
     def preflight(self, entries: Sequence[ScanEntry] = ()) -> None:
         """Before any worker starts: the output folder can be written, an existing manifest is one, the device is
@@ -309,9 +324,9 @@ def add_segment_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_cohort_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``cohort run`` and ``cohort status`` on the CLI's subparsers."""
-    co = sub.add_parser("cohort", help="process a cohort with a resumable manifest (run | status)")
-    csub = co.add_subparsers(dest="cohort_command", metavar="run|status", required=True)
+    """Register ``cohort run``, ``cohort status`` and ``cohort report`` on the CLI's subparsers."""
+    co = sub.add_parser("cohort", help="process a cohort with a resumable manifest (run | status | report)")
+    csub = co.add_subparsers(dest="cohort_command", metavar="run|status|report", required=True)
     r = csub.add_parser("run", help="segment every scan of a folder, BIDS dataset, glob or CSV list")
     r.add_argument("inputs", nargs="+", help="folder, BIDS dataset, glob ('data/**/*_T2w.nii.gz'), CSV/TSV list "
                                              "(column path, optional semantic_mask) or scan files")
@@ -333,12 +348,19 @@ def add_cohort_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
     s.add_argument("out", type=Path)
     s.add_argument("--max-failures", type=int, default=20, help="failures to list")
     s.set_defaults(func=cohort_main)
+    rp = csub.add_parser("report", help="write the cohort's static HTML report (counts, one row per scan with its "
+                         "QC picture, flags and errors, per-level volume plots with outliers); works offline")
+    rp.add_argument("out", type=Path, help="cohort output folder (holding cohort.sqlite)")
+    rp.add_argument("--output", type=Path, default=None,
+                    help="HTML file to write (default OUT/cohort_report.html; thumbnails link relative to it)")
+    rp.set_defaults(func=cohort_main)
     co.set_defaults(func=cohort_main)
     return co
 
 
 def cohort_main(args: argparse.Namespace) -> int:
-    """``spineps-like cohort run|status``: exit code 0 when no scan failed, 1 otherwise."""
+    """``spineps-like cohort run|status|report``: exit code 0 when no scan failed (report: when written), 1
+    otherwise."""
     try:
         return _cohort_main(args)
     except CohortError as e:
@@ -354,6 +376,11 @@ def _cohort_main(args: argparse.Namespace) -> int:
         summary = open_manifest_summary(path, max_failures=args.max_failures)
         print(format_summary(summary))
         return 1 if summary["counts"]["failed"] else 0
+    if args.cohort_command == "report":
+        from spineps_like.cohort.report import write_report
+
+        print(write_report(args.out, args.output))
+        return 0
     if args.quiet:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     settings = {k: getattr(args, k) for k in SEGMENT_SETTINGS + LOAD_SETTINGS if getattr(args, k, None) is not None}
@@ -370,6 +397,8 @@ def _cohort_main(args: argparse.Namespace) -> int:
           + (f", {run['skipped_failed']} failed before (not retried; --retry-failed)" if run["skipped_failed"] else "")
           + (f", {run.get('scans_per_min', 0):.2f} scans/min" if run["todo"] else ""))
     print(format_summary(summary))
+    if summary.get("report"):
+        print(f"report: {summary['report']}")
     return 1 if summary["counts"]["failed"] else 0
 
 
