@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from spineps_like import __version__
@@ -23,6 +24,23 @@ SERIES_HELP = ("for a folder holding several DICOM series: the one to read, by S
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
     text = " ".join(str(message).split())
     print(f"spineps-like: warning: {text}", file=sys.stderr if file is None else file)
+
+
+class PhaseLog:
+    """Progress of one scan on a terminal: one stderr line per phase as it starts, with the seconds since the
+    start; silent when stderr is not a TTY (a log file, a pipe, a cohort worker) or with ``--quiet``."""
+
+    def __init__(self, name: str, *, quiet: bool = False, stream=None):
+        self.stream = stream if stream is not None else sys.stderr
+        self.name = name
+        isatty = getattr(self.stream, "isatty", None)
+        self.enabled = not quiet and bool(isatty and isatty())
+        self._t0 = time.perf_counter()
+
+    def __call__(self, phase: str) -> None:
+        if self.enabled:
+            print(f"spineps-like: {self.name}: {phase} ({time.perf_counter() - self._t0:.1f} s)", file=self.stream,
+                  flush=True)
 
 
 def _cmd_phantom(args: argparse.Namespace) -> int:
@@ -64,6 +82,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     from spineps_like.io import derivatives_dir, load_scan
     from spineps_like.pipeline import segment
 
+    progress = PhaseLog(Path(args.scan).name, quiet=args.quiet)
+    progress("loading")
     # bad input, an output folder that cannot be written, a model folder that does not load and a missing device
     # all fail here, in about a second, before any phase runs or any file is written
     scan = load_scan(args.scan, assume_orientation=args.assume_orientation, series=args.series)
@@ -77,17 +97,22 @@ def _cmd_segment(args: argparse.Namespace) -> int:
               semantic_model=args.semantic_model, instance_model=args.instance_model,
               need_semantic=args.semantic_mask is None,
               need_instance=not args.semantic_only and args.instance_method == "network", device=args.device)
+    def phases(phase: str) -> None:  # the scan is loaded above: segment's own "loading" is instant
+        if phase != "loading":
+            progress(phase)
+
     result = segment(scan, semantic_model=args.semantic_model, instance_model=args.instance_model,
                      instance_method=args.instance_method, semantic_mask=args.semantic_mask,
                      semantic_only=args.semantic_only, device=args.device, amp=args.amp, mirroring=args.mirroring,
                      step_size=args.step_size, n4=args.n4, restore=args.restore, batch_size=args.batch_size,
-                     lumbar_count=args.lumbar_count)
+                     lumbar_count=args.lumbar_count, progress=phases)
     name_from = None
     if scan.source is not None:  # a DICOM series: outputs named after its folder (and the series, if it has several)
         from spineps_like.dicom import output_name
 
         name_from = output_name(scan)
         result.notes.append(f"input: DICOM {scan.source.series.describe()}")
+    progress("writing")
     if args.dicom_seg:
         from spineps_like.dicom_seg import save_with_dicom_seg
 
@@ -263,7 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--lumbar-count", type=int, default=None, choices=[4, 5, 6],
                     help="expected lumbar vertebrae when known (transitional anatomy)")
     sg.add_argument("--no-snapshot", action="store_true")
-    sg.add_argument("-q", "--quiet", action="store_true")
+    sg.add_argument("-q", "--quiet", action="store_true",
+                    help="print nothing but warnings and errors: no output list, no progress lines (progress goes "
+                         "to stderr, one line per phase, only when stderr is a terminal)")
     sg.set_defaults(func=_cmd_segment)
 
     dm = sub.add_parser("demo", help="make a phantom, segment it with the bundled models, score it")

@@ -11,7 +11,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -23,6 +23,9 @@ from spineps_like.labels import VERTEBRA_LABELS, label_mask
 DEFAULT_SEMANTIC_MODEL = "semantic-synth"
 DEFAULT_INSTANCE_MODEL = "instance-phantom"
 INSTANCE_METHODS = ("network", "geometric")
+#: Phases a ``progress`` callback of :func:`segment` is told about, in order (those that run); the command line adds
+#: "writing" before :meth:`SegmentResult.save`.
+PROGRESS_PHASES = ("loading", "semantic", "instance", "post-processing", "labelling", "measuring", "writing")
 #: Bone labels an instance (vertebra) may cover before assignment: the vertebra labels plus CT aliases.
 _BONE_LABELS = tuple(sorted(set(VERTEBRA_LABELS) | {50, 51}))
 
@@ -141,14 +144,16 @@ class SegmentResult:
 # ---------------------------------------------------------------- phases
 def instance_phase(semantic: Scan, *, method: str = "network", model: Any = None, device: str = "cpu",
                    amp: bool = False, batch_size: int = 4, lumbar_count: int | None = None,
-                   timings: Timings | None = None, notes: list[str] | None = None) -> tuple[Scan, Scan, Any]:
+                   timings: Timings | None = None, notes: list[str] | None = None,
+                   progress: Callable[[str], None] | None = None) -> tuple[Scan, Scan, Any]:
     """Semantic mask -> (semantic, instance, labeling) on the semantic mask's grid.
 
     ``method='network'``: the mask goes to PIR at the instance model's resolution; corpus centres give cutouts,
     the network predicts vertebra above/centre/below per cutout, fusion commits vertebrae, which come back to the
     input grid. ``method='geometric'``: vertebrae from corpus components separated by IVDs, no weights.
     Then, on the input grid in PIR, cropped to the spine's bounding box: IVD/endplate assignment, post-processing,
-    the sacrum on evidence (:func:`spineps_like.sacrum.confirm_sacrum`), anatomical labelling.
+    the sacrum on evidence (:func:`spineps_like.sacrum.confirm_sacrum`), anatomical labelling. ``progress`` is told
+    each phase as it starts ("instance", "post-processing", "labelling").
     """
     from spineps_like.assign import assign_ivds_endplates
     from spineps_like.labeling import label_vertebrae
@@ -157,6 +162,7 @@ def instance_phase(semantic: Scan, *, method: str = "network", model: Any = None
 
     timings = timings if timings is not None else Timings()
     notes = notes if notes is not None else []
+    tell = progress or (lambda phase: None)
     if method not in INSTANCE_METHODS:
         raise ValueError(f"unknown instance method {method!r}: use one of {', '.join(INSTANCE_METHODS)}")
     sem_pir = reorient(semantic, "PIR")
@@ -166,6 +172,7 @@ def instance_phase(semantic: Scan, *, method: str = "network", model: Any = None
     # masks are background
     box = bbox(sem_pir.array > 0, margin=1) or tuple(slice(0, n) for n in sem_pir.shape)
     sem_box = np.ascontiguousarray(sem_pir.array[box])
+    tell("instance")
     if method == "network":
         vertebrae = _network_vertebrae(sem_pir, model, box, device=device, amp=amp, batch_size=batch_size,
                                        timings=timings, notes=notes)
@@ -174,6 +181,7 @@ def instance_phase(semantic: Scan, *, method: str = "network", model: Any = None
 
         with timings.phase("instance"):
             vertebrae = np.ascontiguousarray(geometric_instances(sem_pir.array, spacing)[box])
+    tell("post-processing")
     with timings.phase("assign"):
         instance, sem_arr = assign_ivds_endplates(sem_box, vertebrae, spacing)
     with timings.phase("postprocess"):
@@ -182,6 +190,7 @@ def instance_phase(semantic: Scan, *, method: str = "network", model: Any = None
     with timings.phase("sacrum"):
         sem_arr, instance, sacrum = confirm_sacrum(sem_arr, instance, spacing)
         notes.extend(f"sacrum: {n}" for n in sacrum.notes if n != "no sacrum label in the mask")
+    tell("labelling")
     with timings.phase("labeling"):
         labelled, labeling = label_vertebrae(instance, sem_arr, spacing, lumbar_count=lumbar_count)
         dropped = (labelled == 0) & (instance > 0)  # e.g. disc voxels above C1: no instance, so no semantic label
@@ -242,7 +251,7 @@ def segment(scan: str | os.PathLike | Scan | np.ndarray, *, affine: np.ndarray |
             semantic_mask: Scan | str | os.PathLike | None = None, semantic_only: bool = False,
             device: str = "cpu", amp: bool = False, mirroring: bool | None = None, step_size: float | None = None,
             n4: bool = False, restore: str = "linear", batch_size: int = 4,
-            lumbar_count: int | None = None) -> SegmentResult:
+            lumbar_count: int | None = None, progress: Callable[[str], None] | None = None) -> SegmentResult:
     """Segment the spine in one scan.
 
     Parameters
@@ -256,6 +265,8 @@ def segment(scan: str | os.PathLike | Scan | np.ndarray, *, affine: np.ndarray |
     device, amp, mirroring, step_size, n4, restore : semantic/instance inference settings (see
         :func:`spineps_like.semantic.predict_semantic`).
     lumbar_count : expected number of lumbar vertebrae (4, 5 or 6) when the anatomy says otherwise.
+    progress : called with each phase's name as it starts (:data:`PROGRESS_PHASES`: "loading", "semantic",
+        "instance", "post-processing", "labelling", "measuring"); None: silent.
 
     Returns
     -------
@@ -263,6 +274,8 @@ def segment(scan: str | os.PathLike | Scan | np.ndarray, *, affine: np.ndarray |
     """
     timings = Timings()
     notes: list[str] = []
+    tell = progress or (lambda phase: None)
+    tell("loading")
     with timings.phase("load"):
         if isinstance(scan, Scan):
             image = scan
@@ -315,6 +328,7 @@ def segment(scan: str | os.PathLike | Scan | np.ndarray, *, affine: np.ndarray |
         from spineps_like.semantic import predict_semantic
 
         sem_timings: dict[str, float] = {}
+        tell("semantic")
         with timings.phase("semantic"):
             sem = predict_semantic(image, semantic_model or DEFAULT_SEMANTIC_MODEL, step_size=step_size,
                                    mirroring=mirroring, n4=n4, device=device, amp=amp, restore=restore,
@@ -329,9 +343,10 @@ def segment(scan: str | os.PathLike | Scan | np.ndarray, *, affine: np.ndarray |
         settings["instance_model"] = instance_setting
     result.semantic, result.instance, result.labeling = instance_phase(
         sem, method=instance_method, model=instance_model, device=device, amp=amp, batch_size=batch_size,
-        lumbar_count=lumbar_count, timings=timings, notes=notes)
+        lumbar_count=lumbar_count, timings=timings, notes=notes, progress=progress)
     from spineps_like.measure import measure
 
+    tell("measuring")
     with timings.phase("measure"):
         result.measurements = measure(result.semantic.array, result.instance.array, result.instance.affine,
                                       complete=getattr(result.labeling, "complete", None))
