@@ -39,15 +39,20 @@ class Lookup:
 
     def __init__(self, mask: np.ndarray, lo: np.ndarray, inv_affine: np.ndarray):
         self.mask, self.lo, self.inv = mask, np.asarray(lo, int), inv_affine
+        self.smooth: np.ndarray | None = None  # a smoothed copy, made on demand by the users that need one
+        # world -> box index (rounded: the nearest voxel), and the flat mask with one False cell appended
+        self._m = inv_affine[:3, :3].T.copy()
+        self._o = inv_affine[:3, 3] - self.lo
+        self._flat = np.append(np.ascontiguousarray(mask, dtype=bool).ravel(), False)
+        self._strides = np.array([mask.shape[1] * mask.shape[2], mask.shape[2], 1], np.int64)
 
     def __call__(self, pts: np.ndarray) -> np.ndarray:
-        idx = np.rint(pts @ self.inv[:3, :3].T + self.inv[:3, 3]).astype(np.int64) - self.lo
-        shape = np.asarray(self.mask.shape)
-        ok = np.all((idx >= 0) & (idx < shape), axis=-1)
-        out = np.zeros(pts.shape[:-1], bool)
-        sel = idx[ok]
-        out[ok] = self.mask[sel[:, 0], sel[:, 1], sel[:, 2]]
-        return out
+        idx = np.rint(pts @ self._m + self._o).astype(np.int64)
+        n0, n1, n2 = self.mask.shape
+        i, j, k = idx[..., 0], idx[..., 1], idx[..., 2]
+        ok = (i.astype(np.uint64) < n0) & (j.astype(np.uint64) < n1) & (k.astype(np.uint64) < n2)
+        flat = np.where(ok, i * self._strides[0] + j * self._strides[1] + k, self._flat.size - 1)
+        return self._flat[flat]
 
     def points(self) -> np.ndarray:
         """World coordinates (N, 3) of the mask's voxels."""

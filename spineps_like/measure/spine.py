@@ -55,8 +55,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from spineps_like.measure.alignment import alignment_records
 from spineps_like.measure.bodies import body_records, grade_bodies
 from spineps_like.measure.canal import canal_records
+from spineps_like.measure.density import DENSITY_FIELDS, density_records, is_ct
 from spineps_like.measure.discs import disc_records
 from spineps_like.measure.frames import disc_frames, vertebra_frames
 from spineps_like.measure.grades import GENANT_THRESHOLDS, LISTHESIS_MIN_FRACTION, genant_grade, meyerding_grade
@@ -67,12 +69,16 @@ __all__ = ["GENANT_THRESHOLDS", "LISTHESIS_MIN_FRACTION", "UNITS", "genant_grade
            "meyerding_grade", "table_csv"]
 
 #: Units of the record fields, by suffix.
-UNITS: dict[str, str] = {"_mm": "mm", "_mm3": "mm^3", "ratio": "1 (dimensionless)", "loss": "1 (fraction)",
-                         "fraction": "1 (fraction)", "index": "1 (dimensionless)", "grade": "ordinal"}
+UNITS: dict[str, str] = {"_mm": "mm", "_mm2": "mm^2", "_mm3": "mm^3", "_deg": "degrees", "_hu": "HU",
+                         "_hu_mean": "HU", "_hu_median": "HU", "_hu_sd": "HU", "ratio": "1 (dimensionless)",
+                         "loss": "1 (fraction)", "fraction": "1 (fraction)", "index": "1 (dimensionless)",
+                         "grade": "ordinal", "stenosis": "category (none, relative, absolute)",
+                         "screen": "category (unlikely, possible, likely)", "axis": "unit vector (RAS world)",
+                         "centre_mm": "mm (RAS world)"}
 
 
 def measure(semantic: np.ndarray, instance: np.ndarray, spacing_or_affine, complete: Mapping[int, bool] | None = None,
-            ) -> dict[str, Any]:
+            image: np.ndarray | None = None, modality: str | None = None) -> dict[str, Any]:
     """Measure every vertebra, disc and canal level in a pair of masks.
 
     Parameters
@@ -82,11 +88,14 @@ def measure(semantic: np.ndarray, instance: np.ndarray, spacing_or_affine, compl
     spacing_or_affine : three voxel sizes (mm, along the array's axes) or the 4 x 4 voxel-to-world affine.
     complete : {vertebra id: False if the field of view cut it} (the labelling's ``complete``); None: a vertebra
         whose body touches the array's border counts as cut.
+    image : the scan on the same grid (optional): with a CT in HU, trabecular and endplate attenuation and the
+        osteoporosis screen (:mod:`spineps_like.measure.density`); otherwise those fields are None.
+    modality : 'ct' or 'mr' (optional); None: CT when the image's 1st percentile is at most -500 (air in HU).
 
     Returns
     -------
-    {"vertebrae": [...], "discs": [...], "canal": [...], "units": {...}}: one dict per structure, top to bottom;
-    lengths in mm, volumes in mm^3, ratios and losses as fractions, None where a value could not be measured.
+    {"vertebrae": [...], "discs": [...], "canal": [...], "spine": [one record], "units": {...}}: one dict per
+    structure, top to bottom; units by field-name suffix (:data:`UNITS`), None where a value could not be measured.
     """
     sp = collect(semantic, instance, spacing_or_affine)
     sp.frames = vertebra_frames(sp)
@@ -96,15 +105,24 @@ def measure(semantic: np.ndarray, instance: np.ndarray, spacing_or_affine, compl
     sp.disc_frames = disc_frames(sp)
     drec = disc_records(sp, geo)
     crec = canal_records(sp)
-    return {"vertebrae": [vrec[v] for v in sp.verts], "discs": drec, "canal": crec, "units": dict(UNITS)}
+    spine = alignment_records(sp, geo, vrec, drec)
+    if image is not None and is_ct(image, modality):
+        spine.update(density_records(sp, image, vrec))
+    else:
+        for rec in vrec.values():
+            rec.update(dict.fromkeys(DENSITY_FIELDS))
+        spine.update({"l1_trabecular_hu_mean": None, "osteoporosis_screen": None})
+    return {"vertebrae": [vrec[v] for v in sp.verts], "discs": drec, "canal": crec, "spine": [spine],
+            "units": dict(UNITS)}
 
 
 # ---------------------------------------------------------------- tables
 def measurements_table(measurements: Mapping[str, Any], **extra: Any) -> list[dict[str, Any]]:
-    """One flat row per structure (vertebra, disc, canal level) with a ``structure`` column, for a CSV or a cohort
-    table; ``extra`` columns (e.g. ``scan='sub-01'``) come first. Lists become ';'-joined strings."""
+    """One flat row per structure (vertebra, disc, canal level, the spine as a whole) with a ``structure`` column,
+    for a CSV or a cohort table; ``extra`` columns (e.g. ``scan='sub-01'``) come first. Lists become ';'-joined
+    strings."""
     rows = []
-    for kind, key in (("vertebra", "vertebrae"), ("disc", "discs"), ("canal", "canal")):
+    for kind, key in (("vertebra", "vertebrae"), ("disc", "discs"), ("canal", "canal"), ("spine", "spine")):
         for rec in measurements.get(key, []):
             row = {**extra, "structure": kind}
             for k, val in rec.items():

@@ -15,8 +15,8 @@ from spineps_like.geometry import reorient
 from spineps_like.io import Scan, atomic_write_json, json_safe, save_mask, save_scan
 from spineps_like.labels import SACRUM_ID, instance_name, ivd_id
 from spineps_like.phantom.anatomy import (
-    A, _Canvas, _Layout, _fov_names, _layout, _paint_canal, _paint_disc, _paint_ribs_and_ilium, _paint_sacrum,
-    _paint_vertebra,
+    A, _Canvas, _canal_controls, _Layout, _fov_names, _layout, _paint_canal, _paint_disc, _paint_ribs_and_ilium,
+    _paint_sacrum, _paint_vertebra,
 )
 from spineps_like.phantom.body import _body_params, _region_weights, _spine_profiles
 from spineps_like.phantom.render import _render
@@ -292,10 +292,55 @@ def _meta(seed, fov, mode, variant, sp, codes, f, fov_names, lay: _Layout, cv: _
         "orientation": codes, "shape": list(semantic.shape), "fine_factor_pir": list(f),
         "fov_cut_through": list(fov_names), "vertebra_ids": [int(v) for v in vids], "vertebrae": verts,
         "ivd_ids": [d["id"] for d in ivds], "ivds": ivds, "anatomy": json_safe(lay.info), "render": render_info,
+        "truth": _truth(lay, lo, hi),
     }
     if mode == "random":
         meta["note"] = "domain-randomised intensities; written with the _T2w suffix"
     return meta
+
+
+def _truth(lay: _Layout, lo: np.ndarray, hi: np.ndarray) -> dict:
+    """Exact geometry for measurements, in RAS world mm (the output affine's world; the same in every orientation).
+
+    ``elements``: per vertebra and S1, top to bottom: body centre, caudal and anterior axes, and the unit normals
+    (pointing cranially) of the flat planes of the superior and inferior corpus surfaces (the endplates without their
+    concavity; a wedge tilts them). ``canal``: at each body's centre and each disc's mid-level, the canal's
+    antero-posterior and left-right diameters and cross-sectional area orthogonal to the canal, and the cord's area
+    (0 below the conus). Recording it draws no random numbers: images and masks are unchanged."""
+    centre = 0.5 * (np.asarray(lo, float) + np.asarray(hi, float))
+
+    def pos(p: np.ndarray) -> list[float]:  # canonical (p, i, r) -> RAS world (x = r, y = -p, z = -i)
+        d = np.asarray(p, float) - centre
+        return [round(float(d[2]), 4), round(float(-d[0]), 4), round(float(-d[1]), 4)]
+
+    def vec(p: np.ndarray) -> list[float]:
+        d = np.asarray(p, float) / np.linalg.norm(p)
+        return [round(float(d[2]), 6), round(float(-d[0]), 6), round(float(-d[1]), 6)]
+
+    elements = []
+    for v in lay.verts + lay.sacrum[:1]:
+        k = 0.5 * v.k_wedge  # surfaces y = -+0.5 (H + k_wedge x) in the local frame (x posterior, y inferior)
+        elements.append({"id": int(v.vid), "name": v.name, "centre_mm": pos(v.O), "axis_caudal": vec(v.Rm[:, 1]),
+                         "axis_anterior": vec(-v.Rm[:, 0]), "superior_normal": vec(v.Rm @ np.array([-k, -1.0, 0.0])),
+                         "inferior_normal": vec(v.Rm @ np.array([k, -1.0, 0.0]))})
+    ctl = _canal_controls(lay)
+
+    def canal_at(i_mm: float) -> dict:
+        f = {key: float(np.interp(i_mm, ctl["i"], ctl[key])) for key in ("cap", "clr", "cord_ap", "cord_lr")}
+        conus = float(np.clip((lay.conus_i - i_mm) / 30.0, 0.0, 1.0) ** 0.5)
+        ca, cl = f["cord_ap"] * conus, f["cord_lr"] * conus
+        cord = math.pi * ca * cl if ca > 0.3 and f["cap"] > 0.3 else 0.0
+        return {"ap_diameter_mm": round(2 * f["cap"], 3), "lr_diameter_mm": round(2 * f["clr"], 3),
+                "area_mm2": round(math.pi * f["cap"] * f["clr"], 2), "cord_area_mm2": round(cord, 2)}
+
+    canal = []
+    for k, v in enumerate(lay.verts):
+        canal.append({"id": int(v.vid), "kind": "body", **canal_at(float(v.world((v.xc, 0.0, 0.0))[1]))})
+        w = lay.verts[k + 1] if k + 1 < len(lay.verts) else lay.sacrum[0]
+        if v.disc > 0 and not v.fused_below:
+            i_mm = 0.5 * float(v.world((v.xc, 0.5 * v.H, 0.0))[1] + w.world((w.xc, -0.5 * w.H, 0.0))[1])
+            canal.append({"id": int(ivd_id(v.vid)), "kind": "disc", **canal_at(i_mm)})
+    return {"elements": elements, "canal": canal}
 
 
 def write_phantoms(out: Path, n: int = 1, seed: int = 0, fov: str = "lumbar", mode: str = "t2w",
