@@ -36,13 +36,13 @@ Definitions (TotalSegmentator's spine report and Genant's semi-quantitative meth
   body's centre height, what a phantom's ``height_loss`` records;
 - disc heights at 15 / 50 / 85% of the disc's own depth, along the mean axis of its two vertebrae; disc height index:
   the disc's mean height (of the three) over the mean of its vertebrae's mean body heights;
-- listhesis: the offset of the upper body's posterior wall over the lower body's, both sampled at the same
-  distances from the disc (10-30% of the smaller body height, at least 2 mm), along the antero-posterior axis of
-  the two bodies' bisecting frame (the mean of their axes); positive = anterolisthesis. The fraction is that
-  offset over the lower body's depth at the same heights; Meyerding grade 1 below 25%, 2 for 25-50%, 3 for
-  50-75%, 4 for 75-100%, 5 beyond, and 0 (none) below :data:`LISTHESIS_MIN_FRACTION`. Not measured over the sacrum yet (S1's posterior wall
-  is not found reliably in the sacrum's mask: 2-6 mm off on normal phantoms), nor where either body is cut by the
-  field of view;
+- listhesis: the offset of the upper body's posterior wall over the lower body's, both sampled at the same distances
+  from the disc (10-30% of the smaller body height, at least 2 mm), along the antero-posterior axis of the two bodies'
+  bisecting frame (the mean of their axes); positive = anterolisthesis. The fraction is that offset over the lower
+  body's depth at the same heights; Meyerding grade 1 below 25%, 2 for 25-50%, 3 for 50-75%, 4 for 75-100%, 5 beyond,
+  and 0 (none) below :data:`LISTHESIS_MIN_FRACTION`. Not measured over the sacrum yet (S1's posterior wall is not
+  found reliably in the sacrum's mask: 2-6 mm off on normal phantoms), nor where either body is cut by the field of
+  view;
 - canal antero-posterior diameter: at each body's and disc's centre, the extent of canal + cord along the level's
   antero-posterior axis through the canal's centre at that level (canal voxels within +-2.5 mm of the level's plane);
   canal and cord cross-sectional areas and the stenosis flag: :mod:`spineps_like.measure.canal`;
@@ -53,7 +53,8 @@ Definitions (TotalSegmentator's spine report and Genant's semi-quantitative meth
 The steps, each a module of this package: :mod:`~spineps_like.measure.structures` (cut the structures out of the
 masks), :mod:`~spineps_like.measure.frames`, :mod:`~spineps_like.measure.bodies`,
 :mod:`~spineps_like.measure.listhesis`, :mod:`~spineps_like.measure.discs`, :mod:`~spineps_like.measure.canal`,
-:mod:`~spineps_like.measure.alignment`, :mod:`~spineps_like.measure.density`; :mod:`~spineps_like.measure.geometry` holds the ray casting.
+:mod:`~spineps_like.measure.alignment`, :mod:`~spineps_like.measure.density`; :mod:`~spineps_like.measure.geometry`
+holds the ray casting.
 """
 
 from __future__ import annotations
