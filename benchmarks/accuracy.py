@@ -7,6 +7,9 @@ Three measurements per case, all against exact ground truth:
   semantic   the bundled semantic model's Dice per label (issue 3);
   instance   the instance phase fed the ground-truth semantic mask: learned network vs weights-free geometric method;
   pipeline   the whole pipeline (bundled semantic model -> network instance phase) scored with the spineps protocol.
+And negatives, images without a spine (a phantom's body with its spine replaced by body tissue, or filled with one
+tissue, painted as T2w / T1w / STIR / CT by spineps_like.phantom.appearance; and Gaussian noise): the spine voxels the
+semantic model paints and the vertebrae the instance phase then reports, both 0 when right.
 Phantom seeds come from a named set of :mod:`spineps_like.phantom_sets` (seed = first seed of the set + case index):
 ``development`` (900000+, the phantoms clean-up and post-processing rules were tuned on) or ``test`` (2000000+, never
 used for any decision). Training refuses the seeds of both sets. The report names the set it used.
@@ -30,7 +33,7 @@ from spineps_like.io import Scan, atomic_write_json, atomic_write_text, load_sca
 from spineps_like.labels import SEMANTIC_NAMES  # noqa: E402
 from spineps_like.phantom import make_phantom  # noqa: E402
 from spineps_like.phantom_sets import SETS, phantom_set  # noqa: E402
-from spineps_like.pipeline import instance_phase  # noqa: E402
+from spineps_like.pipeline import DEFAULT_INSTANCE_MODEL, DEFAULT_SEMANTIC_MODEL, instance_phase  # noqa: E402
 
 #: (fov, variant, mode) of the evaluation phantoms; seed = the set's first seed + index.
 CASES = [
@@ -39,6 +42,9 @@ CASES = [
     ("whole", "t13", "t2w"), ("lumbar", "sacralised_l5", "t2w"), ("lumbar", "narrow_discs", "t2w"),
     ("lumbar", None, "random"), ("lumbar", None, "ct"),
 ]
+#: Contrast families of the negatives (seed = the set's first seed + NEGATIVE_OFFSET + index).
+NEGATIVE_FAMILIES = ("t2w", "t1w", "stir", "ct")
+NEGATIVE_OFFSET = 50
 SEMANTIC_LABELS = [41, 42, 43, 44, 45, 46, 47, 48, 49, 52, 53, 60, 61, 100, 26]
 GROUP_METRICS = ["pq", "rq", "sq", "dice", "assd"]
 
@@ -86,6 +92,41 @@ def run_case(name: str, image: Scan, sem_gt: Scan, ins_gt: Scan, semantic_model,
     return row
 
 
+def negative_cases(pset) -> list[tuple[str, Scan]]:
+    """Images without a spine, drawn from the phantom set ``pset`` (deterministic): see the module docstring."""
+    from spineps_like.phantom.appearance import synthesize, without_spine
+
+    cases = []
+    for k, family in enumerate(NEGATIVE_FAMILIES):
+        seed = pset.seed(NEGATIVE_OFFSET + k)
+        ph = make_phantom(seed, fov="lumbar", mode="t2w")
+        rng = np.random.default_rng(seed)
+        tissue = without_spine(ph.tissue.array, rng)
+        img, _ = synthesize(tissue, rng, family=family, spacing=ph.image.spacing, normalize=False)
+        cases.append((f"negative {seed} {family}", Scan(img.astype(np.float32), ph.image.affine)))
+    seed = pset.seed(NEGATIVE_OFFSET + len(NEGATIVE_FAMILIES))
+    ph = make_phantom(seed, fov="lumbar", mode="t2w")
+    noise = np.random.default_rng(seed).normal(100.0, 20.0, ph.image.shape).astype(np.float32)
+    cases.append((f"negative {seed} gaussian noise", Scan(noise, ph.image.affine)))
+    return cases
+
+
+def run_negative(name: str, image: Scan, semantic_model, instance_model) -> dict:
+    """Spine voxels painted, vertebrae (sacrum included) reported and plausibility flags raised on an image without a
+    spine (the command line exits 3 on a flagged result)."""
+    from spineps_like.plausibility import result_flags
+    from spineps_like.semantic import predict_semantic
+
+    t0 = time.perf_counter()
+    sem = predict_semantic(image, semantic_model)
+    sem_out, ins, _ = instance_phase(sem, method="network", model=instance_model)
+    ids = np.unique(ins.array)
+    return {"case": name, "shape": list(image.shape), "spine_voxels": int(np.count_nonzero(sem.array)),
+            "corpus_voxels": int(np.count_nonzero(sem.array == 49)),
+            "vertebrae": int(np.count_nonzero((ids > 0) & (ids < 100))),
+            "flags": result_flags(sem_out.array, ins.array, ins.spacing), "seconds": time.perf_counter() - t0}
+
+
 def _fmt(x: float) -> str:
     return "-" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.3f}"
 
@@ -95,7 +136,7 @@ def _mean(rows: list[dict], key: str, metric: str) -> float:
     return float(np.mean(vals)) if vals else float("nan")
 
 
-def markdown(rows: list[dict], meta: dict) -> str:
+def markdown(rows: list[dict], meta: dict, negatives: list[dict] | None = None) -> str:
     ph = [r for r in rows if r["case"].startswith("phantom")]
     real = [r for r in rows if not r["case"].startswith("phantom")]
     L = [f"# Accuracy of the bundled models ({meta['date']})", "",
@@ -131,13 +172,19 @@ def markdown(rows: list[dict], meta: dict) -> str:
         vals = [r["semantic_dice"][lab] for r in ph if "semantic_dice" in r and np.isfinite(r["semantic_dice"][lab])]
         L.append(f"| {lab} {name} | {_fmt(float(np.mean(vals)) if vals else float('nan'))} | "
                  + " | ".join(_fmt(r.get("semantic_dice", {}).get(lab, float("nan"))) for r in real) + " |")
+    if negatives:
+        L += ["", "## Negatives: images without a spine (0 is right)", "",
+              "| case | shape | spine voxels painted | corpus voxels | vertebrae reported | flagged implausible |",
+              "|---|---|---|---|---|---|"]
+        L += [f"| {r['case']} | {r['shape']} | {r['spine_voxels']} | {r['corpus_voxels']} | {r['vertebrae']} | "
+              f"{'; '.join(r['flags']) or 'no'} |" for r in negatives]
     return "\n".join(L) + "\n"
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--semantic-model", default="semantic-phantom")
-    ap.add_argument("--instance-model", default="instance-phantom")
+    ap.add_argument("--semantic-model", default=DEFAULT_SEMANTIC_MODEL)
+    ap.add_argument("--instance-model", default=DEFAULT_INSTANCE_MODEL)
     ap.add_argument("--n", type=int, default=len(CASES), help="use only the first N phantom cases")
     ap.add_argument("--set", dest="phantom_set", choices=tuple(SETS), default="development",
                     help="phantom set (spineps_like.phantom_sets): development (rules were tuned on it) or test "
@@ -171,14 +218,17 @@ def main(argv=None) -> int:
         ins = load_scan(paths["instance"], kind="mask")
         rows.append(run_case(f"TPTBox sample_{kind} (real)", image, sem, ins, sem_model, ins_model))
         print(rows[-1]["case"], rows[-1]["semantic_dice"], flush=True)
+    negatives = [run_negative(name, image, sem_model, ins_model) for name, image in negative_cases(pset)]
+    for r in negatives:
+        print(r, flush=True)
     meta = {"date": time.strftime("%Y-%m-%d"), "semantic_model": args.semantic_model,
             "instance_model": args.instance_model, "torch_threads": torch.get_num_threads(),
             "phantom_set": pset.name, "phantom_set_description": pset.describe(),
             "command": ".venv/bin/python benchmarks/accuracy.py" + "".join(f" {a}" for a in (argv or sys.argv[1:]))}
     stem = "accuracy" if pset.name == "development" else f"accuracy_{pset.name}"
     args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.out / f"{stem}.json", {"meta": meta, "rows": rows})
-    atomic_write_text(args.out / f"{stem}.md", markdown(rows, meta))
+    atomic_write_json(args.out / f"{stem}.json", {"meta": meta, "rows": rows, "negatives": negatives})
+    atomic_write_text(args.out / f"{stem}.md", markdown(rows, meta, negatives))
     print((args.out / f"{stem}.md").read_text())
     return 0
 

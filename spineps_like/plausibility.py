@@ -9,7 +9,9 @@ them in the summary (``"plausibility"``) and the command line prints them and ex
   0.8 cm3 (a small C3 of a small adult: ~3 cm3) and 150 cm3 (a large L5: ~60 cm3), per region;
 - :data:`NEIGHBOUR_MM`: neighbouring vertebra centroids are 8-70 mm apart (cervical ~15 mm, lumbar ~40 mm);
 - :data:`MIN_BODY_FRACTION`: at least a third of the vertebrae must hold a body (corpus);
-- :data:`MAX_VERTEBRAE`: at most 26 vertebrae; :data:`MERGED_BODY_RATIO`: no body taller than 1.9 x its neighbours.
+- :data:`MAX_VERTEBRAE`: at most 26 vertebrae; :data:`MERGED_BODY_RATIO`: no body taller than 1.9 x its neighbours;
+- a single vertebra with neither posterior elements nor a spinal canal in the image is a blob, not a spine (what a
+  model paints, if anything, into an image without a spine).
 
 :func:`vertebra_confidence` grades each vertebra's id (its anchor) and body (its height against its neighbours) for
 the summary, so that a cohort's weak results can be found.
@@ -37,6 +39,7 @@ MAX_VERTEBRAE = 26
 MERGED_BODY_RATIO = 1.9
 _BODY_LABELS = (49, 50, 52, 53, 62)
 _CANAL_LABELS = (60, 61)
+_POSTERIOR_LABELS = (41, 42, 43, 44, 45, 46, 47, 48)
 
 
 def _vertebra_ids(instance: np.ndarray) -> list[int]:
@@ -66,6 +69,9 @@ def result_flags(semantic: np.ndarray, instance: np.ndarray, spacing: Sequence[f
     body = np.isin(sem, _BODY_LABELS)
     body_counts = label_counts(np.where(body & (ins < 100), ins, 0), minlength=max(ids) + 1)
     with_body = [v for v in vertebrae if body_counts[v] > 0]
+    if len(vertebrae) == 1 and not np.isin(sem, _CANAL_LABELS).any() \
+            and not np.isin(sem[ins == vertebrae[0]], _POSTERIOR_LABELS).any():
+        flags.append("a single vertebral body alone, without posterior elements or a spinal canal: not a spine")
     if len(with_body) < MIN_BODY_FRACTION * len(vertebrae):
         flags.append(f"only {len(with_body)} of {len(vertebrae)} vertebrae hold a vertebral body")
     for v in with_body:

@@ -132,6 +132,7 @@ def confirm_sacrum(
     max_segments: int = 2,
     flank_fraction: float = 0.02,
     posterior_share: float = 0.1,
+    min_alone_mm3: float = 5000.0,
 ) -> tuple[np.ndarray, np.ndarray, SacrumReport]:
     """Keep the sacrum label only where it is the sacrum, and take sacral segments painted as corpus into it.
 
@@ -146,6 +147,9 @@ def confirm_sacrum(
     flank_fraction : a flank counts when it holds at least this x the body's voxels.
     posterior_share : a vertebra flanked on one side only is a sacral segment when its posterior elements are below
         this share of its bone.
+    min_alone_mm3 : without any vertebra to compare with, a sacrum component is kept only from this volume on (an
+        adult sacrum holds about 100 cm3; a scan cut to its lowest part still shows several cm3): a model's crumbs of
+        sacrum label in an image without a spine are no sacrum.
 
     Returns
     -------
@@ -170,8 +174,14 @@ def confirm_sacrum(
     ids, vcen, axes = vertebra_order(vert, sem, sp)
     keep = np.zeros(0, np.int64)
     if len(ids) == 0:
-        keep = np.arange(1, len(counts) + 1)
-        rep.notes.append("sacrum kept: no vertebra to compare it with")
+        big = counts * vox_mm3 >= min_alone_mm3
+        keep = np.flatnonzero(big) + 1
+        if big.any():
+            rep.notes.append(f"sacrum kept without a vertebra to compare it with: {counts[big].sum() * vox_mm3:.0f} mm3")
+        if (~big).any():
+            rep.notes.append(f"sacrum label without a vertebra and under {min_alone_mm3:g} mm3 "
+                             f"({counts[~big].sum() * vox_mm3:.0f} mm3 in {int((~big).sum())} component(s)): not the "
+                             "sacrum")
     else:
         bodies = _corpus_voxels(vert, sem, ids)
         ref = float(np.median(bodies[bodies > 0])) if (bodies > 0).any() else 0.0

@@ -33,6 +33,14 @@ def test_garbage_is_flagged():
     # vertebrae without bodies
     no_body = np.where(np.isin(sem, (49, 52, 53)), 41, sem)
     assert any("hold a vertebral body" in f for f in result_flags(no_body, ins, sp))
+    # one body alone, nothing of an arch and no canal: a blob, not a spine; with its arch or a canal it passes
+    v = int(ins[sem == 49][0])
+    lone = (ins == v) & np.isin(sem, (49, 52, 53))
+    lone_sem, lone_ins = np.where(lone, sem, 0), np.where(lone, ins, 0)
+    assert any("not a spine" in f for f in result_flags(lone_sem, lone_ins, sp))
+    with_arch = ins == v
+    assert not any("not a spine" in f for f in result_flags(np.where(with_arch, sem, 0), np.where(with_arch, ins, 0),
+                                                             sp))
     # nothing found: nothing to flag (the empty result speaks for itself)
     assert result_flags(np.zeros_like(sem), np.zeros_like(ins), sp) == []
     with pytest.raises(ValueError, match="differ in shape"):
