@@ -196,8 +196,17 @@ def _cmd_measure(args: argparse.Namespace) -> int:
     inst = load_scan(args.instance, kind="mask")
     if not same_grid(sem.shape, sem.affine, inst.shape, inst.affine, atol=1e-3):
         raise CLIError(f"{args.instance}: grid differs from the semantic mask's ({inst.shape} vs {sem.shape})")
-    m = measure(sem.array, inst.array, sem.affine)
-    m = {"semantic": str(args.semantic), "instance": str(args.instance), **m}
+    image = None
+    if args.image is not None:
+        image = load_scan(args.image)
+        if not same_grid(sem.shape, sem.affine, image.shape, image.affine, atol=1e-3):
+            what = "shape" if tuple(image.shape) != tuple(sem.shape) else "affine"
+            raise CLIError(f"{args.image}: {what} differs from the masks' ({image.shape} vs {sem.shape}); resample the "
+                           "image onto the masks' grid")
+    m = measure(sem.array, inst.array, sem.affine, image=None if image is None else image.array,
+                modality=args.modality)
+    m = {"semantic": str(args.semantic), "instance": str(args.instance),
+         **({"image": str(args.image)} if args.image is not None else {}), **m}
     atomic_write_json(args.out, m)
     if args.csv is not None:
         atomic_write_text(args.csv, table_csv(measurements_table(m)))
@@ -320,6 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
     ms.add_argument("instance", type=Path, help="instance mask on the same grid (seg-vert: v, 100+v, 200+v)")
     ms.add_argument("--out", required=True, type=Path, help="measurements JSON to write")
     ms.add_argument("--csv", type=Path, default=None, help="also a CSV table, one row per structure")
+    ms.add_argument("--image", type=Path, default=None,
+                    help="the scan on the masks' grid: CT trabecular/endplate HU, MRI disc/CSF signal ratio")
+    ms.add_argument("--modality", choices=["ct", "mr"], default=None,
+                    help="the image's modality (default: CT when its 1st percentile is at most -500)")
     ms.add_argument("--quiet", action="store_true")
     ms.set_defaults(func=_cmd_measure)
 

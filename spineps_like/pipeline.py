@@ -246,6 +246,21 @@ def _network_vertebrae(sem_pir: Scan, model: Any, box: tuple[slice, ...], *, dev
     return back
 
 
+def _modality(semantic_model: Any, image: Scan) -> str | None:
+    """'ct' or 'mr' where the pipeline knows it: a loaded semantic model trained on one kind only, else the scan's
+    BIDS suffix (``_ct``; ``_T1w``, ``_T2w``, ...); None otherwise (the density step then decides from the image)."""
+    mods = getattr(getattr(semantic_model, "config", None), "modalities", None)
+    if mods:
+        kinds = {"ct" if str(m).upper() == "CT" else "mr" for m in mods}
+        if len(kinds) == 1:
+            return kinds.pop()
+    name = os.path.basename(str(image.path or "")).split(".")[0].lower()
+    suffix = name.rsplit("_", 1)[-1] if "_" in name else ""
+    if suffix == "ct":
+        return "ct"
+    return "mr" if suffix in ("t1w", "t2w", "t1c", "flair", "stir", "pd", "pdw", "t2starw", "mr") else None
+
+
 def segment(scan: str | os.PathLike | Scan | np.ndarray, *, affine: np.ndarray | None = None,
             semantic_model: Any = None, instance_model: Any = None, instance_method: str = "network",
             semantic_mask: Scan | str | os.PathLike | None = None, semantic_only: bool = False,
@@ -348,8 +363,11 @@ def segment(scan: str | os.PathLike | Scan | np.ndarray, *, affine: np.ndarray |
 
     tell("measuring")
     with timings.phase("measure"):
+        on_grid = image.shape == result.instance.shape and np.allclose(image.affine, result.instance.affine, atol=1e-3)
         result.measurements = measure(result.semantic.array, result.instance.array, result.instance.affine,
-                                      complete=getattr(result.labeling, "complete", None))
+                                      complete=getattr(result.labeling, "complete", None),
+                                      image=image.array if on_grid else None,
+                                      modality=_modality(semantic_model, image) if on_grid else None)
     from spineps_like.plausibility import advisories, result_flags, vertebra_confidence
 
     with timings.phase("plausibility"):

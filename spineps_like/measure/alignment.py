@@ -143,31 +143,44 @@ def _run_through(body: Struct, origins: np.ndarray, direction: np.ndarray, reach
     return median(first), median(last)
 
 
-def _s1_plane(sp: Spine, last: int, g: dict[str, float]) -> np.ndarray | None:
-    """S1's superior plane, found from the lumbosacral disc's centre and refitted twice in S1's own frame (rays
-    orthogonal to the last plane, centred on S1's body 4 mm below its top: the sacrum's most anterior run along
-    the antero-posterior axis, not its dorsal wall)."""
+def s1_frame(sp: Spine, last: int, g: dict[str, float]) -> tuple[Frame, float] | None:
+    """S1's frame and depth (mm): found from the lumbosacral disc's centre and refitted twice in S1's own frame (rays
+    orthogonal to the last plane, centred on S1's body 4 mm below its top: the sacrum's most anterior run along the
+    antero-posterior axis, not its dorsal wall). The frame's origin is the centre of S1's superior surface, ``u``
+    (caudal) minus the plane's cranial normal, ``ap`` the disc's anterior axis made orthogonal to it; the depth is
+    the length of that run. None without a plane; cached on ``sp``."""
+    if sp.s1 is not None and sp.s1[0] == last:
+        return sp.s1[1]
     f, d, sacrum = sp.disc_frames[last], sp.discs[last], sp.bodies[SACRUM_ID]
     width = g["width"] if np.isfinite(g["width"]) else g["depth"]
-    n = None
+    out = None
     for _ in range(3):
         lr_o = LR_OFFSETS[:, None] * f.lr
         top = median(_surfaces(sacrum, f.origin + lr_o, f.u, -6.0, d.reach + 15.0)[0])
         if not np.isfinite(top):
-            return n
+            break
         post, ant = _run_through(sacrum, f.origin + (top + 4.0) * f.u + lr_o, f.ap, 60.0, sp.step)
         depth = ant - post
         if not np.isfinite(depth) or depth < 5.0:
-            return n
+            break
         a, lr = _cross(post, depth, width, S1_AP_RANGE)
         n = fit_plane(f, a, lr, _surfaces(sacrum, f.origin + a[:, None] * f.ap + lr[:, None] * f.lr, f.u, top - 8.0,
                                           top + 12.0)[0])
         if n is None:
-            return None
+            out = None
+            break
         ap = unit(f.ap - (f.ap @ n) * n)
         origin = f.origin + (post + 0.5 * depth) * f.ap + top * f.u
         f = Frame(origin, -n, ap, np.cross(-n, ap), "S1", "S1")
-    return n
+        out = (f, depth)
+    sp.s1 = (last, out)
+    return out
+
+
+def _s1_plane(sp: Spine, last: int, g: dict[str, float]) -> np.ndarray | None:
+    """S1's superior plane's cranial normal (:func:`s1_frame`)."""
+    s1 = s1_frame(sp, last, g)
+    return None if s1 is None else -s1[0].u
 
 
 def patient_axes(sp: Spine) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

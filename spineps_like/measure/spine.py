@@ -40,21 +40,22 @@ Definitions (TotalSegmentator's spine report and Genant's semi-quantitative meth
   from the disc (10-30% of the smaller body height, at least 2 mm), along the antero-posterior axis of the two bodies'
   bisecting frame (the mean of their axes); positive = anterolisthesis. The fraction is that offset over the lower
   body's depth at the same heights; Meyerding grade 1 below 25%, 2 for 25-50%, 3 for 50-75%, 4 for 75-100%, 5 beyond,
-  and 0 (none) below :data:`LISTHESIS_MIN_FRACTION`. Not measured over the sacrum yet (S1's posterior wall is not
-  found reliably in the sacrum's mask: 2-6 mm off on normal phantoms), nor where either body is cut by the field of
-  view;
+  and 0 (none) below :data:`LISTHESIS_MIN_FRACTION`. Over the sacrum (L5/S1) the lower body is S1 in its own
+  frame (:func:`~spineps_like.measure.alignment.s1_frame`: its superior plane and the sacrum's most anterior run
+  4 mm below it) and v's height stands for S1's; S1's wall is the sacrum mask's, i.e. the front of the sacral canal.
+  Not measured where the upper body is cut by the field of view;
 - canal antero-posterior diameter: at each body's and disc's centre, the extent of canal + cord along the level's
   antero-posterior axis through the canal's centre at that level (canal voxels within +-2.5 mm of the level's plane);
   canal and cord cross-sectional areas and the stenosis flag: :mod:`spineps_like.measure.canal`;
 - endplate planes, disc / segment / wedge angles, lumbar lordosis, thoracic kyphosis, coronal Cobb angle:
   :mod:`spineps_like.measure.alignment`; CT trabecular and endplate attenuation and the L1 osteoporosis screen:
-  :mod:`spineps_like.measure.density`.
+  :mod:`spineps_like.measure.density`; the MRI disc / CSF signal ratio: :mod:`spineps_like.measure.signal`.
 
 The steps, each a module of this package: :mod:`~spineps_like.measure.structures` (cut the structures out of the
 masks), :mod:`~spineps_like.measure.frames`, :mod:`~spineps_like.measure.bodies`,
 :mod:`~spineps_like.measure.listhesis`, :mod:`~spineps_like.measure.discs`, :mod:`~spineps_like.measure.canal`,
-:mod:`~spineps_like.measure.alignment`, :mod:`~spineps_like.measure.density`; :mod:`~spineps_like.measure.geometry`
-holds the ray casting.
+:mod:`~spineps_like.measure.alignment`, :mod:`~spineps_like.measure.density`, :mod:`~spineps_like.measure.signal`;
+:mod:`~spineps_like.measure.geometry` holds the ray casting.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ from spineps_like.measure.discs import disc_records
 from spineps_like.measure.frames import disc_frames, vertebra_frames
 from spineps_like.measure.grades import GENANT_THRESHOLDS, LISTHESIS_MIN_FRACTION, genant_grade, meyerding_grade
 from spineps_like.measure.listhesis import add_listhesis
+from spineps_like.measure.signal import SIGNAL_FIELDS, disc_signal_records
 from spineps_like.measure.structures import collect
 
 __all__ = ["GENANT_THRESHOLDS", "LISTHESIS_MIN_FRACTION", "UNITS", "genant_grade", "measure", "measurements_table",
@@ -84,7 +86,8 @@ UNITS: dict[str, str] = {"_mm": "mm", "_mm2": "mm^2", "_mm3": "mm^3", "_deg": "d
                          "loss": "1 (fraction)", "fraction": "1 (fraction)", "index": "1 (dimensionless)",
                          "grade": "ordinal", "stenosis": "category (none, relative, absolute)",
                          "screen": "category (unlikely, possible, likely)", "axis": "unit vector (RAS world)",
-                         "centre_mm": "mm (RAS world)"}
+                         "centre_mm": "mm (RAS world)",
+                         "_au": "image intensity (arbitrary units)"}
 
 
 def measure(semantic: np.ndarray, instance: np.ndarray, spacing_or_affine, complete: Mapping[int, bool] | None = None,
@@ -99,7 +102,9 @@ def measure(semantic: np.ndarray, instance: np.ndarray, spacing_or_affine, compl
     complete : {vertebra id: False if the field of view cut it} (the labelling's ``complete``); None: a vertebra
         whose body touches the array's border counts as cut.
     image : the scan on the same grid (optional): with a CT in HU, trabecular and endplate attenuation and the
-        osteoporosis screen (:mod:`spineps_like.measure.density`); otherwise those fields are None.
+        osteoporosis screen (:mod:`spineps_like.measure.density`); with an MRI, each disc's nucleus / CSF signal
+        ratio (:mod:`spineps_like.measure.signal`); the fields of the other modality (all of them without an
+        image) are None.
     modality : 'ct' or 'mr' (optional); None: CT when the image's 1st percentile is at most -500 (air in HU).
 
     Returns
@@ -111,17 +116,23 @@ def measure(semantic: np.ndarray, instance: np.ndarray, spacing_or_affine, compl
     sp.frames = vertebra_frames(sp)
     vrec, geo = body_records(sp, complete)
     grade_bodies(sp, vrec, geo)
-    add_listhesis(sp, vrec)
     sp.disc_frames = disc_frames(sp)
+    add_listhesis(sp, vrec, geo)
     drec = disc_records(sp, geo)
     crec = canal_records(sp)
     spine = alignment_records(sp, geo, vrec, drec)
-    if image is not None and is_ct(image, modality):
+    ct = image is not None and is_ct(image, modality)
+    if ct:
         spine.update(density_records(sp, image, vrec))
     else:
         for rec in vrec.values():
             rec.update(dict.fromkeys(DENSITY_FIELDS))
         spine.update({"l1_trabecular_hu_mean": None, "osteoporosis_screen": None})
+    if image is not None and not ct:
+        disc_signal_records(sp, image, drec)
+    else:
+        for d in drec:
+            d.update(dict.fromkeys(SIGNAL_FIELDS))
     return {"vertebrae": [vrec[v] for v in sp.verts], "discs": drec, "canal": crec, "spine": [spine],
             "units": dict(UNITS)}
 

@@ -41,6 +41,7 @@ class Spine:
     cord_lookup: Lookup | None = None
     frames: dict[int, Frame] = field(default_factory=dict)
     disc_frames: dict[int, Frame] = field(default_factory=dict)
+    s1: tuple | None = None  # (last vertebra, S1's frame and depth or None): cache of alignment.s1_frame
 
     @property
     def verts(self) -> list[int]:

@@ -304,8 +304,11 @@ def _truth(lay: _Layout, lo: np.ndarray, hi: np.ndarray) -> dict:
 
     ``elements``: per vertebra and S1, top to bottom: body centre, caudal and anterior axes, and the unit normals
     (pointing cranially) of the flat planes of the superior and inferior corpus surfaces (the endplates without their
-    concavity; a wedge tilts them). ``canal``: at each body's centre and each disc's mid-level, the canal's
-    antero-posterior and left-right diameters and cross-sectional area orthogonal to the canal, and the cord's area
+    concavity; a wedge tilts them); the corpus's depth and height, ``posterior_wall_mm`` (the mask's mid-sagittal
+    posterior surface 20% of the height from an endplate, from the centre along the posterior axis; for S1 the front
+    of the sacral canal's ring, labelled sacrum) and ``slip_below_mm`` (the listhesis variant's shift of everything
+    below, posteriorly along this vertebra's axis). ``canal``: at each body's centre and each disc's mid-level, the
+    canal's antero-posterior and left-right diameters and cross-sectional area orthogonal to the canal, and the cord's area
     (0 below the conus). Recording it draws no random numbers: images and masks are unchanged."""
     centre = 0.5 * (np.asarray(lo, float) + np.asarray(hi, float))
 
@@ -320,9 +323,14 @@ def _truth(lay: _Layout, lo: np.ndarray, hi: np.ndarray) -> dict:
     elements = []
     for v in lay.verts + lay.sacrum[:1]:
         k = 0.5 * v.k_wedge  # surfaces y = -+0.5 (H + k_wedge x) in the local frame (x posterior, y inferior)
+        # mid-sagittal posterior surface 20% of the height from an endplate (yn = 0.6): the waisted, concave corpus;
+        # S1's body is fronted by the sacral canal's ring (label 26 too), which reaches 0.8 mm behind the corpus
+        wall = v.a + 0.8 if v.region == "S" else v.a * (1.0 - v.waist * (1.0 - 0.36)) - v.post_conc * v.a
         elements.append({"id": int(v.vid), "name": v.name, "centre_mm": pos(v.O), "axis_caudal": vec(v.Rm[:, 1]),
                          "axis_anterior": vec(-v.Rm[:, 0]), "superior_normal": vec(v.Rm @ np.array([-k, -1.0, 0.0])),
-                         "inferior_normal": vec(v.Rm @ np.array([k, -1.0, 0.0]))})
+                         "inferior_normal": vec(v.Rm @ np.array([k, -1.0, 0.0])), "depth_mm": round(float(v.D), 3),
+                         "height_mm": round(float(v.H), 3), "posterior_wall_mm": round(float(wall), 3),
+                         "slip_below_mm": round(float(v.slip_below), 3)})
     ctl = _canal_controls(lay)
 
     def canal_at(i_mm: float) -> dict:
