@@ -312,7 +312,7 @@ def segment(scan: str | os.PathLike | Scan | np.ndarray, *, affine: np.ndarray |
         else:
             image = load_scan(scan)
     # checks before the expensive work: a 2D image, an image without signal (when the semantic phase is to look at
-    # it), a device that is not there, and an instance model that does not load all fail before the first phase
+    # it), a device that is not there, and a model that does not load all fail before the first phase
     from spineps_like.checks import check_device, check_shape, check_signal
 
     if instance_method not in INSTANCE_METHODS:
@@ -330,6 +330,11 @@ def segment(scan: str | os.PathLike | Scan | np.ndarray, *, affine: np.ndarray |
         with timings.phase("load_instance_model"):
             instance_name = instance_model or DEFAULT_INSTANCE_MODEL
             instance_model = load_instance_model(find_model(instance_name).path, device=device)
+    if semantic_mask is None and (semantic_model is None or isinstance(semantic_model, (str, os.PathLike))):
+        from spineps_like.models import load_semantic_model
+
+        with timings.phase("load_semantic_model"):  # a corrupt weights file fails here, before any phase
+            semantic_model = load_semantic_model(semantic_model or DEFAULT_SEMANTIC_MODEL, device=device)
     settings = {"instance_method": instance_method, "device": device, "amp": amp, "mirroring": mirroring,
                 "step_size": step_size, "n4": n4, "restore": restore}
     if semantic_mask is not None:

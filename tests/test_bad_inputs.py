@@ -335,6 +335,41 @@ def test_bad_settings_fail_before_work(tmp_path, capsys, kind):
     assert _files_under(tmp_path) == before
 
 
+def _unverified_corrupt_model(t, kind):
+    """A model folder without MANIFEST.sha256 (as real SPINEPS weights come) whose weights file is truncated."""
+    import shutil
+
+    from spineps_like.models import find_model
+
+    dst = t / kind
+    shutil.copytree(find_model("semantic-phantom" if kind == "semantic" else "instance-phantom").path, dst)
+    (dst / "MANIFEST.sha256").unlink()
+    w = next(iter([*dst.glob("**/checkpoint_final.pth"), *dst.glob("**/*.ckpt")]))
+    w.write_bytes(w.read_bytes()[: len(w.read_bytes()) // 2])
+    return dst, w
+
+
+@pytest.mark.parametrize("kind", ["semantic", "instance"])
+def test_unverified_model_with_corrupt_weights_fails_before_work(tmp_path, capsys, monkeypatch, kind):
+    """Weights a user brings carry no manifest: they load with a warning, and a corrupt weights file is one error line
+    naming that file, before any phase runs (the semantic phase would raise here), with nothing written."""
+    import spineps_like.semantic
+
+    def no_phase(*a, **k):
+        raise AssertionError("the semantic phase ran before the weights were checked")
+
+    monkeypatch.setattr(spineps_like.semantic, "predict_semantic", no_phase)
+    scan = _nifti(tmp_path / "sub-01_T2w.nii.gz")
+    model, weights = _unverified_corrupt_model(tmp_path, kind)
+    before = _files_under(tmp_path)
+    rc, out, err, _ = _run(["segment", scan, f"--{kind}-model", model], capsys)
+    lines = err.strip().splitlines()
+    assert rc != 0 and out == "" and "Traceback" not in err and "semantic phase ran" not in err
+    assert len(lines) == 2 and "no MANIFEST.sha256" in lines[0], err
+    assert str(weights) in lines[1] and "error" in lines[1], lines[1]
+    assert _files_under(tmp_path) == before
+
+
 def test_cohort_status_on_a_file_that_is_not_a_database(tmp_path, capsys):
     (tmp_path / "cohort.sqlite").write_bytes(b"this is not sqlite\n" * 100)
     rc, out, err, _ = _run(["cohort", "status", tmp_path], capsys)

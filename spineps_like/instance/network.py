@@ -351,13 +351,19 @@ def load_instance_model(folder: str | Path, *, device: str | torch.device = "cpu
         Where the network lives.
     verify : bool
         Check ``MANIFEST.sha256`` when the folder has one (a mismatch raises ``ModelError``); a folder without one
-        (e.g. downloaded SPINEPS weights) loads with ``verified=False``.
+        (e.g. downloaded SPINEPS weights) loads with ``verified=False`` and a warning.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise ModelError(f"{folder}: instance model folder not found")
     cfg_path, config, weights = read_instance_folder(folder)
     verified = bool(verify and verify_manifest(folder, required=[cfg_path, weights]))
+    if verify and not verified:
+        import warnings
+
+        from spineps_like.models.manifest import MANIFEST_NAME
+
+        warnings.warn(f"{folder}: no {MANIFEST_NAME}; loading unverified model files", stacklevel=2)
     try:
         network = Unet3D.from_state_dict(load_checkpoint_state_dict(weights))
     except (ValueError, RuntimeError) as e:  # RuntimeError: strict load found missing/unexpected/mis-shaped keys
