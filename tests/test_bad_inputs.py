@@ -370,6 +370,58 @@ def test_unverified_model_with_corrupt_weights_fails_before_work(tmp_path, capsy
     assert _files_under(tmp_path) == before
 
 
+def _mask(path, shape=(40, 40, 12), affine=None, dtype=np.int16, values=(0, 49)):
+    """A small label mask: a block of ``values[1]`` in the middle (float data when dtype is a float type)."""
+    a = np.full(shape, values[0], dtype=dtype)
+    a[10:30, 10:30, 3:9] = values[1]
+    return _nifti(path, a, affine)
+
+
+#: Masks given to `evaluate`, `measure` and `segment --semantic-mask`: name -> (argv builder, words of the error).
+MASK_INPUTS = {
+    "evaluate: prediction missing": (
+        lambda t: ["evaluate", t / "nowhere.nii.gz", _mask(t / "g.nii.gz"), "--out", t / "o"], "does not exist"),
+    "evaluate: reference folder without masks": (
+        lambda t: ["evaluate", (t / "p").mkdir() or _mask(t / "p" / "a.nii.gz").parent, (t / "g").mkdir() or t / "g",
+                   "--out", t / "o"], "no reference mask"),
+    "evaluate: a file and a folder": (
+        lambda t: ["evaluate", _mask(t / "p.nii.gz"), (t / "g").mkdir() or t / "g", "--out", t / "o"],
+        "give all files or all folders"),
+    "evaluate: grids differ": (
+        lambda t: ["evaluate", _mask(t / "p.nii.gz", shape=(38, 40, 12)), _mask(t / "g.nii.gz"), "--out", t / "o"],
+        "differs from the reference grid"),
+    "evaluate: prediction is not a mask": (
+        lambda t: ["evaluate", _mask(t / "p.nii.gz", dtype=np.float32, values=(0.25, 49.5)), _mask(t / "g.nii.gz"),
+                   "--out", t / "o"], "non-integer values"),
+    "evaluate: prediction is not an image": (
+        lambda t: ["evaluate", _put(t / "p.nii.gz", "not an image"), _mask(t / "g.nii.gz"), "--out", t / "o"],
+        "not a readable image"),
+    "measure: masks on different grids": (
+        lambda t: ["measure", _mask(t / "s.nii.gz"), _mask(t / "i.nii.gz", shape=(40, 40, 10)), "--out",
+                   t / "m.json"], "i.nii.gz"),
+    "measure: semantic mask missing": (
+        lambda t: ["measure", t / "nowhere.nii.gz", _mask(t / "i.nii.gz"), "--out", t / "m.json"], "nowhere.nii.gz"),
+    "segment: --semantic-mask on another grid": (
+        lambda t: ["segment", _nifti(t / "sub-01_T2w.nii.gz"), "--semantic-mask", _mask(t / "s.nii.gz"), "--out",
+                   t / "o"], "s.nii.gz"),
+    "segment: --semantic-mask is not a mask": (
+        lambda t: ["segment", _nifti(t / "sub-01_T2w.nii.gz"), "--semantic-mask",
+                   _nifti(t / "s.nii.gz", _image().astype(np.float32) + 0.5), "--out", t / "o"], "non-integer"),
+}
+
+
+@pytest.mark.parametrize("kind", list(MASK_INPUTS))
+def test_bad_masks_are_refused_in_one_line(tmp_path, capsys, kind):
+    """Masks a user brings (to evaluate, measure, or instead of the semantic phase): one line, non-zero exit, and
+    nothing written."""
+    make, words = MASK_INPUTS[kind]
+    argv = make(tmp_path)
+    before = _files_under(tmp_path)
+    rc, out, err, _ = _run(argv, capsys)
+    _assert_one_line_error(rc, out, err, words)
+    assert _files_under(tmp_path) == before
+
+
 def test_cohort_status_on_a_file_that_is_not_a_database(tmp_path, capsys):
     (tmp_path / "cohort.sqlite").write_bytes(b"this is not sqlite\n" * 100)
     rc, out, err, _ = _run(["cohort", "status", tmp_path], capsys)
