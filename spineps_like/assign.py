@@ -24,10 +24,10 @@ import cc3d
 import numpy as np
 from scipy.spatial import cKDTree
 
-from spineps_like.geometry import bbox, surface_voxels, voxel_coords
-from spineps_like.instance.centres import check_mask, check_spacing, spine_axes
-from spineps_like.instance.geometric import unique_ints
-from spineps_like.labels import ENDPLATE_OFFSET, IVD_OFFSET, SACRUM_ID, SEMANTIC_ALIASES, label_mask, present_ids
+from spineps_like.geometry import bbox, voxel_coords
+from spineps_like.instance.centres import spine_axes
+from spineps_like.labels import ENDPLATE_OFFSET, IVD_OFFSET, SACRUM_ID, SEMANTIC_ALIASES, label_mask
+from spineps_like.masks import check_mask, check_spacing, present_ids, surface_voxels, unique_ints
 
 IVD = 100
 ENDPLATE_LIKE: tuple[int, ...] = (52, 53, 62)
@@ -227,7 +227,7 @@ def assign_ivds_endplates(
     >>> inst, sem = assign_ivds_endplates(semantic, vert, (1.5, 1.5, 1.5))   # doctest: +SKIP
     """
     sem = check_mask(semantic)
-    vert = check_mask(vertebrae, "vertebra instance")
+    vert = check_mask(vertebrae, "vertebra instance mask")
     if vert.shape != sem.shape:
         raise ValueError(f"vertebra instance mask shape {vert.shape} differs from the semantic mask {sem.shape}")
     sp = check_spacing(spacing)

@@ -332,24 +332,6 @@ def voxel_coords(mask: np.ndarray) -> np.ndarray:
     return np.stack(nonzero_coords(mask), axis=-1).reshape(-1, mask.ndim)
 
 
-def surface_voxels(mask: np.ndarray) -> np.ndarray:
-    """Coordinates (N, ndim) of the voxels of a boolean ``mask`` with a face neighbour outside it or on the array's
-    edge. The voxel of a set nearest to any point outside it is one of these, so set distances need only them."""
-    mask = np.asarray(mask, dtype=bool)
-    interior = mask.copy()
-    for ax in range(mask.ndim):
-        lo = [slice(None)] * mask.ndim
-        hi = [slice(None)] * mask.ndim
-        lo[ax], hi[ax] = slice(0, -1), slice(1, None)
-        interior[tuple(lo)] &= mask[tuple(hi)]
-        interior[tuple(hi)] &= mask[tuple(lo)]
-        edge = [slice(None)] * mask.ndim
-        for end in (0, -1):
-            edge[ax] = end
-            interior[tuple(edge)] = False
-    return voxel_coords(mask & ~interior)
-
-
 def bbox(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...] | None:
     """Bounding box of the non-zero voxels as slices, grown by ``margin`` and clipped; None when empty.
 

@@ -37,7 +37,6 @@ import numpy as np
 
 from spineps_like.assign import map_aliases, vertebra_ids, vertebra_order
 from spineps_like.geometry import nonzero_coords
-from spineps_like.instance.centres import check_mask, check_spacing
 from spineps_like.io import atomic_write_json
 from spineps_like.labels import (
     ANATOMICAL_ORDER,
@@ -48,8 +47,8 @@ from spineps_like.labels import (
     VERTEBRA_NAME_TO_ID,
     instance_name,
     label_mask,
-    present_ids,
 )
+from spineps_like.masks import check_mask, check_spacing, present_ids
 
 _C = [VERTEBRA_NAME_TO_ID[f"C{i}"] for i in range(1, 8)]
 _T = [VERTEBRA_NAME_TO_ID[f"T{i}"] for i in range(1, 13)]
@@ -279,7 +278,7 @@ def label_vertebrae(
         Relabelled instance mask.
     result : LabelingResult
     """
-    inst = check_mask(instance, "instance")
+    inst = check_mask(instance, "instance mask")
     sem_raw = check_mask(semantic)
     if inst.shape != sem_raw.shape:
         raise ValueError(f"instance mask shape {inst.shape} differs from the semantic mask {sem_raw.shape}")
@@ -527,7 +526,7 @@ def write_centroids_json(
     """
     if which not in ("vertebrae", "all"):
         raise ValueError(f"which must be 'vertebrae' or 'all', got {which!r}")
-    inst = check_mask(instance, "instance")
+    inst = check_mask(instance, "instance mask")
     aff = np.asarray(affine, dtype=float)
     if aff.shape != (4, 4) or not np.all(np.isfinite(aff)):
         raise ValueError(f"affine must be a finite 4x4 matrix, got shape {aff.shape}")
@@ -554,7 +553,7 @@ def summary_json(
     ``"endplates"``; the labelling (anchor, ambiguity, notes) under ``"labeling"`` when ``result`` is given.
     Written atomically when ``path`` is given.
     """
-    inst = check_mask(instance, "instance")
+    inst = check_mask(instance, "instance mask")
     aff = np.asarray(affine, dtype=float)
     vox_mm3 = float(abs(np.linalg.det(aff[:3, :3])))
     cnt = np.bincount(inst.ravel().astype(np.int64))

@@ -40,9 +40,8 @@ from scipy import ndimage
 
 from spineps_like.assign import assign_ivds_endplates, map_aliases, vertebra_ids, vertebra_order, vertebra_voxels
 from spineps_like.geometry import bbox, grow_box, nonzero_index
-from spineps_like.instance.centres import check_mask, check_spacing
-from spineps_like.instance.geometric import count_pairs, dominant_partner, facet_free_contacts
-from spineps_like.labels import ENDPLATE_OFFSET, IVD_OFFSET, SACRUM_ID, label_mask, present_ids
+from spineps_like.labels import ENDPLATE_OFFSET, IVD_OFFSET, SACRUM_ID, label_mask
+from spineps_like.masks import check_mask, check_spacing, count_pairs, dominant_partner, facet_free_contacts, present_ids
 
 VERTEBRA_BONE: tuple[int, ...] = tuple(range(41, 50))
 ARTICULAR: tuple[int, ...] = (45, 46, 47, 48)
@@ -372,7 +371,7 @@ def postprocess(
         the input holds ids past 16 bits).
     """
     sem0 = check_mask(semantic)
-    inst0 = check_mask(instance, "instance")
+    inst0 = check_mask(instance, "instance mask")
     if sem0.shape != inst0.shape:
         raise ValueError(f"instance mask shape {inst0.shape} differs from the semantic mask {sem0.shape}")
     sp = check_spacing(spacing)

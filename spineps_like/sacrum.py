@@ -31,8 +31,8 @@ from scipy import ndimage as ndi
 
 from spineps_like.assign import vertebra_ids, vertebra_order
 from spineps_like.geometry import bbox, grow_box
-from spineps_like.instance.centres import check_mask, check_spacing
 from spineps_like.labels import ENDPLATE_OFFSET, IVD_OFFSET, SACRUM_ID, VERTEBRA_LABELS, label_mask
+from spineps_like.masks import check_mask, check_spacing
 
 BODY_LABELS: tuple[int, ...] = (49, 52, 53)
 POSTERIOR_LABELS: tuple[int, ...] = (41, 42, 43, 44, 45, 46, 47, 48)
@@ -156,7 +156,7 @@ def confirm_sacrum(
     semantic, instance, report : new arrays (inputs untouched) and a :class:`SacrumReport`.
     """
     sem = check_mask(semantic).copy()
-    inst = check_mask(instance, "instance").copy()
+    inst = check_mask(instance, "instance mask").copy()
     if sem.shape != inst.shape:
         raise ValueError(f"instance mask shape {inst.shape} differs from the semantic mask {sem.shape}")
     sp = check_spacing(spacing)

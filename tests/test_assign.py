@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from spineps_like.assign import assign_ivds_endplates, vertebra_order
-from spineps_like.instance.geometric import contact_counts, geometric_instances
+from spineps_like.instance.geometric import geometric_instances
+from spineps_like.masks import contact_counts
 from synthetic_spine import make_spine
 
 
@@ -210,7 +211,7 @@ def test_vertebra_ids_are_the_vertebra_voxels_ids():
 @pytest.mark.parametrize("spread", [3, 40, 10**9])
 def test_unique_ints_equals_numpy_unique(spread):
     """The bincount shortcut (small key ranges) and the sorting fallback (wide ones) give np.unique's outputs."""
-    from spineps_like.instance.geometric import unique_ints
+    from spineps_like.masks import unique_ints
 
     rng = np.random.default_rng(spread % 97)
     for n in (0, 1, 50, 5000):

@@ -284,7 +284,7 @@ def test_json_written_by_every_module_is_strict_json(tmp_path):
 def test_surface_voxels_are_the_voxels_with_an_outside_face_neighbour():
     from scipy import ndimage as ndi
 
-    from spineps_like.geometry import surface_voxels
+    from spineps_like.masks import surface_voxels
 
     rng = np.random.default_rng(5)
     mask = ndi.binary_closing(rng.random((20, 24, 9)) < 0.6, iterations=1)

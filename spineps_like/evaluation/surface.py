@@ -1,4 +1,5 @@
-"""Border (surface) distances between binary masks, and the input checks every protocol shares.
+"""Border (surface) distances between binary masks, and the input checks every protocol shares (from
+:mod:`spineps_like.masks`, where every stage takes them).
 
 One implementation for every protocol that needs its own surface rule (SPIDER, Endplate3D-QCT); the
 SPINEPS protocol uses panoptica's ASSD unchanged.
@@ -28,37 +29,15 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
+from spineps_like import masks
 from spineps_like.geometry import bbox
+from spineps_like.masks import as_label_array, border  # as_label_array: spider.py takes it from here
 
 
 # ---------------------------------------------------------------- shared input checks
 def check_spacing(spacing: Sequence[float], ndim: int = 3) -> tuple[float, ...]:
-    """Spacing as a tuple of positive finite floats, one per array axis; ValueError otherwise."""
-    try:
-        sp = tuple(float(s) for s in spacing)
-    except (TypeError, ValueError):
-        raise ValueError(f"spacing must be {ndim} numbers (mm per array axis), got {spacing!r}") from None
-    if len(sp) != ndim or not all(np.isfinite(s) and s > 0 for s in sp):
-        raise ValueError(f"spacing must be {ndim} positive finite numbers (mm per array axis), got {spacing!r}")
-    return sp
-
-
-def as_label_array(mask: np.ndarray, name: str) -> np.ndarray:
-    """A 3D non-negative integer label array (floats holding whole numbers are accepted); ValueError otherwise."""
-    arr = np.asarray(mask)
-    if arr.ndim != 3:
-        raise ValueError(f"{name}: expected a 3D mask, got {arr.ndim}D with shape {arr.shape}")
-    if arr.dtype == bool:
-        return arr.astype(np.uint8)
-    if np.issubdtype(arr.dtype, np.floating):
-        if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
-            raise ValueError(f"{name}: mask holds non-integer values")
-        arr = arr.astype(np.int32)
-    elif not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"{name}: mask has unsupported dtype {arr.dtype}")
-    if arr.size and arr.min() < 0:
-        raise ValueError(f"{name}: mask holds negative labels (min {arr.min()})")
-    return arr
+    """:func:`spineps_like.masks.check_spacing` as a tuple of floats (what the protocols pass on to panoptica)."""
+    return tuple(float(s) for s in masks.check_spacing(spacing, ndim))
 
 
 def check_pair(pred: np.ndarray, gt: np.ndarray, what: str = "mask") -> tuple[np.ndarray, np.ndarray]:
@@ -70,14 +49,7 @@ def check_pair(pred: np.ndarray, gt: np.ndarray, what: str = "mask") -> tuple[np
     return p, g
 
 
-# ---------------------------------------------------------------- borders and distances
-def border(mask: np.ndarray, connectivity: int = 1) -> np.ndarray:
-    """Border voxels of a binary mask: ``mask XOR erosion(mask)`` (outside the array counts as background)."""
-    m = np.asarray(mask, dtype=bool)
-    footprint = ndimage.generate_binary_structure(m.ndim, connectivity)
-    return m ^ ndimage.binary_erosion(m, structure=footprint, iterations=1)
-
-
+# ---------------------------------------------------------------- distances
 def surface_distances(
     a: np.ndarray, b: np.ndarray, spacing: Sequence[float], connectivity: int = 1
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -33,6 +33,7 @@ from scipy import ndimage as ndi
 
 from spineps_like.geometry import bbox, nonzero_coords, voxel_coords
 from spineps_like.labels import label_mask
+from spineps_like.masks import check_mask, check_spacing
 
 #: Semantic labels counted as corpus when looking for vertebral bodies.
 CORPUS_LIKE: tuple[int, ...] = (49, 50, 51, 52, 53, 62)
@@ -71,28 +72,6 @@ class CorpusCentres:
 
     def __len__(self) -> int:
         return int(self.centres.shape[0])
-
-
-def check_spacing(spacing: Sequence[float]) -> np.ndarray:
-    """``spacing`` as a float array of three positive finite values, else ValueError."""
-    sp = np.asarray(spacing, dtype=float).ravel()
-    if sp.shape != (3,) or not np.all(np.isfinite(sp)) or np.any(sp <= 0):
-        raise ValueError(f"spacing must be three positive mm values, got {tuple(np.ravel(spacing))}")
-    return sp
-
-
-def check_mask(mask: np.ndarray, name: str = "semantic") -> np.ndarray:
-    """A 3D integer label array, else ValueError naming it."""
-    arr = np.asarray(mask)
-    if arr.ndim != 3:
-        raise ValueError(f"{name} mask must be 3D, got shape {arr.shape}")
-    if not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool):
-        if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
-            raise ValueError(f"{name} mask must hold integer labels, got dtype {arr.dtype}")
-        arr = arr.astype(np.int32)
-    if arr.size and arr.dtype.kind == "i" and arr.min() < 0:  # unsigned and boolean masks cannot hold any
-        raise ValueError(f"{name} mask holds negative labels")
-    return arr
 
 
 def spine_axes(centres_mm: np.ndarray, reach: int = 1) -> np.ndarray:

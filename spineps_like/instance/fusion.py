@@ -38,7 +38,7 @@ from spineps_like.instance.cutouts import (
     CENTRE, CLASS_NAMES, Box, SparseMask, SparsePrediction, box_intersection, box_slices, box_union,
 )
 from spineps_like.geometry import nonzero_coords
-from spineps_like.labels import label_counts
+from spineps_like.masks import label_counts
 
 Key = tuple[int, int]  # (cutout index, class)
 

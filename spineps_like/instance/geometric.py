@@ -36,126 +36,15 @@ from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 
 from spineps_like.geometry import bbox, nonzero_coords
-from spineps_like.instance.centres import CorpusCentres, check_mask, check_spacing, corpus_centres
+from spineps_like.instance.centres import CorpusCentres, corpus_centres
 from spineps_like.labels import label_mask
+from spineps_like.masks import check_mask, check_spacing, contact_counts, dominant_partner, facet_free_contacts
 
 CORPUS_BONE: tuple[int, ...] = (49, 50, 51)
 ARCH_LABELS: tuple[int, ...] = (41, 42, 43, 44)
 ARTICULAR_LABELS: tuple[int, ...] = (45, 46, 47, 48)
 ENDPLATE_LIKE: tuple[int, ...] = (52, 53, 62)
 BONE_LABELS: tuple[int, ...] = ARCH_LABELS + ARTICULAR_LABELS + CORPUS_BONE
-
-
-def _face_neighbours(a: np.ndarray, b: np.ndarray, semantic: np.ndarray | None = None
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """Every face-adjacent voxel pair with ``a > 0`` on one side and ``b > 0`` on the other: the ``a`` value, the
-    ``b`` value and, if given, ``semantic`` on either side. Works from the ``a`` voxels only (no volume-sized
-    temporaries), six face shifts, each face counted once per direction."""
-    coords = nonzero_coords(a)
-    empty = np.zeros(0, np.int64)
-    no_sides = (None, None) if semantic is None else (empty, empty)
-    if len(coords[0]) == 0:
-        return empty, empty, *no_sides
-    av = a[coords]
-    sa = semantic[coords] if semantic is not None else None
-    xs, ys, gx, gy = [], [], [], []
-    for ax in range(a.ndim):
-        n = a.shape[ax]
-        for d in (-1, 1):
-            c = coords[ax] + d
-            ok = (c >= 0) & (c < n)
-            if not ok.any():
-                continue
-            nb = tuple(c[ok] if k == ax else coords[k][ok] for k in range(a.ndim))
-            bv = b[nb]
-            hit = bv > 0
-            if not hit.any():
-                continue
-            xs.append(av[ok][hit])
-            ys.append(bv[hit])
-            if semantic is not None:
-                gx.append(sa[ok][hit])
-                gy.append(semantic[tuple(x[hit] for x in nb)])
-    if not xs:
-        return empty, empty, *no_sides
-    cat = lambda v: np.concatenate(v).astype(np.int64, copy=False)  # noqa: E731
-    return cat(xs), cat(ys), *((None, None) if semantic is None else (cat(gx), cat(gy)))
-
-
-def unique_ints(keys: np.ndarray, *, return_inverse: bool = False, return_counts: bool = False):
-    """``np.unique`` of non-negative integer keys (flat), with the same outputs: by one ``bincount`` when the keys'
-    range is at most a few times their number (label pairs, component x vertebra keys), without sorting."""
-    keys = np.asarray(keys).reshape(-1)
-    if len(keys) == 0 or keys.min() < 0 or keys.max() > 4 * len(keys) + 4096:
-        return np.unique(keys, return_inverse=return_inverse, return_counts=return_counts)
-    counts = np.bincount(keys)
-    present = np.flatnonzero(counts).astype(keys.dtype, copy=False)
-    out = [present]
-    if return_inverse:
-        out.append((np.cumsum(counts > 0) - 1)[keys])
-    if return_counts:
-        out.append(counts[present])
-    return out[0] if len(out) == 1 else tuple(out)
-
-
-def count_pairs(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Unique ``(x, y)`` pairs (sorted by x, then y) with their counts."""
-    if len(x) == 0:
-        return x, y, np.zeros(0, np.int64)
-    base = int(y.max()) + 1
-    keys, counts = unique_ints(x * base + y, return_counts=True)
-    return keys // base, keys % base, counts.astype(np.int64)
-
-
-def contact_counts(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Face contacts between the labels of ``a`` and the labels of ``b`` (two label arrays on one grid).
-
-    Returns ``(a_ids, b_ids, counts)``: for every pair of face-adjacent voxels with ``a > 0`` on one side and
-    ``b > 0`` on the other, counted once per voxel face. Cost scales with the ``a`` voxels, not the volume.
-    """
-    x, y, _, _ = _face_neighbours(a, b)
-    return count_pairs(x, y)
-
-
-#: Facet joint sides: superior articular (45/46) -> 1, inferior articular (47/48) -> 2; a face between 1 and 2 is a
-#: joint.
-_FACET_SIDE = np.zeros(256, np.int64)
-_FACET_SIDE[[45, 46]] = 1
-_FACET_SIDE[[47, 48]] = 2
-
-
-def facet_free_contacts(a: np.ndarray, b: np.ndarray, semantic: np.ndarray
-                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`contact_counts` without the contacts across facet joints.
-
-    A face between an inferior articular voxel (47/48) and a superior articular voxel (45/46) is the joint between
-    two vertebrae, never evidence that the two sides belong together, so it is not counted.
-    """
-    x, y, gx, gy = _face_neighbours(a, b, semantic)
-    if len(x) == 0:
-        return count_pairs(x, y)
-    side = lambda g: _FACET_SIDE[np.clip(g, 0, 255)]  # noqa: E731
-    keep = side(gx) + side(gy) != 3
-    return count_pairs(x[keep], y[keep])
-
-
-def dominant_partner(a_ids: np.ndarray, b_ids: np.ndarray, counts: np.ndarray,
-                     dominance: float = 2.0) -> dict[int, int]:
-    """For each ``a`` id, the ``b`` id with the most contact when it exceeds ``dominance`` x the runner-up."""
-    out: dict[int, int] = {}
-    if len(a_ids) == 0:
-        return out
-    order = np.lexsort((-counts, a_ids))
-    a_s, b_s, c_s = a_ids[order], b_ids[order], counts[order]
-    first = np.r_[True, a_s[1:] != a_s[:-1]]
-    starts = np.flatnonzero(first)
-    for k, st in enumerate(starts):
-        end = starts[k + 1] if k + 1 < len(starts) else len(a_s)
-        top = c_s[st]
-        runner = c_s[st + 1] if end - st > 1 else 0
-        if top > dominance * runner:
-            out[int(a_s[st])] = int(b_s[st])
-    return out
 
 
 def _component_vote(comp: np.ndarray, target: np.ndarray, weights: np.ndarray | None = None) -> dict[int, int]:
