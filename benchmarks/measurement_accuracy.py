@@ -1,7 +1,9 @@
 """Measurement accuracy on phantoms with exact geometry (issue 29): Genant height loss and grade of the collapsed
-vertebra, listhesis slip and Meyerding grade, grade 0 on every other vertebra, disc heights against the generator's;
-canal AP diameter and area, disc angles, lumbar lordosis, thoracic kyphosis and the coronal Cobb angle against the
-phantom's exact geometry (``meta['truth']``); and the time of a whole-spine measurement.
+vertebra, listhesis slip and Meyerding grade (L5 over S1 included), grade 0 on every other vertebra, disc heights
+against the generator's; canal AP diameter and area, disc angles, lumbar lordosis, thoracic kyphosis and the coronal
+Cobb angle against the phantom's exact geometry (``meta['truth']``); the T2w disc / CSF signal ratio of degenerated
+against healthy discs; trabecular HU on a whole-spine CT phantom; and the time of a whole-spine measurement (T2w with
+the signal step, CT with the density step).
 
 Phantoms from the held-out TEST set (``spineps_like.phantom_sets.TEST``), ground-truth masks (no model), 1 x 1 x 3 mm
 voxels in the orientation each seed draws at random (the measurements must not depend on it). Writes
@@ -26,8 +28,7 @@ from spineps_like.phantom import make_phantom
 from spineps_like.phantom_sets import TEST
 
 RESULTS = Path(__file__).parent / "results"
-#: (variant, fov) by index; listhesis only where it cannot fall on L5/S1 (not measured over the sacrum yet) is not
-#: guaranteed, such cases are reported as "not measured"
+#: (variant, fov) by index
 PLAN = [("collapsed", "lumbar"), ("listhesis", "lumbar"), ("collapsed", "thoracic"), ("listhesis", "cervical"),
         (None, "lumbar"), ("collapsed", "cervical"), ("listhesis", "lumbar"), ("collapsed", "lumbar"),
         ("listhesis", "cervical"), (None, "cervical")]
@@ -41,8 +42,10 @@ def run(n: int) -> dict:
         ph = make_phantom(seed, fov=fov, mode="t2w", variant=variant, spacing=(1.0, 1.0, 3.0), orientation="random")
         complete = {e["id"]: not e["cut"] for e in ph.meta["vertebrae"]}
         t0 = time.perf_counter()
-        m = measure(ph.semantic.array, ph.instance.array, ph.semantic.affine, complete=complete)
+        m = measure(ph.semantic.array, ph.instance.array, ph.semantic.affine, complete=complete,
+                    image=ph.image.array)
         dt = time.perf_counter() - t0
+        el = {e["id"]: e for e in ph.meta["truth"]["elements"]}
         anat = ph.meta["anatomy"]
         col, lis = anat.get("collapsed"), anat.get("listhesis")
         case = {"seed": seed, "fov": fov, "variant": variant, "orientation": ph.meta["orientation"],
@@ -57,10 +60,17 @@ def run(n: int) -> dict:
             elif r["genant_grade"] is not None:
                 normal_grades.append(r["genant_grade"])
             if lis and r["id"] == lis["id"]:
+                wall = _wall_truth(el, r)
                 case["listhesis"] = {"name": r["name"], "over": r["listhesis_over"], "true_mm": lis["slip_mm"],
                                      "true_fraction": lis["slip_fraction"], "true_grade": lis["meyerding_grade"],
+                                     "wall_true_mm": wall[0], "wall_true_fraction": wall[1],
+                                     "wall_true_grade": meyerding_grade(wall[1]),
                                      "mm": r["listhesis_mm"], "fraction": r["listhesis_fraction"],
                                      "grade": r["meyerding_grade"]}
+            elif r["listhesis_over"] == "S1":
+                wall = _wall_truth(el, r)
+                case["unslipped_l5_s1"] = {"name": r["name"], "wall_true_mm": wall[0], "mm": r["listhesis_mm"],
+                                           "fraction": r["listhesis_fraction"], "grade": r["meyerding_grade"]}
             elif r["meyerding_grade"] is not None:
                 slips_normal.append((r["listhesis_mm"], r["meyerding_grade"]))
         case["other_vertebrae_grades"] = normal_grades
@@ -70,11 +80,24 @@ def run(n: int) -> dict:
         case["discs"] = [{"name": d["name"], "true_mm": gt.get(d["id"]), "middle_mm": d["height_middle_mm"],
                           "mean_mm": d["height_mean_mm"], "dhi": d["disc_height_index"]} for d in m["discs"]]
         case["canal_ap_mm"] = [c["ap_diameter_mm"] for c in m["canal"]]
+        deg = {d["id"]: d["degenerated"] for d in ph.meta["ivds"]}
+        case["disc_csf_ratio"] = {k: [d["disc_csf_signal_ratio"] for d in m["discs"] if deg.get(d["id"]) is flag
+                                      and d["disc_csf_signal_ratio"] is not None]
+                                  for k, flag in (("degenerated", True), ("healthy", False))}
         case.update(truth_errors(ph, m))
         cases.append(case)
         print(json.dumps({k: case[k] for k in case if k in ("seed", "fov", "variant", "collapsed", "listhesis",
                                                             "measure_s")}), flush=True)
     return summarise(cases)
+
+
+def _wall_truth(el: dict, r: dict) -> tuple[float, float]:
+    """The phantom's true offset (mm) of r's mid-sagittal posterior wall over the body below's and its fraction of
+    that body's depth: the generator's slip plus the difference of the two walls (``meta['truth']``)."""
+    ids = list(el)
+    below = el[ids[ids.index(r["id"]) + 1]]
+    mm = el[r["id"]]["slip_below_mm"] + below["posterior_wall_mm"] - el[r["id"]]["posterior_wall_mm"]
+    return round(mm, 2), round(mm / below["depth_mm"], 3)
 
 
 def _tilts(m: dict):
@@ -121,17 +144,33 @@ def truth_errors(ph, m: dict) -> dict:
 
 
 def whole_spine_timing(repeats: int = 5) -> dict:
-    """Seconds of measure() on a whole-spine phantom (C2-sacrum, 1 x 1 x 3 mm), best and median of ``repeats``."""
-    ph = make_phantom(TEST.seed(0), fov="whole", mode="t2w", spacing=(1.0, 1.0, 3.0), orientation="PIR")
-    complete = {e["id"]: not e["cut"] for e in ph.meta["vertebrae"]}
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        m = measure(ph.semantic.array, ph.instance.array, ph.semantic.affine, complete=complete)
-        times.append(time.perf_counter() - t0)
-    return {"seed": TEST.seed(0), "shape": list(ph.semantic.shape), "n_vertebrae": len(m["vertebrae"]),
-            "best_s": round(min(times), 3), "median_s": round(float(np.median(times)), 3),
-            "threads": os.environ.get("OMP_NUM_THREADS", "unset"), "load_average_1min": round(os.getloadavg()[0], 2)}
+    """Seconds of measure() on a whole-spine phantom (C2-sacrum, 1 x 1 x 3 mm), best and median of ``repeats``: T2w
+    with its image (the disc signal step), and the CT phantom of the same seed with its image (the density step);
+    the CT phantom's trabecular HU against its marrow's mean."""
+    out: dict = {"seed": TEST.seed(0), "threads": os.environ.get("OMP_NUM_THREADS", "unset")}
+    for mode in ("t2w", "ct"):
+        ph = make_phantom(TEST.seed(0), fov="whole", mode=mode, spacing=(1.0, 1.0, 3.0), orientation="PIR")
+        complete = {e["id"]: not e["cut"] for e in ph.meta["vertebrae"]}
+        times: dict[bool, list[float]] = {True: [], False: []}
+        for _ in range(repeats):  # with and without the image, interleaved: the same load for both
+            for with_image in (False, True):  # the last run keeps its image's fields
+                t0 = time.perf_counter()
+                m = measure(ph.semantic.array, ph.instance.array, ph.semantic.affine, complete=complete,
+                            image=ph.image.array if with_image else None)
+                times[with_image].append(time.perf_counter() - t0)
+        out[mode] = {"shape": list(ph.semantic.shape), "n_vertebrae": len(m["vertebrae"]),
+                     "best_s": round(min(times[True]), 3), "median_s": round(float(np.median(times[True])), 3),
+                     "best_s_without_image": round(min(times[False]), 3),
+                     "load_average_1min": round(os.getloadavg()[0], 2)}
+        if mode == "ct":
+            marrow = ph.meta["render"]["intensity_means"]["marrow"]
+            hu = np.array([r["trabecular_hu_mean"] for r in m["vertebrae"] if r["complete"]
+                           and r["trabecular_hu_mean"] is not None])
+            out["ct"].update({"marrow_mean_hu": round(float(marrow), 1), "n_vertebrae_hu": int(hu.size),
+                              "trabecular_hu_mean_of_vertebrae": round(float(hu.mean()), 1),
+                              "trabecular_hu_mae_vs_marrow": round(float(np.abs(hu - marrow).mean()), 1),
+                              "trabecular_hu_max_abs_vs_marrow": round(float(np.abs(hu - marrow).max()), 1)})
+    return out
 
 
 def summarise(cases: list[dict]) -> dict:
@@ -159,10 +198,17 @@ def summarise(cases: list[dict]) -> dict:
             "grade_agreement": f"{sum(c['grade'] == c['true_grade'] for c in col_graded)}/{len(col_graded)}",
             "not_graded_cut_by_fov": len(col) - len(col_graded)},
         "listhesis": {
-            "n": len(lis), "n_measured": len(lis_m), "not_measured_over_sacrum": len(lis) - len(lis_m),
+            "n": len(lis), "n_measured": len(lis_m), "not_measured": len(lis) - len(lis_m),
+            "n_over_s1": sum(x["over"] == "S1" for x in lis_m),
             "mae_slip_mm": mae([x["mm"] for x in lis_m], [x["true_mm"] for x in lis_m]),
             "mae_fraction": mae([x["fraction"] for x in lis_m], [x["true_fraction"] for x in lis_m]),
-            "grade_agreement": f"{sum(x['grade'] == x['true_grade'] for x in lis_m)}/{len(lis_m)}"},
+            "grade_agreement": f"{sum(x['grade'] == x['true_grade'] for x in lis_m)}/{len(lis_m)}",
+            "mae_wall_mm": mae([x["mm"] for x in lis_m], [x["wall_true_mm"] for x in lis_m]),
+            "max_abs_wall_mm": round(max(abs(x["mm"] - x["wall_true_mm"]) for x in lis_m), 2) if lis_m else None,
+            "mae_wall_fraction": mae([x["fraction"] for x in lis_m], [x["wall_true_fraction"] for x in lis_m]),
+            "wall_grade_agreement": f"{sum(x['grade'] == x['wall_true_grade'] for x in lis_m)}/{len(lis_m)}"},
+        "unslipped_l5_s1": [c["unslipped_l5_s1"] for c in cases if "unslipped_l5_s1" in c],
+        "disc_csf_ratio": _ratio_summary(cases),
         "other_vertebrae": {"n_graded": len(others), "graded_0": sum(g == 0 for g in others)},
         "other_levels_listhesis": {"n": len(oth_slip), "max_abs_slip_mm": round(max(oth_slip), 2) if oth_slip else None,
                                    "mean_abs_slip_mm": round(float(np.mean(oth_slip)), 3) if oth_slip else None,
@@ -180,6 +226,19 @@ def summarise(cases: list[dict]) -> dict:
                for k in ("lordosis", "kyphosis", "cobb")}},
         "cases": cases,
     }
+
+
+def _ratio_summary(cases: list[dict]) -> dict:
+    deg = [x for c in cases for x in c["disc_csf_ratio"]["degenerated"]]
+    ok = [x for c in cases for x in c["disc_csf_ratio"]["healthy"]]
+    both = [c for c in cases if c["disc_csf_ratio"]["degenerated"] and c["disc_csf_ratio"]["healthy"]]
+    sep = sum(max(c["disc_csf_ratio"]["degenerated"]) < min(c["disc_csf_ratio"]["healthy"]) for c in both)
+
+    def span(x: list[float]) -> list[float] | None:
+        return [round(min(x), 3), round(float(np.median(x)), 3), round(max(x), 3)] if x else None
+
+    return {"n_degenerated": len(deg), "n_healthy": len(ok), "degenerated_min_median_max": span(deg),
+            "healthy_min_median_max": span(ok), "scans_with_both": len(both), "scans_separated": sep}
 
 
 def _err_summary(ap: list[float], area: list[float]) -> dict:
@@ -205,12 +264,22 @@ def markdown(res: dict) -> str:
         f"| collapsed vertebra: Genant grade = true grade | {c['grade_agreement']} (+ {c['not_graded_cut_by_fov']} "
         "cut by the field of view, not graded) |",
         f"| every other graded vertebra: grade 0 | {o['graded_0']}/{o['n_graded']} |",
-        f"| listhesis: MAE of the slip (mm) | {li['mae_slip_mm']} (n = {li['n_measured']}; "
-        f"{li['not_measured_over_sacrum']} at L5/S1 not measured) |",
-        f"| listhesis: MAE of the slip fraction | {li['mae_fraction']} |",
-        f"| listhesis: Meyerding grade = true grade | {li['grade_agreement']} |",
-        f"| levels without listhesis: mean / max abs offset (mm) | {ol['mean_abs_slip_mm']} / {ol['max_abs_slip_mm']}"
-        f" ({ol['graded_0']}/{ol['n']} graded 0) |",
+        f"| listhesis: MAE against the true posterior-wall offset (mm), max | {li['mae_wall_mm']}, "
+        f"{li['max_abs_wall_mm']} (n = {li['n_measured']}, {li['n_over_s1']} of them L5/S1) |",
+        f"| listhesis: MAE of the fraction against the wall truth; Meyerding grade = the wall truth's | "
+        f"{li['mae_wall_fraction']}; {li['wall_grade_agreement']} |",
+        f"| listhesis: MAE against the generator's slip (mm); of the fraction; grade = the generator's | "
+        f"{li['mae_slip_mm']}; {li['mae_fraction']}; {li['grade_agreement']} ({li['not_measured']} not measured) |",
+        f"| levels without listhesis, L5/S1 apart: mean / max abs offset (mm) | {ol['mean_abs_slip_mm']} / "
+        f"{ol['max_abs_slip_mm']} ({ol['graded_0']}/{ol['n']} graded 0) |",
+        "| unslipped L5/S1: measured (true wall step) mm, grade | "
+        + "; ".join(f"{x['mm']} ({x['wall_true_mm']}), {x['grade']}" for x in res["unslipped_l5_s1"]) + " |",
+        f"| T2w disc / CSF signal ratio, degenerated discs: min / median / max | "
+        f"{res['disc_csf_ratio']['degenerated_min_median_max']} (n = {res['disc_csf_ratio']['n_degenerated']}) |",
+        f"| T2w disc / CSF signal ratio, healthy discs: min / median / max | "
+        f"{res['disc_csf_ratio']['healthy_min_median_max']} (n = {res['disc_csf_ratio']['n_healthy']}) |",
+        f"| scans whose degenerated discs all lie below their healthy ones | {res['disc_csf_ratio']['scans_separated']}/"
+        f"{res['disc_csf_ratio']['scans_with_both']} |",
         f"| discs: measured middle height minus the generator's centre height (mm), mean +- sd | "
         f"{d['middle_minus_generator_mm_mean']} +- {d['middle_minus_generator_mm_sd']} (n = {d['n']}) |",
         f"| canal AP diameter at body levels: MAE / max error (mm) | {res['canal']['ap_mae_mm']} / "
@@ -222,11 +291,17 @@ def markdown(res: dict) -> str:
         f"| lumbar lordosis L1-S1: abs errors (deg) | {res['angles']['lordosis_abs_err_deg']} |",
         f"| thoracic kyphosis T4-T12: abs errors (deg) | {res['angles']['kyphosis_abs_err_deg']} |",
         f"| coronal Cobb angle: abs errors (deg) | {res['angles']['cobb_abs_err_deg']} |",
-        f"| slowest scan's `measure()` (s) | {res['measure_s_max']} |",
-        f"| whole-spine phantom (seed {res['whole_spine']['seed']}, {res['whole_spine']['n_vertebrae']} vertebrae, "
-        f"{res['whole_spine']['shape']} voxels): `measure()` best / median of 5 (s) | {res['whole_spine']['best_s']} / "
-        f"{res['whole_spine']['median_s']} (OMP_NUM_THREADS={res['whole_spine']['threads']}, 1-min load average "
-        f"{res['whole_spine']['load_average_1min']}) |", "",
+        f"| slowest scan's `measure()` with its T2w image (s) | {res['measure_s_max']} |",
+        *[f"| whole-spine {k.upper()} phantom (seed {w['seed']}, {w[k]['n_vertebrae']} vertebrae, {w[k]['shape']} "
+          f"voxels) with its image ({'disc signal' if k == 't2w' else 'density'} step): `measure()` best / median of 5 "
+          f"(s) | {w[k]['best_s']} / {w[k]['median_s']} (best without the image {w[k]['best_s_without_image']}; "
+          f"OMP_NUM_THREADS={w['threads']}, 1-min load average {w[k]['load_average_1min']}) |"
+          for w in [res["whole_spine"]] for k in ("t2w", "ct")],
+        f"| whole-spine CT phantom: trabecular HU of {res['whole_spine']['ct']['n_vertebrae_hu']} vertebrae vs the "
+        f"marrow's mean {res['whole_spine']['ct']['marrow_mean_hu']} HU: their mean, MAE, max | "
+        f"{res['whole_spine']['ct']['trabecular_hu_mean_of_vertebrae']}, "
+        f"{res['whole_spine']['ct']['trabecular_hu_mae_vs_marrow']}, "
+        f"{res['whole_spine']['ct']['trabecular_hu_max_abs_vs_marrow']} |", "",
         "Notes:", "",
         "- The generator's `height_loss` is the loss of the body's centre height. The Genant loss is "
         "`1 - min(anterior, middle) / max(posterior, neighbours' posterior)`, so the collapsed phantom's anterior wedge "
@@ -234,7 +309,13 @@ def markdown(res: dict) -> str:
         "neighbours' middle heights is the like-for-like number.",
         "- The generator's disc height is the centre height between flat endplate planes; the bodies' endplates are "
         "concave (about 1 mm deep each), so the measured middle height is expected about 2 mm larger.",
-        "- Listhesis over the sacrum is not measured yet (see docs/measurements.md).",
+        "- Listhesis truth: the generator shifts everything below the slipped vertebra posteriorly by `slip_mm` "
+        "(centres, not walls). The measurement compares posterior walls, so its truth is the slip plus the difference "
+        "of the two mid-sagittal walls (`meta['truth']['elements'][...]['posterior_wall_mm']`): at L5/S1 the sacrum's "
+        "wall is the front of the sacral canal's ring (0.8 mm behind S1's corpus) and L5's is concave and waisted, so "
+        "an unslipped phantom's L5 sits 2.8-3.2 mm in front of S1 (fraction ~0.09, Meyerding 1 at the 8% threshold).",
+        "- Disc / CSF ratio: the phantom's degenerated nucleus (`nucleus_deg`) is painted at ~0.3 of the marrow's T2 "
+        "signal, a healthy one at 0.7-1.3 (subject's hydration), CSF at ~2.5.",
         "- Angles and canal sizes are compared with the generator's exact geometry (`meta['truth']`): the flat planes "
         "of the corpus surfaces (without their concavity) and the canal's elliptical cross-section at each body's "
         "centre; true tilts are taken in the measurement's own patient frame. Canal rows: body levels of vertebrae the "
@@ -243,7 +324,8 @@ def markdown(res: dict) -> str:
         "canal errors (-1.6 and -3.2 mm) are at the slipped L5 of the two L5/S1 listhesis phantoms; probably (not "
         "checked) the truth, the canal's tube before the bones are painted over it, misses bone of the slipped "
         "segment painted into the canal.",
-        "- CT attenuation is tested in tests/test_measure_spine.py (painted CT: within 5 HU), not here (T2w phantoms).",
+        "- CT attenuation: the whole-spine CT phantom's marrow carries a low-frequency texture (30 HU), so single "
+        "bodies scatter about its mean; tests/test_measure_spine.py checks a painted CT within 5 HU.",
         "", 
         "| seed | fov | variant | orientation | truth | measured |", "|---|---|---|---|---|---|"]
     for k in res["cases"]:
@@ -254,8 +336,9 @@ def markdown(res: dict) -> str:
         elif "listhesis" in k:
             x = k["listhesis"]
             t = f"{x['name']} slip {x['true_mm']} mm ({x['true_fraction']}, grade {x['true_grade']})"
-            mm = (f"{x['mm']} mm ({x['fraction']}, grade {x['grade']})" if x["mm"] is not None
-                  else "not measured (over the sacrum)")
+            t += f"; walls {x['wall_true_mm']} mm ({x['wall_true_fraction']}, grade {x['wall_true_grade']})"
+            mm = (f"{x['mm']} mm over {x['over']} ({x['fraction']}, grade {x['grade']})" if x["mm"] is not None
+                  else "not measured")
         else:
             t, mm = "normal", f"grades {sorted(set(k['other_vertebrae_grades']))}"
         lines.append(f"| {k['seed']} | {k['fov']} | {k['variant']} | {k['orientation']} | {t} | {mm} |")
