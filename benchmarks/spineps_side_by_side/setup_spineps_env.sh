@@ -23,7 +23,7 @@ if [[ ! -x "$VENV/bin/python" ]]; then
     "$PY" -m venv "$VENV"
 fi
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
-"$VENV/bin/python" -m pip install -c "$CONSTRAINTS" "spineps==2.1.3"
+"$VENV/bin/python" -m pip install --quiet -c "$CONSTRAINTS" "spineps==2.1.3"  # errors still print
 # PyPI torchvision (pulled in by monai/lightning extras on some resolvers) does not import beside the
 # CPU torch 2.13 wheel; SPINEPS does not need it for inference.
 "$VENV/bin/python" -m pip uninstall --yes torchvision >/dev/null 2>&1 || true
