@@ -376,6 +376,19 @@ def _has_dicom_preamble(p: Path) -> bool:
         return False
 
 
+def is_dicom_input(path: str | os.PathLike) -> bool:
+    """True for what :func:`load_scan` reads as DICOM: a folder, a ``.dcm`` file, or a file with the DICM preamble."""
+    p = Path(path)
+    if _suffix(p) in NIFTI_SUFFIXES + MHA_SUFFIXES:
+        return False
+    if p.is_dir():
+        return True
+    try:
+        return p.is_file() and (_suffix(p) == ".dcm" or _has_dicom_preamble(p))
+    except OSError:
+        return False
+
+
 def load_scan(path: str | os.PathLike, *, kind: str = "image", assume_orientation: str | None = None,
               series: str | int | None = None) -> Scan:
     """Load a 3D NIfTI (.nii, .nii.gz) or MetaImage (.mha, .mhd) file, or a DICOM series.

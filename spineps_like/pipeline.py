@@ -76,6 +76,12 @@ class SegmentResult:
         out: dict[str, Any] = {"spineps_like_version": __version__, "input": str(self.image.path or ""),
                                "shape": list(self.image.shape), "spacing": list(self.image.spacing),
                                "orientation": self.image.orientation, "settings": self.settings}
+        src = getattr(self.image, "source", None)
+        if src is not None:  # read from DICOM: which series of the folder
+            info = src.series
+            out["dicom_series"] = {"number": info.number, "description": info.description, "uid": info.uid,
+                                   "modality": info.modality, "images": info.images,
+                                   "series_in_folder": len(src.all_series) or 1}
         if self.instance is not None:
             from spineps_like.labeling import summary_json
 
@@ -266,12 +272,15 @@ def segment(scan: str | os.PathLike | Scan | np.ndarray, *, affine: np.ndarray |
             semantic_mask: Scan | str | os.PathLike | None = None, semantic_only: bool = False,
             device: str = "cpu", amp: bool = False, mirroring: bool | None = None, step_size: float | None = None,
             n4: bool = False, restore: str = "linear", batch_size: int = 4,
-            lumbar_count: int | None = None, progress: Callable[[str], None] | None = None) -> SegmentResult:
+            lumbar_count: int | None = None, progress: Callable[[str], None] | None = None,
+            series: str | int | None = None) -> SegmentResult:
     """Segment the spine in one scan.
 
     Parameters
     ----------
-    scan : a file path (NIfTI / MHA), a :class:`Scan`, or a 3D array with ``affine``.
+    scan : a file path (NIfTI / MHA), a DICOM folder or file, a :class:`Scan`, or a 3D array with ``affine``.
+    series : of a DICOM folder that holds several series, the one to segment (SeriesNumber, SeriesDescription or
+        SeriesInstanceUID; :func:`spineps_like.io.load_scan`).
     semantic_model, instance_model : model name (bundled or in ``$SPINEPS_LIKE_MODELS``), folder path, or a loaded
         model; default: the bundled phantom-trained models.
     instance_method : 'network' (cutouts + 3D UNet + fusion) or 'geometric' (weights-free baseline).
@@ -292,6 +301,8 @@ def segment(scan: str | os.PathLike | Scan | np.ndarray, *, affine: np.ndarray |
     tell = progress or (lambda phase: None)
     tell("loading")
     with timings.phase("load"):
+        if series is not None and isinstance(scan, (Scan, np.ndarray)):
+            raise ValueError("series= picks a series of a DICOM folder; the scan given is already an image")
         if isinstance(scan, Scan):
             image = scan
         elif isinstance(scan, np.ndarray):
@@ -310,7 +321,7 @@ def segment(scan: str | os.PathLike | Scan | np.ndarray, *, affine: np.ndarray |
             if not np.all(np.isfinite(image.array)):
                 raise ValueError("the array holds NaN/inf values")
         else:
-            image = load_scan(scan)
+            image = load_scan(scan, series=series)
     # checks before the expensive work: a 2D image, an image without signal (when the semantic phase is to look at
     # it), a device that is not there, and a model that does not load all fail before the first phase
     from spineps_like.checks import check_device, check_shape, check_signal

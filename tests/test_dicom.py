@@ -437,3 +437,41 @@ def test_cohort_finds_dicom_folders_and_segments_them(tmp_path, sagittal):
     assert len(vert) == 3
     ref = np.asarray(nib.load(vert[0]).dataobj)
     assert all(np.array_equal(np.asarray(nib.load(v).dataobj), ref) for v in vert[1:])
+
+
+def test_segment_api_takes_a_series(two_series, sagittal):
+    """``segment(folder, series=...)`` reads the series asked for; without it a two-series folder is refused with
+    their list; ``series=`` beside an image already loaded is a plain error."""
+    from spineps_like.pipeline import segment
+
+    folder, values, _ = two_series
+    res = segment(folder, series="T1 TSE SAG", semantic_mask=sagittal.semantic, instance_method="geometric")
+    assert str(res.image.source.series.number) == "4"
+    np.testing.assert_array_equal(res.image.array, values["4"])
+    assert (res.instance.array > 0).any()
+    with pytest.raises(ScanError, match="holds 2 DICOM series"):
+        segment(folder, semantic_mask=sagittal.semantic, instance_method="geometric")
+    with pytest.raises(ValueError, match="already an image"):
+        segment(sagittal.image, series="3", semantic_mask=sagittal.semantic, instance_method="geometric")
+
+
+def test_cohort_series_picks_one_series_in_every_dicom_folder(tmp_path, two_series, sagittal):
+    """``cohort run --series``: each DICOM folder with several series segments the one named; NIfTI scans beside
+    them are unaffected; without it the folder fails with the list of its series and the NIfTI is done."""
+    from spineps_like.cohort import Cohort
+    from spineps_like.cli import main
+
+    folder, values, _ = two_series
+    nifti = save_scan(sagittal.image, tmp_path / "sub-09_T2w.nii.gz")
+    mask = save_scan(sagittal.semantic, tmp_path / "semantic.nii.gz", dtype=np.uint8)
+    lst = tmp_path / "list.csv"
+    lst.write_text(f"path,semantic_mask\n{folder},{mask}\n{nifti},{mask}\n")
+    summary = Cohort(lst, tmp_path / "without", snapshot=False, instance_method="geometric").run(progress=False)
+    assert summary["counts"]["done"] == 1 and summary["counts"]["failed"] == 1, summary
+    rc = main(["cohort", "run", str(lst), "--out", str(tmp_path / "with"), "--series", "T2 TSE SAG", "--no-snapshot",
+               "--instance-method", "geometric", "-q"])
+    assert rc == 0
+    assert len(sorted((tmp_path / "with").rglob("*_seg-vert_msk.nii.gz"))) == 2
+    summary = json.loads(next((tmp_path / "with").rglob("sub-study*_summary.json")).read_text())
+    assert summary["dicom_series"]["number"] == 3 and summary["dicom_series"]["description"] == "T2 TSE SAG"
+    assert summary["dicom_series"]["series_in_folder"] == 2

@@ -30,7 +30,7 @@ log = logging.getLogger("spineps_like.cohort")
 SEGMENT_SETTINGS = ("semantic_model", "instance_model", "instance_method", "semantic_only", "device", "amp",
                     "mirroring", "step_size", "n4", "restore", "batch_size", "lumbar_count")
 #: Settings of how a scan is read (:func:`spineps_like.io.load_scan`), passed through like the segment settings.
-LOAD_SETTINGS = ("assume_orientation",)
+LOAD_SETTINGS = ("assume_orientation", "series")
 EXECUTORS = ("local", "ray")
 _IN_FLIGHT = 1  # scans outstanding per worker; each call also names the worker's next scan, which it prefetches
 
@@ -45,16 +45,19 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
 
 
-def load_inputs(task: dict[str, Any], assume_orientation: str | None = None) -> tuple[Any, Any, list[str]]:
+def load_inputs(task: dict[str, Any], assume_orientation: str | None = None,
+                series: str | int | None = None) -> tuple[Any, Any, list[str]]:
     """(image, semantic mask or None, what was assumed) of a task, read from disk (``assume_orientation``: see
-    :func:`spineps_like.io.load_scan`; its warnings become the scan's notes)."""
+    :func:`spineps_like.io.load_scan`; its warnings become the scan's notes). ``series`` picks the series of every
+    DICOM folder that holds several (number, description or UID); NIfTI and MetaImage scans ignore it."""
     import warnings
 
-    from spineps_like.io import ScanWarning, load_scan
+    from spineps_like.io import ScanWarning, is_dicom_input, load_scan
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ScanWarning)
-        image = load_scan(task["path"], assume_orientation=assume_orientation)
+        image = load_scan(task["path"], assume_orientation=assume_orientation,
+                          series=series if is_dicom_input(task["path"]) else None)
         mask = (load_scan(task["semantic_mask"], kind="mask", assume_orientation=assume_orientation)
                 if task.get("semantic_mask") else None)
     notes = [str(w.message) for w in caught if issubclass(w.category, ScanWarning)]
@@ -128,10 +131,13 @@ class CohortWorker:
             self._instance_model()
         return self.worker_id
 
+    def _load_settings(self) -> dict[str, Any]:
+        return {k: self.settings.get(k) for k in LOAD_SETTINGS}
+
     def prefetch(self, task: dict[str, Any] | None) -> None:
         """Start loading ``task``'s scan in the background."""
         if task is not None and task["key"] not in self._prefetched:
-            self._prefetched[task["key"]] = self._loader.submit(load_inputs, task, self.settings.get("assume_orientation"))
+            self._prefetched[task["key"]] = self._loader.submit(load_inputs, task, **self._load_settings())
 
     def process(self, task: dict[str, Any], next_task: dict[str, Any] | None = None) -> dict[str, Any]:
         """Segment one scan and write its outputs; never raises for a bad scan (the result says why)."""
@@ -147,8 +153,7 @@ class CohortWorker:
         self.prefetch(next_task)
         try:
             wait0 = time.perf_counter()
-            image, mask, assumed = (fut.result() if fut is not None
-                                    else load_inputs(task, self.settings.get("assume_orientation")))
+            image, mask, assumed = fut.result() if fut is not None else load_inputs(task, **self._load_settings())
             load_wait = time.perf_counter() - wait0
             kwargs = {k: v for k, v in self.settings.items() if k in SEGMENT_SETTINGS and v is not None}
             if mask is not None:

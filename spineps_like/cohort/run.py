@@ -321,6 +321,9 @@ def add_segment_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--assume-orientation", metavar="CODES", default=None,
                    help="axis codes (e.g. RAS) for NIfTIs whose header has no orientation (no qform, no sform); the "
                    "header's voxel sizes are kept and each such scan's summary notes what was assumed")
+    p.add_argument("--series", default=None, help="in each DICOM folder that holds several series, the one to segment "
+                   "(SeriesNumber, SeriesDescription or SeriesInstanceUID, e.g. 'T2 TSE SAG'); a folder without it "
+                   "fails with the list of its series")
 
 
 def add_cohort_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
