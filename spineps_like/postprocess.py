@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import cc3d
 import fill_voids
@@ -376,24 +376,8 @@ def postprocess(
         raise ValueError(f"instance mask shape {inst0.shape} differs from the semantic mask {sem0.shape}")
     sp = check_spacing(spacing)
     rep = PostprocessReport()
-    sem = map_aliases(sem0)
-    rep.aliases_mapped = 0 if sem is sem0 else int(np.count_nonzero(sem != sem0))
-    sem = sem.astype(sem0.dtype, copy=True)
-    # instance ids are below 300: 16-bit working copies halve the bytes of every whole-box pass (post-processing over
-    # the five side-by-side phantoms' inputs 608 -> 553 ms, same masks); ids past 16 bits keep 32
-    wide = inst0.dtype.itemsize > 2 and int(inst0.max(initial=0)) > np.iinfo(np.uint16).max
-    inst = inst0.astype(np.int32 if wide else np.uint16, copy=True)
-    vox_mm3 = float(np.prod(sp))
-
-    # 1: unsplit endplates
-    if (sem == 62).any():
-        rep.endplates_split = int(np.count_nonzero(sem == 62))
-        vert = np.where(instance_class(inst) == _V, inst, 0)
-        full, sem_split = assign_ivds_endplates(sem, vert, sp)
-        ep = sem == 62
-        sem[ep] = sem_split[ep]
-        inst[ep] = full[ep]
-
+    sem, inst, rep.aliases_mapped = _working_copies(sem0, inst0)
+    rep.endplates_split = _split_endplates(sem, inst, sp)  # 1
     rep.lap("1_endplates")
     box = bbox((sem > 0) | (inst > 0), margin=1)
     if box is None:
@@ -404,9 +388,74 @@ def postprocess(
     ins = np.ascontiguousarray(inst[box])
     need = semantic_class(s)
     have = instance_class(ins)
-
     rep.lap("box")
-    # 2: class mismatches
+    rep.class_converted, rep.class_cleared = _convert_classes(ins, need, have)  # 2
+    rep.lap("2_classes")
+    rep.holes_filled = _fill_holes(ins, need)  # 3
+    rep.lap("3_holes")
+    rep.cleared_on_background = _clear_background(ins, need)  # 4
+    rep.lap("4_background")
+    rep.articular_relabelled = _relabel_articular(ins, s, dominance)  # 5
+    rep.lap("5_articular")
+    rep.corpus_relabelled = _reconcile_corpora(ins, s)  # 5b
+    rep.lap("5b_corpora")
+    rep.bodyless_released = _release_bodyless(ins, s, box, sem.shape)  # 5c
+    rep.lap("5c_bodyless")
+    rep.stray_relabelled = _relabel_strays(ins, s, max(1, int(np.ceil(min_piece_mm3 / float(np.prod(sp))))))  # 6
+    rep.lap("6_stray")
+    if keep_cut_fragments:  # 6b
+        rep.cut_pieces_detached = _detach_cut_pieces(ins, s, sp, box, sem.shape)
+    rep.lap("6b_cut")
+    missing = _missing_components(ins, need)  # 7
+    if missing is not None:
+        owner = _touching_owners(missing, ins, s)
+        rep.missing_assigned = _relabel_components(missing.comp, owner, ins, missing.index)
+        rep.added_instances, rep.dropped_components, rep.dropped_voxels = _keep_or_drop(
+            missing, owner, ins, s, sp, box, sem.shape, keep_isolated_vertebrae=keep_isolated_vertebrae,
+            min_vertebra_mm3=min_vertebra_mm3, min_piece_mm3=min_piece_mm3, keep_cut_fragments=keep_cut_fragments)
+    rep.lap("7_missing")
+    rep.reassigned_discs_endplates = _reassign_stale(ins, s, sp)  # 8
+    rep.lap("8_reassign")
+    if not np.may_share_memory(s, sem):
+        sem[box] = s
+    if not np.may_share_memory(ins, inst):
+        inst[box] = ins
+    rep.problems = check_consistency(sem, inst)
+    rep.lap("check")
+    return sem, inst, rep
+
+
+def _working_copies(sem0: np.ndarray, inst0: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Copies of the checked masks to work on: the semantic mask with its aliases 50/51 mapped to 49 (and how many
+    voxels that changed), the instance mask as uint16 (int32 when it holds ids past 16 bits)."""
+    sem = map_aliases(sem0)
+    mapped = 0 if sem is sem0 else int(np.count_nonzero(sem != sem0))
+    sem = sem.astype(sem0.dtype, copy=True)
+    # instance ids are below 300: 16-bit working copies halve the bytes of every whole-box pass (post-processing over
+    # the five side-by-side phantoms' inputs 608 -> 553 ms, same masks); ids past 16 bits keep 32
+    wide = inst0.dtype.itemsize > 2 and int(inst0.max(initial=0)) > np.iinfo(np.uint16).max
+    inst = inst0.astype(np.int32 if wide else np.uint16, copy=True)
+    return sem, inst, mapped
+
+
+def _split_endplates(sem: np.ndarray, inst: np.ndarray, sp: np.ndarray) -> int:
+    """Step 1 (in place): split the unsplit endplates (62) and give them ids by
+    :func:`~spineps_like.assign.assign_ivds_endplates`. Returns their voxels."""
+    if not (sem == 62).any():
+        return 0
+    n = int(np.count_nonzero(sem == 62))
+    vert = np.where(instance_class(inst) == _V, inst, 0)
+    full, sem_split = assign_ivds_endplates(sem, vert, sp)
+    ep = sem == 62
+    sem[ep] = sem_split[ep]
+    inst[ep] = full[ep]
+    return n
+
+
+def _convert_classes(ins: np.ndarray, need: np.ndarray, have: np.ndarray) -> tuple[int, int]:
+    """Step 2 (in place): ids of the wrong class for their semantic label are converted where the meaning is clear
+    (a vertebra id on an endplate -> 200 + v, an endplate id on corpus -> v, anything on the sacrum -> 26) and
+    cleared otherwise. Returns the voxels converted and cleared."""
     mism = np.flatnonzero((need > 0) & (have > 0) & (need != have))
     flat_ins = _flat(ins)
     nv, hv, iv = _flat(need)[mism], _flat(have)[mism], flat_ins[mism]
@@ -414,162 +463,220 @@ def postprocess(
     conv[(nv == _E) & (hv == _V)] = ENDPLATE_OFFSET + iv[(nv == _E) & (hv == _V)]
     conv[(nv == _V) & (hv == _E)] = iv[(nv == _V) & (hv == _E)] - ENDPLATE_OFFSET
     conv[nv == _S] = SACRUM_ID
-    rep.class_converted = int(np.count_nonzero(conv > 0))
-    rep.class_cleared = int(np.count_nonzero(conv == 0))
+    converted, cleared = int(np.count_nonzero(conv > 0)), int(np.count_nonzero(conv == 0))
     flat_ins[mism] = conv
     ins[(need == _S)] = SACRUM_ID
+    return converted, cleared
 
-    rep.lap("2_classes")
-    # 3: fill holes per instance, only where the semantic mask calls for that class and nothing else is there
+
+def _fill_holes(ins: np.ndarray, need: np.ndarray) -> int:
+    """Step 3 (in place): fill the holes of each instance, only where the semantic mask calls for its class and
+    nothing else is there. Returns the voxels filled."""
+    filled = 0
     boxes = ndimage.find_objects(ins)  # one pass: the bounding box of every id (None where absent)
     ids = np.array([k + 1 for k, b in enumerate(boxes) if b is not None], dtype=np.int64)
-    if len(ids):
-        classes = instance_class(ids)
-        for i, cls in zip(ids, classes):
-            sl = boxes[int(i) - 1]
-            # only empty voxels of the instance's class can be filled: without any in its box, no fill is needed
-            cand = (ins[sl] == 0) & (need[sl] == cls)
-            if not cand.any():
-                continue
-            add = fill_voids.fill(ins[sl] == i, in_place=False) & cand
-            if add.any():
-                ins[sl][add] = i
-                rep.holes_filled += int(add.sum())
-
-    rep.lap("3_holes")
-    # 4: nothing on background / canal / cord
-    off = (need == 0) & (ins > 0)
-    rep.cleared_on_background = int(off.sum())
-    ins[off] = 0
-
-    rep.lap("4_background")
-    # 5: articular components split between vertebrae -> the dominant one
-    art = label_mask(s, ARTICULAR)
-    if art.any():
-        art_cc = cc3d.connected_components(np.where(art, s, 0), connectivity=26)
-        art_index = nonzero_index(art_cc)
-        sel = art_index[flat_ins[art_index] > 0]
-        a_ids, b_ids, counts = count_pairs(art_cc.reshape(-1)[sel].astype(np.int64), flat_ins[sel].astype(np.int64))
-        pairs = np.stack([a_ids, b_ids], axis=1)
-        multi = np.bincount(pairs[:, 0]) > 1 if len(pairs) else np.zeros(0, bool)
-        keep = multi[pairs[:, 0]] if len(pairs) else np.zeros(0, bool)
-        owner = dominant_partner(pairs[keep, 0], pairs[keep, 1], counts[keep], dominance)
-        rep.articular_relabelled = _relabel_components(art_cc, owner, ins, art_index)
-
-    rep.lap("5_articular")
-    # 5b: each vertebral body belongs to one vertebra; 5c: a vertebra without a body is a vertebra only when the field
-    # of view cut it off (isolated, at the edge of the volume)
-    rep.corpus_relabelled = _reconcile_corpora(ins, s)
-    rep.lap("5b_corpora")
-    rep.bodyless_released = _release_bodyless(ins, s, box, sem.shape)
-
-    rep.lap("5c_bodyless")
-    # 6: stray pieces of vertebra instances (not the main body): small crumbs first join whatever surrounds them,
-    # then larger pieces join the main body of another vertebra they touch (never through a facet joint)
-    min_crumb = max(1, int(np.ceil(min_piece_mm3 / vox_mm3)))
-    current = False  # whether the pieces below describe ins as it is (the second pass reuses the first's)
-    for crumbs in (True, False):
-        if not current:
-            vmask = vertebra_ids(ins)
-            pieces = cc3d.connected_components(vmask, connectivity=26)
-            nz = nonzero_index(pieces)  # pieces and vmask are fresh C-ordered arrays: flat views, no copies
-            if len(nz) == 0:
-                break
-            pv = pieces.reshape(-1)[nz].astype(np.int64)
-            counts = np.bincount(pv)
-            piece_ids = np.arange(len(counts))
-            piece_inst = np.zeros(len(counts), dtype=np.int64)
-            piece_inst[pv] = vmask.reshape(-1)[nz]
-            main = np.zeros(int(piece_inst.max()) + 1, dtype=np.int64)
-            order = np.lexsort((counts[1:], piece_inst[1:]))  # per instance, largest last
-            main[piece_inst[1:][order]] = piece_ids[1:][order]
-            not_main = np.zeros(len(counts), bool)
-            not_main[1:] = main[piece_inst[1:]] != piece_ids[1:]
-            current = True
-        if crumbs:
-            is_stray = not_main & (counts < min_crumb)
-            partner = vmask
-        else:
-            is_stray = not_main
-            is_main = np.zeros(len(counts), bool)
-            is_main[main[main > 0]] = True
-            partner = vmask.copy()
-            _flat(partner)[nz[~is_main[pv]]] = 0
-        if not is_stray.any():
+    if not len(ids):
+        return 0
+    for i, cls in zip(ids, instance_class(ids)):
+        sl = boxes[int(i) - 1]
+        # only empty voxels of the instance's class can be filled: without any in its box, no fill is needed
+        cand = (ins[sl] == 0) & (need[sl] == cls)
+        if not cand.any():
             continue
-        stray_vox = nz[is_stray[pv]]
-        stray_img = np.zeros_like(pieces)
-        _flat(stray_img)[stray_vox] = pv[is_stray[pv]]
-        near = _box_of(stray_vox, ins.shape, margin=1)  # every contact of a stray piece lies in here
-        a_ids, b_ids, n = facet_free_contacts(stray_img[near], partner[near], s[near])
-        other = b_ids != piece_inst[a_ids]
-        owner = dominant_partner(a_ids[other], b_ids[other], n[other], 1.0)
-        moved = _relabel_components(stray_img, owner, ins, stray_vox)
-        rep.stray_relabelled += moved
-        current = current and moved == 0
+        add = fill_voids.fill(ins[sl] == i, in_place=False) & cand
+        if add.any():
+            ins[sl][add] = i
+            filled += int(add.sum())
+    return filled
 
-    rep.lap("6_stray")
-    # 6b: a piece of the end vertebra beyond its corpus, cut off by the field of view, is the next vertebra's
-    if keep_cut_fragments:
-        rep.cut_pieces_detached = _detach_cut_pieces(ins, s, sp, box, sem.shape)
 
-    rep.lap("6b_cut")
-    # 7: labelled semantic components without an instance
+def _clear_background(ins: np.ndarray, need: np.ndarray) -> int:
+    """Step 4 (in place): no instance id on background, canal or cord. Returns the voxels cleared."""
+    off = (need == 0) & (ins > 0)
+    n = int(off.sum())
+    ins[off] = 0
+    return n
+
+
+def _relabel_articular(ins: np.ndarray, s: np.ndarray, dominance: float) -> int:
+    """Step 5 (in place): an articular component (45-48) split between vertebrae goes to the one holding more than
+    ``dominance`` x the runner-up's voxels. Returns the voxels relabelled."""
+    art = label_mask(s, ARTICULAR)
+    if not art.any():
+        return 0
+    art_cc = cc3d.connected_components(np.where(art, s, 0), connectivity=26)
+    art_index = nonzero_index(art_cc)
+    flat_ins = _flat(ins)
+    sel = art_index[flat_ins[art_index] > 0]
+    a_ids, b_ids, counts = count_pairs(art_cc.reshape(-1)[sel].astype(np.int64), flat_ins[sel].astype(np.int64))
+    pairs = np.stack([a_ids, b_ids], axis=1)
+    multi = np.bincount(pairs[:, 0]) > 1 if len(pairs) else np.zeros(0, bool)
+    keep = multi[pairs[:, 0]] if len(pairs) else np.zeros(0, bool)
+    owner = dominant_partner(pairs[keep, 0], pairs[keep, 1], counts[keep], dominance)
+    return _relabel_components(art_cc, owner, ins, art_index)
+
+
+class _VertebraPieces(NamedTuple):
+    """The 26-connected pieces of every vertebra instance, each with its instance and whether it is the main one."""
+
+    vmask: np.ndarray  # the vertebra ids of ins (0 elsewhere)
+    pieces: np.ndarray  # piece labels
+    nz: np.ndarray  # flat indices of the piece voxels
+    pv: np.ndarray  # piece of each voxel at nz
+    counts: np.ndarray  # voxels per piece
+    piece_inst: np.ndarray  # instance of each piece
+    main: np.ndarray  # main (largest) piece of each instance
+    not_main: np.ndarray  # per piece: not its instance's main piece
+
+
+def _vertebra_pieces(ins: np.ndarray) -> _VertebraPieces | None:
+    """The pieces of the vertebra instances of ``ins`` (None without any vertebra voxel)."""
+    vmask = vertebra_ids(ins)
+    pieces = cc3d.connected_components(vmask, connectivity=26)
+    nz = nonzero_index(pieces)  # pieces and vmask are fresh C-ordered arrays: flat views, no copies
+    if len(nz) == 0:
+        return None
+    pv = pieces.reshape(-1)[nz].astype(np.int64)
+    counts = np.bincount(pv)
+    piece_ids = np.arange(len(counts))
+    piece_inst = np.zeros(len(counts), dtype=np.int64)
+    piece_inst[pv] = vmask.reshape(-1)[nz]
+    main = np.zeros(int(piece_inst.max()) + 1, dtype=np.int64)
+    order = np.lexsort((counts[1:], piece_inst[1:]))  # per instance, largest last
+    main[piece_inst[1:][order]] = piece_ids[1:][order]
+    not_main = np.zeros(len(counts), bool)
+    not_main[1:] = main[piece_inst[1:]] != piece_ids[1:]
+    return _VertebraPieces(vmask, pieces, nz, pv, counts, piece_inst, main, not_main)
+
+
+def _relabel_strays(ins: np.ndarray, s: np.ndarray, min_crumb: int) -> int:
+    """Step 6 (in place): stray pieces of vertebra instances (not the main body): crumbs (under ``min_crumb``
+    voxels) first join whatever vertebra surrounds them, then larger pieces join the main body of another vertebra
+    they touch (never through a facet joint). Returns the voxels relabelled."""
+    moved_total = 0
+    vp = None  # the pieces of ins as it is (the second pass reuses the first's when that moved nothing)
+    for crumbs in (True, False):
+        if vp is None:
+            vp = _vertebra_pieces(ins)
+            if vp is None:
+                break
+        if crumbs:
+            is_stray = vp.not_main & (vp.counts < min_crumb)
+            partner = vp.vmask
+        else:
+            is_stray = vp.not_main
+            is_main = np.zeros(len(vp.counts), bool)
+            is_main[vp.main[vp.main > 0]] = True
+            partner = vp.vmask.copy()
+            _flat(partner)[vp.nz[~is_main[vp.pv]]] = 0
+        moved = _move_strays(ins, s, vp, is_stray, partner)
+        moved_total += moved
+        if moved:
+            vp = None
+    return moved_total
+
+
+def _move_strays(ins: np.ndarray, s: np.ndarray, vp: _VertebraPieces, is_stray: np.ndarray,
+                 partner: np.ndarray) -> int:
+    """Give each stray piece (``is_stray`` per piece) the ``partner`` id of another vertebra it touches most
+    (contacts across facet joints excluded), in place. Returns the voxels relabelled."""
+    if not is_stray.any():
+        return 0
+    stray_vox = vp.nz[is_stray[vp.pv]]
+    stray_img = np.zeros_like(vp.pieces)
+    _flat(stray_img)[stray_vox] = vp.pv[is_stray[vp.pv]]
+    near = _box_of(stray_vox, ins.shape, margin=1)  # every contact of a stray piece lies in here
+    a_ids, b_ids, n = facet_free_contacts(stray_img[near], partner[near], s[near])
+    other = b_ids != vp.piece_inst[a_ids]
+    owner = dominant_partner(a_ids[other], b_ids[other], n[other], 1.0)
+    return _relabel_components(stray_img, owner, ins, stray_vox)
+
+
+class _Missing(NamedTuple):
+    """The 26-connected components of the labelled semantic voxels without an instance (step 7)."""
+
+    comp: np.ndarray  # component labels (0 elsewhere)
+    index: np.ndarray  # flat indices of the missing voxels
+    of: np.ndarray  # component of each voxel at index
+    cls: np.ndarray  # instance class each component calls for, per component id
+
+
+def _missing_components(ins: np.ndarray, need: np.ndarray) -> _Missing | None:
+    """The labelled semantic voxels without an instance, as components (None when there is none)."""
     missing = (need > 0) & (ins == 0)
-    if missing.any():
-        comp = cc3d.connected_components(np.where(missing, need, 0), connectivity=26)
-        comp_index = nonzero_index(comp)  # the missing voxels
-        comp_of = comp.reshape(-1)[comp_index].astype(np.int64)
-        comp_cls = np.zeros(int(comp_of.max()) + 1, dtype=np.uint8)
-        comp_cls[comp_of] = _flat(need)[comp_index]
-        # contacts with instances, converted to the component's class where the meaning is clear
-        near = _box_of(comp_index, ins.shape, margin=1)
-        a_ids, b_ids, n = facet_free_contacts(comp[near], ins[near], s[near])
-        b_cls = instance_class(b_ids)
-        want = comp_cls[a_ids]
-        cand = np.where(b_cls == want, b_ids, 0)
-        cand = np.where((want == _V) & (b_cls == _E), b_ids - ENDPLATE_OFFSET, cand)
-        cand = np.where((want == _E) & (b_cls == _V), ENDPLATE_OFFSET + b_ids, cand)
-        ok = cand > 0
-        owner = dominant_partner(a_ids[ok], cand[ok], n[ok], 1.0)
-        rep.missing_assigned = _relabel_components(comp, owner, ins, comp_index)
-        left = np.setdiff1d(present_ids(comp_of), np.fromiter(owner, dtype=np.int64, count=len(owner)))
-        if len(left):
-            sizes = np.bincount(comp_of, minlength=len(comp_cls))
-            has_corpus = np.zeros(len(sizes), bool)
-            has_corpus[present_ids(comp_of[_flat(s)[comp_index] == 49])] = True
-            new_ids = []
-            kept: set[int] = set()
+    if not missing.any():
+        return None
+    comp = cc3d.connected_components(np.where(missing, need, 0), connectivity=26)
+    comp_index = nonzero_index(comp)  # the missing voxels
+    comp_of = comp.reshape(-1)[comp_index].astype(np.int64)
+    comp_cls = np.zeros(int(comp_of.max()) + 1, dtype=np.uint8)
+    comp_cls[comp_of] = _flat(need)[comp_index]
+    return _Missing(comp, comp_index, comp_of, comp_cls)
 
-            def new_vertebra(comps: list[int]) -> None:
-                used = set(present_ids(ins).tolist())
-                free = [v for v in range(1, 26) if v not in used and v != SACRUM_ID]
-                if free:
-                    new_ids.append((comps[0], free[0]))
-                    flat_ins[comp_index[np.isin(comp_of, comps)]] = free[0]
-                    kept.update(comps)
 
-            for c in left:
-                if (keep_isolated_vertebrae and comp_cls[c] == _V and has_corpus[c]
-                        and sizes[c] * vox_mm3 >= min_vertebra_mm3):
-                    new_vertebra([int(c)])
-            if keep_cut_fragments:
-                cands = [int(c) for c in left if c not in kept and comp_cls[c] == _V]
-                for group in _cut_fragment_groups(comp_index, comp_of, cands, ins, s, sp, box, sem.shape,
-                                                  min_piece_mm3):
-                    new_vertebra(group)
-            for c in left:
-                if int(c) not in kept:
-                    rep.dropped_components += 1
-                    rep.dropped_voxels += int(sizes[c])
-            rep.added_instances = [v for _, v in new_ids]
-            drop = comp_index[flat_ins[comp_index] == 0]
-            _flat(s)[drop] = 0
+def _touching_owners(m: _Missing, ins: np.ndarray, s: np.ndarray) -> dict[int, int]:
+    """For each missing component, the touching instance with the most contact (facet joints aside), its id
+    converted to the component's class where the meaning is clear (a vertebra's endplate, an endplate's vertebra)."""
+    near = _box_of(m.index, ins.shape, margin=1)
+    a_ids, b_ids, n = facet_free_contacts(m.comp[near], ins[near], s[near])
+    b_cls = instance_class(b_ids)
+    want = m.cls[a_ids]
+    cand = np.where(b_cls == want, b_ids, 0)
+    cand = np.where((want == _V) & (b_cls == _E), b_ids - ENDPLATE_OFFSET, cand)
+    cand = np.where((want == _E) & (b_cls == _V), ENDPLATE_OFFSET + b_ids, cand)
+    ok = cand > 0
+    return dominant_partner(a_ids[ok], cand[ok], n[ok], 1.0)
 
-    rep.lap("7_missing")
-    # 8: discs and endplates that name a vertebra no longer there (released, dropped, or never there) get their ids
-    # from the final vertebrae; the others keep theirs. A disc above the topmost vertebra names the one out of view
-    # (top id - 1, see assign_ivds_endplates): that one is right as it is
+
+def _keep_or_drop(m: _Missing, owner: dict[int, int], ins: np.ndarray, s: np.ndarray, sp: np.ndarray,
+                  box: tuple[slice, ...], full_shape: tuple[int, ...], *, keep_isolated_vertebrae: bool,
+                  min_vertebra_mm3: float, min_piece_mm3: float, keep_cut_fragments: bool
+                  ) -> tuple[list[int], int, int]:
+    """Step 7's components that touch no instance (in place): a large one with corpus becomes a new vertebra
+    (``keep_isolated_vertebrae``), the field of view's remains of the next vertebra beyond either end one new vertebra
+    (``keep_cut_fragments``); the others are dropped from both masks. Returns the new ids, the components and the
+    voxels dropped."""
+    left = np.setdiff1d(present_ids(m.of), np.fromiter(owner, dtype=np.int64, count=len(owner)))
+    if not len(left):
+        return [], 0, 0
+    sizes = np.bincount(m.of, minlength=len(m.cls))
+    has_corpus = np.zeros(len(sizes), bool)
+    has_corpus[present_ids(m.of[_flat(s)[m.index] == 49])] = True
+    vox_mm3 = float(np.prod(sp))
+    added: list[int] = []
+    kept: set[int] = set()
+    for c in left:
+        if (keep_isolated_vertebrae and m.cls[c] == _V and has_corpus[c]
+                and sizes[c] * vox_mm3 >= min_vertebra_mm3):
+            added, kept = _new_vertebra(ins, m, [int(c)], added, kept)
+    if keep_cut_fragments:
+        cands = [int(c) for c in left if c not in kept and m.cls[c] == _V]
+        for group in _cut_fragment_groups(m.index, m.of, cands, ins, s, sp, box, full_shape, min_piece_mm3):
+            added, kept = _new_vertebra(ins, m, group, added, kept)
+    dropped = [int(c) for c in left if int(c) not in kept]
+    drop = m.index[_flat(ins)[m.index] == 0]
+    _flat(s)[drop] = 0
+    return added, len(dropped), sum(int(sizes[c]) for c in dropped)
+
+
+def _new_vertebra(ins: np.ndarray, m: _Missing, comps: list[int], added: list[int], kept: set[int]
+                  ) -> tuple[list[int], set[int]]:
+    """Components ``comps`` become one new vertebra (in ``ins``), with the lowest id not in use (1-25, sacrum
+    aside); without a free id nothing happens. Returns ``added`` and ``kept`` with the new id and ``comps``."""
+    used = set(present_ids(ins).tolist())
+    free = [v for v in range(1, 26) if v not in used and v != SACRUM_ID]
+    if not free:
+        return added, kept
+    _flat(ins)[m.index[np.isin(m.of, comps)]] = free[0]
+    return added + [free[0]], kept | set(comps)
+
+
+def _reassign_stale(ins: np.ndarray, s: np.ndarray, sp: np.ndarray) -> int:
+    """Step 8 (in place): discs and endplates that name a vertebra no longer there (released, dropped, or never
+    there) get their ids from the final vertebrae; the others keep theirs. A disc above the topmost vertebra names the
+    one out of view (top id - 1, see :func:`~spineps_like.assign.assign_ivds_endplates`): that one is right as it
+    is. Returns the voxels whose id changed."""
+    flat_ins = _flat(ins)
     disc_or_endplate = (ins >= IVD_OFFSET) & (ins < 300)
     de_index = np.flatnonzero(disc_or_endplate)
     de_ids = flat_ins[de_index]
@@ -583,20 +690,13 @@ def postprocess(
         top = _spine_order(ins, s, sp)[0][:1]
         if len(top):
             stale_index = stale_index[flat_ins[stale_index] != IVD_OFFSET + top[0] - 1]
-    if len(stale_index):
-        stale = np.zeros(ins.shape, bool)
-        _flat(stale)[stale_index] = True
-        # only the stale voxels are targets: the other discs and endplates are hidden from the assignment (it reads
-        # the vertebra ids of ins and the bone of s)
-        full, _ = assign_ivds_endplates(np.where(disc_or_endplate & ~stale, 0, s), ins, sp)
-        rep.reassigned_discs_endplates = int(np.count_nonzero(stale & (full != ins)))
-        ins[stale] = full[stale]
-
-    rep.lap("8_reassign")
-    if not np.may_share_memory(s, sem):
-        sem[box] = s
-    if not np.may_share_memory(ins, inst):
-        inst[box] = ins
-    rep.problems = check_consistency(sem, inst)
-    rep.lap("check")
-    return sem, inst, rep
+    if not len(stale_index):
+        return 0
+    stale = np.zeros(ins.shape, bool)
+    _flat(stale)[stale_index] = True
+    # only the stale voxels are targets: the other discs and endplates are hidden from the assignment (it reads
+    # the vertebra ids of ins and the bone of s)
+    full, _ = assign_ivds_endplates(np.where(disc_or_endplate & ~stale, 0, s), ins, sp)
+    n = int(np.count_nonzero(stale & (full != ins)))
+    ins[stale] = full[stale]
+    return n
