@@ -290,60 +290,18 @@ def corpus_centres(
     if erosion_mm < 0 or min_volume_mm3 < 0 or not 0 < duplicate_fraction < 1 or split_ratio <= 1:
         raise ValueError("corpus_centres: erosion_mm and min_volume_mm3 must be >= 0, 0 < duplicate_fraction < 1, "
                          "split_ratio > 1")
-    repairs: list[str] = []
     corpus = label_mask(sem, CORPUS_LIKE)
     box = bbox(corpus, margin=1)
     full_labels = np.zeros(sem.shape, dtype=np.int32)
+    repairs: list[str] = []
     empty = CorpusCentres(np.zeros((0, 3)), np.zeros(0, np.int64), np.zeros(0), np.zeros((0, 3)), full_labels,
                           tuple(float(s) for s in sp), repairs)
     if box is None:
         return empty
     origin = np.array([s.start for s in box])
-    sub = corpus[box]
-    vox_mm3 = float(np.prod(sp))
-    min_vox = int(np.ceil(min_volume_mm3 / vox_mm3))
-
     # 1-2: seeds from the eroded mask; each un-eroded component takes its seeds' labels
-    comps = cc3d.connected_components(sub, connectivity=6).astype(np.int64)
-    if erosion_mm > 0:
-        dist = edt.edt(sub, anisotropy=tuple(sp), black_border=False)
-        seeds = cc3d.connected_components(dist > erosion_mm, connectivity=6).astype(np.int64)
-    else:
-        seeds = comps.copy()
-    seed_counts = np.bincount(seeds.ravel())
-    small = np.flatnonzero(seed_counts < max(min_vox, 1))
-    small = small[small > 0]
-    if len(small):
-        seeds[np.isin(seeds, small)] = 0
-    comp_counts = np.bincount(comps.ravel())
-    seeded = np.zeros(len(comp_counts), bool)
-    seeded[np.unique(comps[seeds > 0])] = True
-    seedless = np.flatnonzero(~seeded)
-    seedless = seedless[seedless > 0]
-    keep_whole = seedless[comp_counts[seedless] >= max(min_vox, 1)]
-    drop = seedless[comp_counts[seedless] < max(min_vox, 1)]
-    if len(drop):
-        repairs.append(f"dropped {len(drop)} corpus fragment(s) under {min_volume_mm3:g} mm3 "
-                       f"({int(comp_counts[drop].sum())} voxels)")
-    if len(keep_whole):
-        offset = int(seeds.max(initial=0))
-        whole = np.isin(comps, keep_whole)
-        seeds[whole] = offset + comps[whole]
-    # nearest seed for every voxel of a seeded component (seeds of one component only reach voxels of it:
-    # components with a single seed take it wholesale)
-    pair = np.unique(np.stack([comps[seeds > 0], seeds[seeds > 0]], axis=1), axis=0)
-    n_seeds_per_comp = np.bincount(pair[:, 0], minlength=len(comp_counts))
-    lut = np.zeros(len(comp_counts), dtype=np.int64)
-    lut[pair[:, 0]] = pair[:, 1]
-    labels = np.where(sub, lut[comps], 0)
-    multi = np.flatnonzero(n_seeds_per_comp > 1)
-    if len(multi):
-        region = np.isin(comps, multi)
-        idx = ndi.distance_transform_edt(seeds == 0, sampling=sp, return_distances=False, return_indices=True)
-        nearest = seeds[tuple(idx)]
-        ok = region & (comps[tuple(idx)] == comps)
-        labels[ok] = nearest[ok]
-    labels, _ = _relabel_sorted(labels.astype(np.int32))
+    labels, dropped = _seeded_labels(corpus[box], sp, erosion_mm, min_volume_mm3)
+    repairs += dropped
     if labels.max() == 0:
         return empty
     if off_spine_mm:
@@ -351,92 +309,17 @@ def corpus_centres(
         if labels.max() == 0:
             return empty
     shape_edge = (0 - origin[1], sem.shape[1] - 1 - origin[1])
-
     # 3: merge duplicates (pieces at the same level along the spine)
-    p = _pieces(labels, sp, shape_edge, reach=2)
-    ref = reference_height_mm or _reference_height(p)
-    if ref and len(p.counts) > 1:
-        d = (p.centres[1:] - p.centres[:-1]) * sp
-        along = np.abs(np.einsum("ij,ij->i", d, 0.5 * (p.axes[1:] + p.axes[:-1])))
-        pairs = [(i, i + 1) for i in np.flatnonzero(along < duplicate_fraction * ref)]
-        if len(p.counts) > 2:
-            d2 = (p.centres[2:] - p.centres[:-2]) * sp
-            along2 = np.abs(np.einsum("ij,ij->i", d2, p.axes[1:-1]))
-            pairs += [(i, i + 2) for i in np.flatnonzero(along2 < duplicate_fraction * ref)]
-        if pairs:
-            root = _union_find_merge(len(p.counts), pairs)
-            merged = int(len(p.counts) - len(np.unique(root)))
-            repairs.append(f"merged {merged} duplicate corpus piece(s) closer than {duplicate_fraction:g} x "
-                           f"{ref:.1f} mm along the spine")
-            lut = np.concatenate([[0], root + 1]).astype(np.int32)
-            labels, _ = _relabel_sorted(lut[labels])
-            p = _pieces(labels, sp, shape_edge, reach=1)
-    else:
-        p = _pieces(labels, sp, shape_edge, reach=1)
-
-    # 4: split merged corpora: cut planes (mm along each piece's axis) per piece
-    cuts: dict[int, list[float]] = {}
-    if use_ivds:
-        ivd = sem[box] == IVD_LABEL
-        if ivd.any():
-            ivd_cc = cc3d.connected_components(ivd, connectivity=26)
-            st = cc3d.statistics(ivd_cc)
-            vol = st["voxel_counts"][1:] * vox_mm3
-            # a disc, not a fragment: at least min_volume_mm3 and a third of the median disc above that size
-            real = vol >= min_volume_mm3
-            if real.any():
-                real &= vol >= ivd_fraction * np.median(vol[real])
-            big = np.flatnonzero(real) + 1
-            # both parts must be bodies: the disc at least half a body height (of the other bodies) from either end;
-            # a quarter of the piece's own extent when it is the only body
-            refs = [reference_height_mm or _reference_height(p, exclude=i) for i in range(len(p.counts))]
-            margin = np.array([0.5 * r if r else 0.25 * (p.hi[i] - p.lo[i]) for i, r in enumerate(refs)])
-            for c in st["centroids"][big]:
-                rel = (c - p.centres) * sp
-                q = np.einsum("ij,ij->i", rel, p.axes)
-                lateral = np.linalg.norm(rel - q[:, None] * p.axes, axis=1)
-                radius = np.sqrt(p.counts * vox_mm3 / (np.pi * np.maximum(p.hi - p.lo, 1e-3)))
-                inside = (q > p.lo + margin) & (q < p.hi - margin) & (lateral < 1.5 * radius)
-                for i in np.flatnonzero(inside):
-                    cuts.setdefault(int(i), []).append(float(q[i]))
-    ref = reference_height_mm
-    discs = _discs(sem[box] == IVD_LABEL, sp, min_volume_mm3) if use_ivds else None
-    if len(p.counts) > 1 or ref:
-        centres_mm = p.centres * sp
-        pitch_all = np.linalg.norm(np.diff(centres_mm, axis=0), axis=1) if len(p.counts) > 1 else np.zeros(0)
-        for i in range(len(p.counts)):
-            r = reference_height_mm or _reference_height(p, exclude=i)
-            if not r or int(i) in cuts:
-                continue
-            h = p.heights[i]
-            if h <= split_ratio * r:
-                continue
-            others = np.delete(pitch_all, [j for j in (i - 1, i) if 0 <= j < len(pitch_all)])
-            pitch = float(np.median(others)) if len(others) else 1.25 * r
-            pitch = max(pitch, r)
-            gap = pitch - r
-            disc_mm = _disc_next_to(discs, p, i, sp) if discs is not None else None
-            if disc_mm:  # bodies between their neighbours' heights and discs as thick as those at its ends: the
-                # neighbours' pitch may be of smaller vertebrae (T11/T12 above merged lumbar bodies)
-                r = _neighbour_height(p, i) or r
-                gap, pitch = disc_mm, r + disc_mm
-            n = max(2, int(round((h + gap) / pitch)))
-            step = (p.body_hi[i] - p.body_lo[i]) / n
-            cuts[i] = [float(p.body_lo[i] + step * j) for j in range(1, n)]
-            cuts[i] = _refine_cuts(p, i, cuts[i], window=0.25 * pitch)
-            repairs.append(f"split corpus {i + 1} ({h:.1f} mm tall, {h / r:.1f} x the median {r:.1f} mm) into {n}")
-    if cuts:
-        for i, qs in cuts.items():
-            if use_ivds and not any(r.startswith(f"split corpus {i + 1} ") for r in repairs):
-                repairs.append(f"split corpus {i + 1} at {len(qs)} IVD level(s) inside it")
-        new = p.lab.copy() * 1000
-        for i, qs in cuts.items():
-            sel = p.lab == i + 1
-            new[sel] += np.searchsorted(np.sort(qs), p.proj[sel], side="right")
-        _, inv = np.unique(new, return_inverse=True)
-        labels = np.zeros_like(labels)
-        labels[tuple(p.coords.T)] = inv.reshape(-1).astype(np.int32) + 1
-        labels, _ = _relabel_sorted(labels)
+    labels, p, merged = _merge_duplicates(labels, sp, shape_edge, reference_height_mm, duplicate_fraction)
+    repairs += merged
+    # 4: split merged corpora: cut planes (mm along each piece's axis) per piece, at discs inside it, else by size
+    ivd = sem[box] == IVD_LABEL
+    ivd_cuts = _ivd_cuts(ivd, p, sp, min_volume_mm3, ivd_fraction, reference_height_mm) if use_ivds else {}
+    discs = _discs(ivd, sp, min_volume_mm3) if use_ivds else None
+    size_cuts, split = _size_cuts(p, set(ivd_cuts), discs, sp, split_ratio, reference_height_mm)
+    repairs += split + [f"split corpus {i + 1} at {len(qs)} IVD level(s) inside it" for i, qs in ivd_cuts.items()]
+    if ivd_cuts or size_cuts:
+        labels = _apply_cuts(labels, p, {**ivd_cuts, **size_cuts})
         p = _pieces(labels, sp, shape_edge, reach=1)
 
     full_labels[box] = labels
@@ -449,6 +332,165 @@ def corpus_centres(
         spacing=tuple(float(s) for s in sp),
         repairs=repairs,
     )
+
+
+def _seeded_labels(sub: np.ndarray, sp: np.ndarray, erosion_mm: float, min_volume_mm3: float
+                   ) -> tuple[np.ndarray, list[str]]:
+    """Steps 1-2 on the corpus crop ``sub`` (boolean): the 6-connected components of the mask eroded by
+    ``erosion_mm`` are the seeds (those under ``min_volume_mm3`` dropped); every corpus voxel takes the nearest seed
+    of its own component, and a component without a seed is kept whole when it is that large. Returns the labels
+    (int32, 1..K top to bottom) and the repair line of the fragments dropped (none or one)."""
+    min_vox = max(int(np.ceil(min_volume_mm3 / float(np.prod(sp)))), 1)
+    comps = cc3d.connected_components(sub, connectivity=6).astype(np.int64)
+    if erosion_mm > 0:
+        dist = edt.edt(sub, anisotropy=tuple(sp), black_border=False)
+        seeds = cc3d.connected_components(dist > erosion_mm, connectivity=6).astype(np.int64)
+    else:
+        seeds = comps.copy()
+    seed_counts = np.bincount(seeds.ravel())
+    small = np.flatnonzero(seed_counts < min_vox)
+    small = small[small > 0]
+    if len(small):
+        seeds[np.isin(seeds, small)] = 0
+    comp_counts = np.bincount(comps.ravel())
+    seeded = np.zeros(len(comp_counts), bool)
+    seeded[np.unique(comps[seeds > 0])] = True
+    seedless = np.flatnonzero(~seeded)
+    seedless = seedless[seedless > 0]
+    keep_whole = seedless[comp_counts[seedless] >= min_vox]
+    drop = seedless[comp_counts[seedless] < min_vox]
+    repairs = []
+    if len(drop):
+        repairs.append(f"dropped {len(drop)} corpus fragment(s) under {min_volume_mm3:g} mm3 "
+                       f"({int(comp_counts[drop].sum())} voxels)")
+    if len(keep_whole):
+        offset = int(seeds.max(initial=0))
+        whole = np.isin(comps, keep_whole)
+        seeds[whole] = offset + comps[whole]
+    labels = _nearest_seed(sub, comps, seeds, len(comp_counts), sp)
+    return _relabel_sorted(labels.astype(np.int32))[0], repairs
+
+
+def _nearest_seed(sub: np.ndarray, comps: np.ndarray, seeds: np.ndarray, n_comps: int, sp: np.ndarray
+                  ) -> np.ndarray:
+    """Every voxel of ``sub`` labelled with the nearest seed of its own component (seeds of one component only reach
+    voxels of it: a component with a single seed takes it wholesale); 0 in components without a seed."""
+    pair = np.unique(np.stack([comps[seeds > 0], seeds[seeds > 0]], axis=1), axis=0)
+    n_seeds_per_comp = np.bincount(pair[:, 0], minlength=n_comps)
+    lut = np.zeros(n_comps, dtype=np.int64)
+    lut[pair[:, 0]] = pair[:, 1]
+    labels = np.where(sub, lut[comps], 0)
+    multi = np.flatnonzero(n_seeds_per_comp > 1)
+    if len(multi):
+        region = np.isin(comps, multi)
+        idx = ndi.distance_transform_edt(seeds == 0, sampling=sp, return_distances=False, return_indices=True)
+        nearest = seeds[tuple(idx)]
+        ok = region & (comps[tuple(idx)] == comps)
+        labels[ok] = nearest[ok]
+    return labels
+
+
+def _merge_duplicates(labels: np.ndarray, sp: np.ndarray, shape_edge: tuple[int, int],
+                      reference_height_mm: float | None, duplicate_fraction: float
+                      ) -> tuple[np.ndarray, _Pieces, list[str]]:
+    """Step 3: merge pieces (and the pieces next but one) closer than ``duplicate_fraction`` x the reference body
+    height along the spine. Returns the labels, their pieces and the repair line (none or one). The pieces' axes are
+    differences over two neighbours unless pieces were merged or there was nothing to merge (one piece, no height)."""
+    p = _pieces(labels, sp, shape_edge, reach=2)
+    ref = reference_height_mm or _reference_height(p)
+    if not (ref and len(p.counts) > 1):
+        return labels, _pieces(labels, sp, shape_edge, reach=1), []
+    d = (p.centres[1:] - p.centres[:-1]) * sp
+    along = np.abs(np.einsum("ij,ij->i", d, 0.5 * (p.axes[1:] + p.axes[:-1])))
+    pairs = [(i, i + 1) for i in np.flatnonzero(along < duplicate_fraction * ref)]
+    if len(p.counts) > 2:
+        d2 = (p.centres[2:] - p.centres[:-2]) * sp
+        along2 = np.abs(np.einsum("ij,ij->i", d2, p.axes[1:-1]))
+        pairs += [(i, i + 2) for i in np.flatnonzero(along2 < duplicate_fraction * ref)]
+    if not pairs:
+        return labels, p, []
+    root = _union_find_merge(len(p.counts), pairs)
+    merged = int(len(p.counts) - len(np.unique(root)))
+    repair = (f"merged {merged} duplicate corpus piece(s) closer than {duplicate_fraction:g} x {ref:.1f} mm along "
+              "the spine")
+    lut = np.concatenate([[0], root + 1]).astype(np.int32)
+    labels, _ = _relabel_sorted(lut[labels])
+    return labels, _pieces(labels, sp, shape_edge, reach=1), [repair]
+
+
+def _ivd_cuts(ivd: np.ndarray, p: _Pieces, sp: np.ndarray, min_volume_mm3: float, ivd_fraction: float,
+              reference_height_mm: float | None) -> dict[int, list[float]]:
+    """Step 4, discs: cut planes (mm along each piece's axis, per piece index) at the centre of every disc (at least
+    ``min_volume_mm3`` and ``ivd_fraction`` of the median disc) that lies inside a piece, at least half a body height
+    (of the other bodies) from either end; a quarter of the piece's own extent when it is the only body."""
+    cuts: dict[int, list[float]] = {}
+    if not ivd.any():
+        return cuts
+    vox_mm3 = float(np.prod(sp))
+    ivd_cc = cc3d.connected_components(ivd, connectivity=26)
+    st = cc3d.statistics(ivd_cc)
+    vol = st["voxel_counts"][1:] * vox_mm3
+    # a disc, not a fragment: at least min_volume_mm3 and a third of the median disc above that size
+    real = vol >= min_volume_mm3
+    if real.any():
+        real &= vol >= ivd_fraction * np.median(vol[real])
+    big = np.flatnonzero(real) + 1
+    refs = [reference_height_mm or _reference_height(p, exclude=i) for i in range(len(p.counts))]
+    margin = np.array([0.5 * r if r else 0.25 * (p.hi[i] - p.lo[i]) for i, r in enumerate(refs)])
+    for c in st["centroids"][big]:
+        rel = (c - p.centres) * sp
+        q = np.einsum("ij,ij->i", rel, p.axes)
+        lateral = np.linalg.norm(rel - q[:, None] * p.axes, axis=1)
+        radius = np.sqrt(p.counts * vox_mm3 / (np.pi * np.maximum(p.hi - p.lo, 1e-3)))
+        inside = (q > p.lo + margin) & (q < p.hi - margin) & (lateral < 1.5 * radius)
+        for i in np.flatnonzero(inside):
+            cuts.setdefault(int(i), []).append(float(q[i]))
+    return cuts
+
+
+def _size_cuts(p: _Pieces, skip: set[int], discs: tuple[np.ndarray, np.ndarray] | None, sp: np.ndarray,
+               split_ratio: float, reference_height_mm: float | None) -> tuple[dict[int, list[float]], list[str]]:
+    """Step 4, sizes: cut planes for every piece (not in ``skip``) whose body is over ``split_ratio`` x the
+    reference height, into n pieces from the vertebra pitch (from the discs next to it when there are discs), each cut
+    moved to the waist near it. Returns the cuts per piece index and one repair line per piece split."""
+    cuts: dict[int, list[float]] = {}
+    repairs: list[str] = []
+    if len(p.counts) <= 1 and not reference_height_mm:
+        return cuts, repairs
+    centres_mm = p.centres * sp
+    pitch_all = np.linalg.norm(np.diff(centres_mm, axis=0), axis=1) if len(p.counts) > 1 else np.zeros(0)
+    for i in range(len(p.counts)):
+        r = reference_height_mm or _reference_height(p, exclude=i)
+        if not r or i in skip:
+            continue
+        h = p.heights[i]
+        if h <= split_ratio * r:
+            continue
+        others = np.delete(pitch_all, [j for j in (i - 1, i) if 0 <= j < len(pitch_all)])
+        pitch = max(float(np.median(others)) if len(others) else 1.25 * r, r)
+        gap = pitch - r
+        disc_mm = _disc_next_to(discs, p, i, sp) if discs is not None else None
+        if disc_mm:  # bodies between their neighbours' heights and discs as thick as those at its ends: the
+            # neighbours' pitch may be of smaller vertebrae (T11/T12 above merged lumbar bodies)
+            r = _neighbour_height(p, i) or r
+            gap, pitch = disc_mm, r + disc_mm
+        n = max(2, int(round((h + gap) / pitch)))
+        step = (p.body_hi[i] - p.body_lo[i]) / n
+        cuts[i] = _refine_cuts(p, i, [float(p.body_lo[i] + step * j) for j in range(1, n)], window=0.25 * pitch)
+        repairs.append(f"split corpus {i + 1} ({h:.1f} mm tall, {h / r:.1f} x the median {r:.1f} mm) into {n}")
+    return cuts, repairs
+
+
+def _apply_cuts(labels: np.ndarray, p: _Pieces, cuts: dict[int, list[float]]) -> np.ndarray:
+    """The labels with each piece cut at its planes (mm along its axis), renumbered 1..K top to bottom."""
+    new = p.lab.copy() * 1000
+    for i, qs in cuts.items():
+        sel = p.lab == i + 1
+        new[sel] += np.searchsorted(np.sort(qs), p.proj[sel], side="right")
+    _, inv = np.unique(new, return_inverse=True)
+    out = np.zeros_like(labels)
+    out[tuple(p.coords.T)] = inv.reshape(-1).astype(np.int32) + 1
+    return _relabel_sorted(out)[0]
 
 
 def _neighbour_height(p: _Pieces, i: int) -> float | None:
