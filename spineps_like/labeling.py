@@ -278,6 +278,39 @@ def label_vertebrae(
         Relabelled instance mask.
     result : LabelingResult
     """
+    inst, sem_raw, sp = _checked_inputs(instance, semantic, spacing, lumbar_count, first_id)
+    sem = map_aliases(sem_raw)
+    res = LabelingResult()
+    vert = vertebra_ids(inst)
+    ids, centres, _ = vertebra_order(vert, sem, sp)
+    if len(ids) == 0:
+        res.notes.append("no vertebra in the instance mask")
+        return inst.astype(np.int32, copy=True), res
+    f = _features(vert, sem_raw, sem, ids, sp)
+    if use_gaps:
+        f = _skip_missing_levels(f, missing_levels(centres * sp, f.corpus > 0), res)
+    ids = f.ids
+    n = len(ids)
+    sacrum = use_sacrum and bool((sem == SACRUM_ID).any() or (inst == SACRUM_ID).any())
+    c2_k, c2_why = _find_c2(f, dens_ratio) if use_dens else (None, "dens anchor disabled")
+    if sacrum:
+        new = _number_from_sacrum(f, c2_k, lumbar_count, res)
+    elif c2_k is not None:
+        new = _number_from_c2(n, c2_k, c2_why, lumbar_count, res)
+    else:
+        new = _count_from(first_id, n, res)
+    res.mapping = {int(o): int(v) for o, v in zip(ids, new) if o >= 0}
+    res.order = [v for o, v in zip(ids, new) if v > 0 and o >= 0]
+    res.names = {v: VERTEBRA_ID_TO_NAME[v] for v in res.order}
+    res.truncated_by = _truncation(f, new)
+    res.complete = {v: not why for v, why in res.truncated_by.items()}
+    out = remap_instance(inst, res.mapping, ids[ids >= 0])
+    return out, res
+
+
+def _checked_inputs(instance: np.ndarray, semantic: np.ndarray, spacing: Sequence[float], lumbar_count: int | None,
+                    first_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`label_vertebrae`'s arguments checked: the instance and semantic masks and the spacing array."""
     inst = check_mask(instance, "instance mask")
     sem_raw = check_mask(semantic)
     if inst.shape != sem_raw.shape:
@@ -287,133 +320,160 @@ def label_vertebrae(
         raise ValueError(f"lumbar_count must be 4, 5, 6 or None, got {lumbar_count}")
     if first_id not in ANATOMICAL_ORDER or first_id in (SACRUM_ID, 27):
         raise ValueError(f"first_id must be a vertebra id (1-25, 28), got {first_id}")
-    sem = map_aliases(sem_raw)
-    res = LabelingResult()
-    vert = vertebra_ids(inst)
-    ids, centres, _ = vertebra_order(vert, sem, sp)
-    if len(ids) == 0:
-        res.notes.append("no vertebra in the instance mask")
-        return inst.astype(np.int32, copy=True), res
-    f = _features(vert, sem_raw, sem, ids, sp)
-    gaps = missing_levels(centres * sp, f.corpus > 0) if use_gaps else np.zeros(max(len(ids) - 1, 0), np.int64)
+    return inst, sem_raw, sp
+
+
+def _skip_missing_levels(f: _Features, gaps: np.ndarray, res: LabelingResult) -> _Features:
+    """``f`` with a placeholder for every level that seems missing (``gaps``, see :func:`missing_levels`), so that the
+    ids beyond a lost body are not shifted; unchanged, with a plain count noted, when the bodies are too irregularly
+    spaced to be a column with a lost body or two. Any skipped level makes the labelling ambiguous."""
     if np.count_nonzero(gaps) > 2 or gaps.sum() > 3:
-        # bodies this irregularly spaced are not a column with a lost body or two: a plain count, flagged
         res.ambiguous = True
         res.notes.append(f"the bodies are irregularly spaced ({np.count_nonzero(gaps)} gaps of up to "
                          f"{int(gaps.max())} missing levels): no level skipped, the ids are a plain count")
-        gaps = np.zeros_like(gaps)
-    if gaps.any():
+        return f
+    if not gaps.any():
+        return f
+    res.ambiguous = True
+    for k in np.flatnonzero(gaps):
+        res.notes.append(f"{int(gaps[k])} vertebra(e) seem missing below the {k + 1}. vertebra from the top "
+                         "(corpus centres far further apart than their neighbours'): their ids are skipped")
+    return _with_gaps(f, gaps)
+
+
+def _number_from_sacrum(f: _Features, c2_k: int | None, lumbar_count: int | None, res: LabelingResult
+                        ) -> list[int]:
+    """New ids (top to bottom) of the ``len(f.ids)`` vertebrae above the sacrum: the last lumbar vertebra right
+    above it, with the lumbar and thoracic counts of :func:`_sacrum_counts`; those beyond C1 are 0."""
+    n = len(f.ids)
+    m = n - c2_k if c2_k is not None else None  # vertebrae from C2 down to the one above the sacrum
+    res.anchor = "sacrum+C2" if m is not None else "sacrum"
+    lc, thoracic = _sacrum_counts(f, m, lumbar_count, res)
+    seq = [_C[0]] + _anatomical_sequence(2, thoracic, lc)  # C1 .. last lumbar
+    if n > len(seq):
         res.ambiguous = True
-        # a body the masks lost keeps its place in the count: the ids beyond it are not shifted
-        for k in np.flatnonzero(gaps):
-            res.notes.append(f"{int(gaps[k])} vertebra(e) seem missing below the {k + 1}. vertebra from the top "
-                             "(corpus centres far further apart than their neighbours'): their ids are skipped")
-        f = _with_gaps(f, gaps)
-        ids = f.ids
-    n = len(ids)
-    sacrum = use_sacrum and bool((sem == SACRUM_ID).any() or (inst == SACRUM_ID).any())
-    c2_k, c2_why = _find_c2(f, dens_ratio) if use_dens else (None, "dens anchor disabled")
-    new: list[int] | None = None
-
-    if sacrum:
-        lc, thoracic = 5, 12
-        m = n - c2_k if c2_k is not None else None  # vertebrae from C2 down to the one above the sacrum
-        res.anchor = "sacrum+C2" if m is not None else "sacrum"
-        if lumbar_count is not None:
-            lc = lumbar_count
-            if m is not None:
-                th = m - 6 - lc
-                if 11 <= th <= 13:
-                    thoracic = th
-                    if th != 12:
-                        res.ambiguous = True
-                        res.notes.append(f"{m} vertebrae from C2 to the sacrum with {lc} lumbar: {th} thoracic")
-                else:
-                    res.ambiguous = True
-                    res.notes.append(f"{m} vertebrae from C2 to the sacrum do not fit {lc} lumbar vertebrae: "
-                                     "numbered from the sacrum")
-        elif m is not None and m == 23:
-            res.notes.append("23 vertebrae from C2 to the sacrum: C2-C7, 12 thoracic, 5 lumbar")
-        elif m is not None and m in (22, 24):
-            # one vertebra too many / too few: lumbar or thoracic? the costal processes decide
-            k = n - 6 if m == 24 else n - 5
-            verdict = _looks_lumbar(f, k, np.arange(k + 1, n))
-            res.ambiguous = True
-            if m == 24:
-                if verdict:
-                    lc = 6
-                    res.notes.append("24 vertebrae from C2 to the sacrum and the 6th above the sacrum has "
-                                     "lumbar-size costal processes: L6")
-                else:
-                    thoracic = 13
-                    res.notes.append("24 vertebrae from C2 to the sacrum and the 6th above the sacrum has small "
-                                     "costal processes (or cannot be judged): T13")
-            else:
-                if verdict is False:
-                    lc = 4
-                    res.notes.append("22 vertebrae from C2 to the sacrum and the 5th above the sacrum has small "
-                                     "costal processes: 4 lumbar vertebrae")
-                else:
-                    thoracic = 11
-                    res.notes.append("22 vertebrae from C2 to the sacrum: 11 thoracic vertebrae assumed")
-        else:
-            if m is not None:
-                res.ambiguous = True
-                res.notes.append(f"{m} vertebrae from C2 to the sacrum, expected 23: numbered from the sacrum "
-                                 "(a vertebra may be missing, merged or out of view)")
-            if n >= 6:
-                verdict = _looks_lumbar(f, n - 6, np.arange(n - 5, n))
-                if verdict is None:
-                    res.ambiguous = True
-                    res.notes.append("the 6th vertebra above the sacrum cannot be judged (cut by the field of "
-                                     "view): T12 assumed (5 lumbar); pass lumbar_count=6 for L6")
-                elif verdict:
-                    lc = 6
-                    res.ambiguous = True
-                    res.notes.append("the 6th vertebra above the sacrum has lumbar-size costal processes: L6 "
-                                     "(6 lumbar vertebrae; ribs are not in the mask, so T13 cannot be excluded)")
-                else:
-                    res.notes.append("the 6th vertebra above the sacrum has small costal processes: T12 "
-                                     "(5 lumbar vertebrae)")
-        seq = [_C[0]] + _anatomical_sequence(2, thoracic, lc)  # C1 .. last lumbar
-        if n > len(seq):
-            res.ambiguous = True
-            res.notes.append(f"{n} vertebrae above the sacrum exceed the anatomical sequence; the topmost "
-                             f"{n - len(seq)} are left unnumbered (0)")
-            new = [0] * (n - len(seq)) + seq
-        else:
-            new = seq[len(seq) - n:]
-        res.notes.append(f"anchored by the sacrum: the vertebra above it is {VERTEBRA_ID_TO_NAME[new[-1]]}")
-    elif c2_k is not None:
-        res.anchor = "C2"
-        res.notes.append(f"anchored by C2: {c2_why}")
-        seq = _anatomical_sequence(2, 12, lumbar_count or 5)
-        if c2_k == 1:
-            seq = [_C[0]] + seq
-        if n > len(seq):
-            res.ambiguous = True
-            res.notes.append("more vertebrae below C2 than the anatomical sequence holds: the lowest left 0")
-            seq = seq + [0] * (n - len(seq))
-        new = seq[:n]
+        res.notes.append(f"{n} vertebrae above the sacrum exceed the anatomical sequence; the topmost "
+                         f"{n - len(seq)} are left unnumbered (0)")
+        new = [0] * (n - len(seq)) + seq
     else:
-        res.anchor = "none"
-        seq = [i for i in ANATOMICAL_ORDER if i not in (T13, SACRUM_ID, 27)]
-        start = seq.index(first_id)
-        seq = seq[start:]
-        if n > len(seq):
-            raise ValueError(f"{n} vertebrae do not fit a count starting at "
-                             f"{VERTEBRA_ID_TO_NAME[first_id]} (at most {len(seq)})")
-        new = seq[:n]
-        res.notes.append(f"no anchor in view (no sacrum, no dens): ids count top to bottom from "
-                         f"{VERTEBRA_ID_TO_NAME[first_id]}; they are not anatomical")
+        new = seq[len(seq) - n:]
+    res.notes.append(f"anchored by the sacrum: the vertebra above it is {VERTEBRA_ID_TO_NAME[new[-1]]}")
+    return new
 
-    mapping = {int(o): int(v) for o, v in zip(ids, new) if o >= 0}
-    res.mapping = mapping
-    res.order = [v for o, v in zip(ids, new) if v > 0 and o >= 0]
-    res.names = {v: VERTEBRA_ID_TO_NAME[v] for v in res.order}
-    # completeness
+
+def _sacrum_counts(f: _Features, m: int | None, lumbar_count: int | None, res: LabelingResult) -> tuple[int, int]:
+    """(lumbar, thoracic) vertebrae above the sacrum: ``lumbar_count`` when given (the thoracic from the ``m``
+    vertebrae from C2 to the sacrum, when C2 is in view); else from ``m`` when it is 23, 22 or 24; else 5 and 12 or
+    L6, as the costal processes of the 6th vertebra above the sacrum say."""
+    if lumbar_count is not None:
+        return lumbar_count, _thoracic_count(m, lumbar_count, res)
+    if m == 23:
+        res.notes.append("23 vertebrae from C2 to the sacrum: C2-C7, 12 thoracic, 5 lumbar")
+        return 5, 12
+    if m in (22, 24):
+        return _one_off_counts(f, m, res)
+    return _counts_from_costal(f, m, res)
+
+
+def _thoracic_count(m: int | None, lc: int, res: LabelingResult) -> int:
+    """Thoracic vertebrae between C7 and ``lc`` lumbar ones when ``m`` vertebrae lie from C2 to the sacrum: 11-13,
+    else (or without C2 in view) 12."""
+    if m is None:
+        return 12
+    th = m - 6 - lc
+    if 11 <= th <= 13:
+        if th != 12:
+            res.ambiguous = True
+            res.notes.append(f"{m} vertebrae from C2 to the sacrum with {lc} lumbar: {th} thoracic")
+        return th
+    res.ambiguous = True
+    res.notes.append(f"{m} vertebrae from C2 to the sacrum do not fit {lc} lumbar vertebrae: numbered from the sacrum")
+    return 12
+
+
+def _one_off_counts(f: _Features, m: int, res: LabelingResult) -> tuple[int, int]:
+    """(lumbar, thoracic) for 24 or 22 vertebrae from C2 to the sacrum, one too many or too few: lumbar or thoracic?
+    The costal processes decide."""
+    n = len(f.ids)
+    k = n - 6 if m == 24 else n - 5
+    verdict = _looks_lumbar(f, k, np.arange(k + 1, n))
+    res.ambiguous = True
+    if m == 24:
+        if verdict:
+            res.notes.append("24 vertebrae from C2 to the sacrum and the 6th above the sacrum has lumbar-size costal "
+                             "processes: L6")
+            return 6, 12
+        res.notes.append("24 vertebrae from C2 to the sacrum and the 6th above the sacrum has small costal processes "
+                         "(or cannot be judged): T13")
+        return 5, 13
+    if verdict is False:
+        res.notes.append("22 vertebrae from C2 to the sacrum and the 5th above the sacrum has small costal processes: "
+                         "4 lumbar vertebrae")
+        return 4, 12
+    res.notes.append("22 vertebrae from C2 to the sacrum: 11 thoracic vertebrae assumed")
+    return 5, 11
+
+
+def _counts_from_costal(f: _Features, m: int | None, res: LabelingResult) -> tuple[int, int]:
+    """(lumbar, thoracic) from the costal processes of the 6th vertebra above the sacrum: L6 when lumbar-size, else
+    5 lumbar; ``m`` (vertebrae from C2 to the sacrum, when C2 is in view) other than 22-24 is noted as ambiguous."""
+    n = len(f.ids)
+    if m is not None:
+        res.ambiguous = True
+        res.notes.append(f"{m} vertebrae from C2 to the sacrum, expected 23: numbered from the sacrum "
+                         "(a vertebra may be missing, merged or out of view)")
+    if n < 6:
+        return 5, 12
+    verdict = _looks_lumbar(f, n - 6, np.arange(n - 5, n))
+    if verdict is None:
+        res.ambiguous = True
+        res.notes.append("the 6th vertebra above the sacrum cannot be judged (cut by the field of view): T12 assumed "
+                         "(5 lumbar); pass lumbar_count=6 for L6")
+        return 5, 12
+    if verdict:
+        res.ambiguous = True
+        res.notes.append("the 6th vertebra above the sacrum has lumbar-size costal processes: L6 (6 lumbar "
+                         "vertebrae; ribs are not in the mask, so T13 cannot be excluded)")
+        return 6, 12
+    res.notes.append("the 6th vertebra above the sacrum has small costal processes: T12 (5 lumbar vertebrae)")
+    return 5, 12
+
+
+def _number_from_c2(n: int, c2_k: int, c2_why: str, lumbar_count: int | None, res: LabelingResult) -> list[int]:
+    """New ids of ``n`` vertebrae counted down from C2 at order index ``c2_k`` (C1 above it when that is 1); those
+    beyond the anatomical sequence are 0."""
+    res.anchor = "C2"
+    res.notes.append(f"anchored by C2: {c2_why}")
+    seq = _anatomical_sequence(2, 12, lumbar_count or 5)
+    if c2_k == 1:
+        seq = [_C[0]] + seq
+    if n > len(seq):
+        res.ambiguous = True
+        res.notes.append("more vertebrae below C2 than the anatomical sequence holds: the lowest left 0")
+        seq = seq + [0] * (n - len(seq))
+    return seq[:n]
+
+
+def _count_from(first_id: int, n: int, res: LabelingResult) -> list[int]:
+    """New ids of ``n`` vertebrae without an anchor: a count from ``first_id`` down (not anatomy); ValueError when
+    they do not fit."""
+    res.anchor = "none"
+    seq = [i for i in ANATOMICAL_ORDER if i not in (T13, SACRUM_ID, 27)]
+    seq = seq[seq.index(first_id):]
+    if n > len(seq):
+        raise ValueError(f"{n} vertebrae do not fit a count starting at "
+                         f"{VERTEBRA_ID_TO_NAME[first_id]} (at most {len(seq)})")
+    res.notes.append(f"no anchor in view (no sacrum, no dens): ids count top to bottom from "
+                     f"{VERTEBRA_ID_TO_NAME[first_id]}; they are not anatomical")
+    return seq[:n]
+
+
+def _truncation(f: _Features, new: list[int]) -> dict[int, list[str]]:
+    """Why each newly numbered vertebra is cut by the field of view ("top", "bottom", "no corpus" or "corpus at
+    border"; an empty list when it is complete), placeholders and unnumbered ones left out."""
+    out: dict[int, list[str]] = {}
     for k, v in enumerate(new):
-        if v == 0 or ids[k] < 0:
+        if v == 0 or f.ids[k] < 0:
             continue
         why = []
         if f.top[k]:
@@ -424,11 +484,8 @@ def label_vertebrae(
             why.append("no corpus")
         elif f.corpus_border[k]:
             why.append("corpus at border")
-        res.truncated_by[v] = why
-        res.complete[v] = not why
-
-    out = remap_instance(inst, mapping, ids[ids >= 0])
-    return out, res
+        out[v] = why
+    return out
 
 
 def _anatomical_previous(v: int, present: set[int]) -> int:
