@@ -20,7 +20,8 @@ import os
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
 
 import cc3d
 import fill_voids
@@ -544,15 +545,7 @@ def labels_from_probabilities(
     channel_labels = np.asarray(channel_labels, dtype=np.intp)
     if probs.ndim != 4 or len(channel_labels) != probs.shape[0]:
         raise ValueError(f"labels_from_probabilities: {probs.shape[0]} channels but {len(channel_labels)} labels")
-    labels = np.unique(channel_labels)
-    if labels[0] != 0:
-        labels = np.concatenate([[0], labels])
-    label_index = np.zeros(max(256, int(labels[-1]) + 1), dtype=np.intp)  # label -> its position in labels
-    label_index[labels] = np.arange(len(labels))
-    per_label = []  # one probability map per label: a view of its channel, or the sum of its channels
-    for lab in labels:
-        idx = np.flatnonzero(channel_labels == lab)
-        per_label.append(probs[idx].sum(axis=0, dtype=np.float32) if len(idx) != 1 else probs[idx[0]])
+    labels, label_index, per_label = _per_label(probs, channel_labels)
     fg = _most_probable(labels, per_label) if argmax is None else np.asarray(argmax)
     changed = None
     if override is not None:
@@ -561,14 +554,7 @@ def labels_from_probabilities(
         changed = override != fg
         changed = changed if changed.any() else None
         fg = override
-
-    def overridden(p: np.ndarray, lab: int, index: tuple[slice, ...]) -> np.ndarray:
-        """``p[index]`` with the overridden voxels set to 1 where the override is ``lab``, else 0."""
-        v = p[index]
-        if changed is None or not changed[index].any():
-            return v
-        return np.where(changed[index], override[index] == lab, v).astype(np.float32, copy=False)
-
+    maps = _LabelMaps(labels, label_index, per_label, override, changed)
     # the reference grid turned into the model grid's orientation: both grids then share their axes. The labels are
     # written through a view of that orientation straight into an array on the reference grid (no reorienting copy)
     grid_orientation = Scan(fg, grid_affine).orientation
@@ -576,106 +562,187 @@ def labels_from_probabilities(
     box = bbox(fg > 0, margin)
     result = np.zeros(reference.shape, dtype=np.uint8)
     out = oriented_view(result, reference.affine, grid_orientation)
-    if box is not None:
-        mapping = axis_aligned_map(grid_shape, grid_affine, out_affine)
+    if box is None:
+        return result
+    mapping = axis_aligned_map(grid_shape, grid_affine, out_affine)
+    if mapping is None:  # grids not axis-aligned: whole-volume resampling per label
         whole = tuple(slice(0, n) for n in grid_shape)
-        if mapping is None:  # grids not axis-aligned: whole-volume resampling per label
-            out[...] = _most_probable(labels, (resample_to(Scan(np.ascontiguousarray(overridden(p, lab, whole)),
-                                                                grid_affine), out_shape, out_affine, order=1).array
-                                               for lab, p in zip(labels, per_label)))
-        else:
-            scale, offset = mapping
-            sub_out, weights = [], []
-            for ax in range(3):
-                # reference voxels whose model-grid coordinate falls inside the box; past the grid's ends: edge values
-                lo = 0 if box[ax].start == 0 else int(np.ceil((box[ax].start - offset[ax]) / scale[ax] - 1e-6))
-                hi = (out_shape[ax] - 1 if box[ax].stop == grid_shape[ax]
-                      else int(np.floor((box[ax].stop - 1 - offset[ax]) / scale[ax] + 1e-6)))
-                lo, hi = max(lo, 0), min(hi, out_shape[ax] - 1)
-                if hi < lo:
-                    return result
-                sub_out.append(slice(lo, hi + 1))
-                coords = scale[ax] * np.arange(lo, hi + 1) + offset[ax] - box[ax].start
-                weights.append(linear_weights(box[ax].stop - box[ax].start, coords))  # box-relative indices
-            # interpolate the shrinking axes first: the intermediates stay small
-            order = sorted(range(3), key=lambda a: (sub_out[a].stop - sub_out[a].start) / (box[a].stop - box[a].start))
-            sub = out[tuple(sub_out)]
-            cell = _uniform_cells(fg[box])
-            # one bit per label (below): the narrowest unsigned type that holds them, less memory to pass over
-            label_bits = next((t for t in (np.uint8, np.uint16, np.uint32) if len(labels) <= 8 * t().itemsize), np.uint64)
-
-            def slab(index: tuple[slice, ...]) -> None:
-                # this slab's rows of the weights, and the model-grid range they read
-                w_slab, src = [], []
-                for ax in range(3):
-                    i0, i1, w = (a[index[ax]] for a in weights[ax])
-                    first = int(i0.min())
-                    w_slab.append((i0 - first, i1 - first, w))
-                    src.append(slice(box[ax].start + first, box[ax].start + int(i1.max()) + 1))
-                src = tuple(src)
-                # where the model-grid cell around a voxel has one label at all 8 corners, that label wins there (each
-                # corner prefers it to every other label, and so does any convex combination of them): only the
-                # voxels in mixed cells are interpolated
-                known = cell[np.ix_(*(weights[ax][0][index[ax]] for ax in range(3)))]
-                mixed = np.flatnonzero(known < 0)
-                if len(mixed) > SPARSE_RESTORE_SHARE * known.size:
-                    sub[index] = _most_probable(labels, (_interpolate_separable(overridden(p, lab, src), w_slab, order)
-                                                         for lab, p in zip(labels, per_label)))
-                    return
-                labs = known.astype(np.uint8, order="C")  # C order: its flat view takes the mixed voxels
-                if len(mixed):
-                    at = np.unravel_index(mixed, known.shape)
-                    at = [[a[at[ax]] for a in w_slab[ax]] for ax in range(3)]  # (lower, upper, weight) per point
-                    corners: dict[tuple[int, ...], np.ndarray] = {}  # offsets per memory layout of the maps
-
-                    def corner_values(v: np.ndarray, points: np.ndarray | slice = slice(None)) -> np.ndarray:
-                        """``v`` (a map on ``src``) at the 8 cell corners ``(2, 2, 2, m)`` of the mixed voxels."""
-                        flat, strides = _flat_view(v)
-                        if strides not in corners:
-                            corners[strides] = _corner_offsets(at, strides)
-                        return np.take(flat, corners[strides][..., points])
-
-                    # the clean-up's decisions at the corners: 1 for the label it set, 0 for the others
-                    forced = None if changed is None else corner_values(changed[src])
-                    if forced is not None and forced.any():
-                        forced_label = corner_values(override[src])
-                    else:
-                        forced = None
-                    candidates = None
-                    if normalized and len(labels) <= 64:
-                        # a label under 0.9 / n at all 8 corners of a cell stays under it inside the cell, where the
-                        # winner holds at least 1 / n (n labels whose probabilities sum to 1): per voxel, only the
-                        # labels reaching that at a corner of its cell are interpolated
-                        floor = np.float32(0.9 / len(labels))
-                        # in the maps' memory order (a permuted view of nnU-Net's array): 5x faster passes than in
-                        # the grid's C order
-                        bits = np.zeros_like(per_label[0][src], dtype=label_bits)
-                        for j, p in enumerate(per_label):
-                            np.bitwise_or(bits, label_bits(1 << j), out=bits, where=p[src] >= floor)
-                        if changed is not None:
-                            ch = changed[src]
-                            bits[ch] = np.left_shift(label_bits(1), label_index[override[src][ch]].astype(label_bits))
-                        candidates = np.bitwise_or.reduce(corner_values(bits).reshape(8, -1), axis=0)
-
-                    def at_mixed(j: int, lab: int, p: np.ndarray) -> tuple[np.ndarray | slice, np.ndarray]:
-                        """The mixed voxels where label ``lab`` may win and its interpolated probability there."""
-                        points = slice(None) if candidates is None else nonzero_index(candidates & label_bits(1 << j))
-                        if not isinstance(points, slice) and 2 * len(points) > len(mixed):
-                            # a label that is a candidate at most points: every point costs less than indexing them,
-                            # and where it is no candidate it stays under the floor, so it cannot win there
-                            points = slice(None)
-                        v = corner_values(p[src], points)
-                        if forced is not None:
-                            v = np.where(forced[..., points], forced_label[..., points] == lab, v).astype(
-                                np.float32, copy=False)
-                        return points, _interpolate_corners(v, [a[2][points] for a in at], order)
-
-                    labs.reshape(-1)[mixed] = _most_probable_at(len(mixed), labels, (
-                        at_mixed(j, lab, p) for j, (lab, p) in enumerate(zip(labels, per_label))))
-                sub[index] = labs
-
-            in_slabs(sub.shape, threads, slab)
+        out[...] = _most_probable(labels, (resample_to(Scan(np.ascontiguousarray(maps.overridden(p, lab, whole)),
+                                                            grid_affine), out_shape, out_affine, order=1).array
+                                           for lab, p in zip(labels, per_label)))
+        return result
+    reads = _box_weights(box, mapping, grid_shape, out_shape)
+    if reads is None:
+        return result
+    sub_out, weights = reads
+    # interpolate the shrinking axes first: the intermediates stay small
+    order = sorted(range(3), key=lambda a: (sub_out[a].stop - sub_out[a].start) / (box[a].stop - box[a].start))
+    restore = _SlabRestore(maps, box, weights, order, _uniform_cells(fg[box]), out[sub_out], normalized)
+    in_slabs(restore.sub.shape, threads, restore.slab)
     return result
+
+
+def _per_label(probs: np.ndarray, channel_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """The labels (0 first), each label's position among them (a look-up table by label) and one probability map per
+    label: a view of its channel, or the sum of its channels."""
+    labels = np.unique(channel_labels)
+    if labels[0] != 0:
+        labels = np.concatenate([[0], labels])
+    label_index = np.zeros(max(256, int(labels[-1]) + 1), dtype=np.intp)  # label -> its position in labels
+    label_index[labels] = np.arange(len(labels))
+    per_label = []
+    for lab in labels:
+        idx = np.flatnonzero(channel_labels == lab)
+        per_label.append(probs[idx].sum(axis=0, dtype=np.float32) if len(idx) != 1 else probs[idx[0]])
+    return labels, label_index, per_label
+
+
+class _LabelMaps(NamedTuple):
+    """The probability map of each label on the model grid, and the clean-up's decisions that replace them."""
+
+    labels: np.ndarray  # the labels, 0 first
+    label_index: np.ndarray  # label -> its position in labels
+    per_label: list[np.ndarray]  # one probability map per label
+    override: np.ndarray | None  # the clean-up's labels
+    changed: np.ndarray | None  # where they differ from the probabilities' argmax (None: nowhere)
+
+    def overridden(self, p: np.ndarray, lab: int, index: tuple[slice, ...]) -> np.ndarray:
+        """``p[index]`` with the overridden voxels set to 1 where the override is ``lab``, else 0."""
+        v = p[index]
+        if self.changed is None or not self.changed[index].any():
+            return v
+        return np.where(self.changed[index], self.override[index] == lab, v).astype(np.float32, copy=False)
+
+
+def _box_weights(box: tuple[slice, ...], mapping: tuple[np.ndarray, np.ndarray], grid_shape: Sequence[int],
+                 out_shape: Sequence[int]) -> tuple[tuple[slice, ...], list] | None:
+    """The reference voxels (slices, in the model grid's orientation) whose model-grid coordinate falls inside
+    ``box``, past the grid's ends the edge voxels too, with their linear weights per axis (box-relative indices);
+    None when there is none. ``mapping``: model-grid coordinate = scale x reference index + offset, per axis."""
+    scale, offset = mapping
+    sub_out, weights = [], []
+    for ax in range(3):
+        lo = 0 if box[ax].start == 0 else int(np.ceil((box[ax].start - offset[ax]) / scale[ax] - 1e-6))
+        hi = (out_shape[ax] - 1 if box[ax].stop == grid_shape[ax]
+              else int(np.floor((box[ax].stop - 1 - offset[ax]) / scale[ax] + 1e-6)))
+        lo, hi = max(lo, 0), min(hi, out_shape[ax] - 1)
+        if hi < lo:
+            return None
+        sub_out.append(slice(lo, hi + 1))
+        coords = scale[ax] * np.arange(lo, hi + 1) + offset[ax] - box[ax].start
+        weights.append(linear_weights(box[ax].stop - box[ax].start, coords))
+    return tuple(sub_out), weights
+
+
+@dataclass
+class _SlabRestore:
+    """Labels of ``sub`` (the reference grid's voxels over the model grid's ``box``) from the label maps, slab by
+    slab (:meth:`slab`, called on threads for disjoint slabs of ``sub``)."""
+
+    maps: _LabelMaps
+    box: tuple[slice, ...]
+    weights: list  # per axis: (lower, upper) box-relative model-grid index and weight of each voxel of sub
+    order: list[int]  # the axes in the order they are interpolated
+    cell: np.ndarray  # the label of each model-grid cell of the box with one label at all 8 corners, else -1
+    sub: np.ndarray  # written
+    normalized: bool  # the probabilities sum to 1
+
+    def slab(self, index: tuple[slice, ...]) -> None:
+        """Write the labels of ``sub[index]``. Where the model-grid cell around a voxel has one label at all 8
+        corners, that label wins there (each corner prefers it to every other label, and so does any convex
+        combination of them): only the voxels in mixed cells are interpolated."""
+        w_slab, src = self._reads(index)
+        known = self.cell[np.ix_(*(self.weights[ax][0][index[ax]] for ax in range(3)))]
+        mixed = np.flatnonzero(known < 0)
+        m = self.maps
+        if len(mixed) > SPARSE_RESTORE_SHARE * known.size:
+            self.sub[index] = _most_probable(m.labels, (_interpolate_separable(m.overridden(p, lab, src), w_slab,
+                                                                               self.order)
+                                                        for lab, p in zip(m.labels, m.per_label)))
+            return
+        labs = known.astype(np.uint8, order="C")  # C order: its flat view takes the mixed voxels
+        if len(mixed):
+            at = np.unravel_index(mixed, known.shape)
+            at = [[a[at[ax]] for a in w_slab[ax]] for ax in range(3)]  # (lower, upper, weight) per point
+            cells = _MixedCells(m, src, _CornerReader(at), self.order, len(mixed))
+            if self.normalized and len(m.labels) <= 64:
+                cells = cells.with_candidates()
+            labs.reshape(-1)[mixed] = _most_probable_at(len(mixed), m.labels, (
+                cells.interpolate(j, lab, p) for j, (lab, p) in enumerate(zip(m.labels, m.per_label))))
+        self.sub[index] = labs
+
+    def _reads(self, index: tuple[slice, ...]) -> tuple[list, tuple[slice, ...]]:
+        """This slab's rows of the weights (indices relative to what it reads) and the model-grid range it reads."""
+        w_slab, src = [], []
+        for ax in range(3):
+            i0, i1, w = (a[index[ax]] for a in self.weights[ax])
+            first = int(i0.min())
+            w_slab.append((i0 - first, i1 - first, w))
+            src.append(slice(self.box[ax].start + first, self.box[ax].start + int(i1.max()) + 1))
+        return w_slab, tuple(src)
+
+
+class _CornerReader:
+    """Values of maps on one model-grid range at the 8 cell corners of some points, with the corner offsets computed
+    once per memory layout of the maps."""
+
+    def __init__(self, at: list) -> None:
+        self.at = at  # per axis: (lower, upper, weight) of each point
+        self.offsets: dict[tuple[int, ...], np.ndarray] = {}
+
+    def values(self, v: np.ndarray, points: np.ndarray | slice = slice(None)) -> np.ndarray:
+        """``v`` (a map on the range) at the 8 cell corners ``(2, 2, 2, m)`` of the points."""
+        flat, strides = _flat_view(v)
+        if strides not in self.offsets:
+            self.offsets[strides] = _corner_offsets(self.at, strides)
+        return np.take(flat, self.offsets[strides][..., points])
+
+
+class _MixedCells:
+    """The points of a slab in mixed cells: each label's interpolated probability there (:meth:`interpolate`), with
+    the clean-up's decisions at the cell corners (1 for the label it set, 0 for the others)."""
+
+    def __init__(self, maps: _LabelMaps, src: tuple[slice, ...], corners: _CornerReader, order: list[int],
+                 n: int) -> None:
+        self.maps, self.src, self.corners, self.order, self.n = maps, src, corners, order, n
+        self.forced = self.forced_label = None
+        if maps.changed is not None:
+            forced = corners.values(maps.changed[src])
+            if forced.any():
+                self.forced, self.forced_label = forced, corners.values(maps.override[src])
+        self.candidates = None  # per point, one bit per label that may win there (None: every label may)
+        # one bit per label: the narrowest unsigned type that holds them, less memory to pass over
+        self.label_bits = next((t for t in (np.uint8, np.uint16, np.uint32) if len(maps.labels) <= 8 * t().itemsize),
+                               np.uint64)
+
+    def with_candidates(self) -> "_MixedCells":
+        """With the candidates of normalized probabilities: a label under 0.9 / n at all 8 corners of a cell stays
+        under it inside the cell, where the winner holds at least 1 / n (n labels whose probabilities sum to 1): per
+        point, only the labels reaching that at a corner of its cell are interpolated."""
+        m, src, bits_t = self.maps, self.src, self.label_bits
+        floor = np.float32(0.9 / len(m.labels))
+        # in the maps' memory order (a permuted view of nnU-Net's array): 5x faster passes than in the grid's C order
+        bits = np.zeros_like(m.per_label[0][src], dtype=bits_t)
+        for j, p in enumerate(m.per_label):
+            np.bitwise_or(bits, bits_t(1 << j), out=bits, where=p[src] >= floor)
+        if m.changed is not None:
+            ch = m.changed[src]
+            bits[ch] = np.left_shift(bits_t(1), m.label_index[m.override[src][ch]].astype(bits_t))
+        self.candidates = np.bitwise_or.reduce(self.corners.values(bits).reshape(8, -1), axis=0)
+        return self
+
+    def interpolate(self, j: int, lab: int, p: np.ndarray) -> tuple[np.ndarray | slice, np.ndarray]:
+        """The points where label ``lab`` (the ``j``-th) may win and its interpolated probability there."""
+        points = slice(None) if self.candidates is None else nonzero_index(self.candidates & self.label_bits(1 << j))
+        if not isinstance(points, slice) and 2 * len(points) > self.n:
+            # a label that is a candidate at most points: every point costs less than indexing them, and where it is
+            # no candidate it stays under the floor, so it cannot win there
+            points = slice(None)
+        v = self.corners.values(p[self.src], points)
+        if self.forced is not None:
+            v = np.where(self.forced[..., points], self.forced_label[..., points] == lab, v).astype(np.float32,
+                                                                                                    copy=False)
+        return points, _interpolate_corners(v, [a[2][points] for a in self.corners.at], self.order)
 
 
 # ---------------------------------------------------------------- prediction
