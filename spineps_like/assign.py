@@ -24,10 +24,10 @@ import cc3d
 import numpy as np
 from scipy.spatial import cKDTree
 
-from spineps_like.geometry import bbox, voxel_coords
+from spineps_like.geometry import bbox
 from spineps_like.instance.centres import spine_axes
 from spineps_like.labels import ENDPLATE_OFFSET, IVD_OFFSET, SACRUM_ID, SEMANTIC_ALIASES, label_mask
-from spineps_like.masks import check_mask, check_spacing, present_ids, surface_voxels, unique_ints
+from spineps_like.masks import check_mask, check_spacing, present_ids, surface_voxels, unique_ints, voxel_coords
 
 IVD = 100
 ENDPLATE_LIKE: tuple[int, ...] = (52, 53, 62)

@@ -36,7 +36,6 @@ import nibabel as nib
 import numpy as np
 
 from spineps_like.assign import map_aliases, vertebra_ids, vertebra_order
-from spineps_like.geometry import nonzero_coords
 from spineps_like.io import atomic_write_json
 from spineps_like.labels import (
     ANATOMICAL_ORDER,
@@ -48,7 +47,7 @@ from spineps_like.labels import (
     instance_name,
     label_mask,
 )
-from spineps_like.masks import check_mask, check_spacing, present_ids
+from spineps_like.masks import check_mask, check_spacing, nonzero_coords, present_ids
 
 _C = [VERTEBRA_NAME_TO_ID[f"C{i}"] for i in range(1, 8)]
 _T = [VERTEBRA_NAME_TO_ID[f"T{i}"] for i in range(1, 13)]

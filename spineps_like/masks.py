@@ -3,6 +3,8 @@
 One home for what the semantic, instance, assignment, post-processing, sacrum, labelling and evaluation stages all
 need, so that each is written once:
 
+- voxel look-ups: :func:`nonzero_index`, :func:`nonzero_coords`, :func:`voxel_coords` (``np.flatnonzero``,
+  ``np.nonzero``, ``np.argwhere``, faster on volumes);
 - checks: :func:`check_spacing` (three positive mm values), :func:`check_mask` (a 3D non-negative integer label
   array) and :func:`as_label_array` (the same, booleans as 0/1 integers);
 - values and counts: :func:`present_ids` and :func:`label_counts` for the values of a volume (one counting pass),
@@ -21,7 +23,28 @@ import fastremap
 import numpy as np
 from scipy import ndimage
 
-from spineps_like.geometry import nonzero_coords, voxel_coords
+
+# ---------------------------------------------------------------- voxel look-ups
+def nonzero_index(mask: np.ndarray) -> np.ndarray:
+    """``np.flatnonzero(mask)``: the flat C-order indices of the non-zero voxels. A label array is compared with 0
+    first: numpy finds the non-zero entries of a boolean array 5-7x faster than those of an integer one (a 4.6 M-voxel
+    int32 mask: 7.0 ms directly, 1.4 ms through the comparison)."""
+    mask = np.asarray(mask)
+    return np.flatnonzero(mask if mask.dtype == bool else mask != 0)
+
+
+def nonzero_coords(mask: np.ndarray) -> tuple[np.ndarray, ...]:
+    """``np.nonzero(mask)``: one index array per axis, C order, from the flat indices (numpy's own n-dimensional
+    ``nonzero`` is 2-4x slower on a volume)."""
+    mask = np.asarray(mask)
+    return np.unravel_index(nonzero_index(mask), mask.shape)
+
+
+def voxel_coords(mask: np.ndarray) -> np.ndarray:
+    """``np.argwhere(mask)``: the (N, ndim) indices of the non-zero voxels in C order, from their flat indices (about
+    3x faster than argwhere on a volume)."""
+    mask = np.asarray(mask)
+    return np.stack(nonzero_coords(mask), axis=-1).reshape(-1, mask.ndim)
 
 
 # ---------------------------------------------------------------- input checks

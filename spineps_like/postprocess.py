@@ -39,9 +39,11 @@ import numpy as np
 from scipy import ndimage
 
 from spineps_like.assign import assign_ivds_endplates, map_aliases, vertebra_ids, vertebra_order, vertebra_voxels
-from spineps_like.geometry import bbox, grow_box, nonzero_index
+from spineps_like.geometry import bbox, grow_box
 from spineps_like.labels import ENDPLATE_OFFSET, IVD_OFFSET, SACRUM_ID, label_mask
-from spineps_like.masks import check_mask, check_spacing, count_pairs, dominant_partner, facet_free_contacts, present_ids
+from spineps_like.masks import (
+    check_mask, check_spacing, count_pairs, dominant_partner, facet_free_contacts, nonzero_index, present_ids,
+)
 
 VERTEBRA_BONE: tuple[int, ...] = tuple(range(41, 50))
 ARTICULAR: tuple[int, ...] = (45, 46, 47, 48)

@@ -30,12 +30,12 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from spineps_like.geometry import (
-    axis_aligned_map, bbox, grow_box, in_slabs, linear_weights, nonzero_index, oriented_view, reoriented_grid,
-    resample_to, same_grid, to_input_grid, to_model_grid,
+    axis_aligned_map, bbox, grow_box, in_slabs, linear_weights, oriented_view, reoriented_grid, resample_to, same_grid,
+    to_input_grid, to_model_grid,
 )
 from spineps_like.io import Scan
 from spineps_like.labels import label_mask
-from spineps_like.masks import label_counts, surface_voxels
+from spineps_like.masks import label_counts, nonzero_index, surface_voxels
 
 #: SPINEPS' small-component threshold: 30 voxels at its reference 0.75 x 0.75 x 1.65 mm grid (27.8 mm^3).
 SMALL_COMPONENT_MM3: float = 30 * 0.75 * 0.75 * 1.65

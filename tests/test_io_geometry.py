@@ -371,7 +371,7 @@ def test_cubic_resampling_one_axis_at_a_time(shift):
 
 def test_voxel_coords_is_argwhere():
     """The flat-index route gives np.argwhere's coordinates, order, shape and dtype (empty, full, 1-D to 4-D)."""
-    from spineps_like.geometry import voxel_coords
+    from spineps_like.masks import voxel_coords
 
     rng = np.random.default_rng(3)
     for shape in [(5,), (4, 6), (7, 8, 9), (2, 3, 4, 5), (0, 3, 4), (3, 1, 2)]:
@@ -385,7 +385,7 @@ def test_voxel_coords_is_argwhere():
 def test_nonzero_index_and_coords_are_numpys(dtype):
     """nonzero_index / nonzero_coords answer np.flatnonzero / np.nonzero exactly (values, order, index dtype), on
     C-ordered arrays and on strided views, empty and full ones included."""
-    from spineps_like.geometry import nonzero_coords, nonzero_index
+    from spineps_like.masks import nonzero_coords, nonzero_index
 
     rng = np.random.default_rng(4)
     for p in (0.0, 0.2, 1.0):

@@ -31,9 +31,9 @@ import edt
 import numpy as np
 from scipy import ndimage as ndi
 
-from spineps_like.geometry import bbox, nonzero_coords, voxel_coords
+from spineps_like.geometry import bbox
 from spineps_like.labels import label_mask
-from spineps_like.masks import check_mask, check_spacing
+from spineps_like.masks import check_mask, check_spacing, nonzero_coords, voxel_coords
 
 #: Semantic labels counted as corpus when looking for vertebral bodies.
 CORPUS_LIKE: tuple[int, ...] = (49, 50, 51, 52, 53, 62)

@@ -37,8 +37,7 @@ from scipy import ndimage
 from spineps_like.instance.cutouts import (
     CENTRE, CLASS_NAMES, Box, SparseMask, SparsePrediction, box_intersection, box_slices, box_union,
 )
-from spineps_like.geometry import nonzero_coords
-from spineps_like.masks import label_counts
+from spineps_like.masks import label_counts, nonzero_coords
 
 Key = tuple[int, int]  # (cutout index, class)
 

@@ -35,10 +35,12 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 
-from spineps_like.geometry import bbox, nonzero_coords
+from spineps_like.geometry import bbox
 from spineps_like.instance.centres import CorpusCentres, corpus_centres
 from spineps_like.labels import label_mask
-from spineps_like.masks import check_mask, check_spacing, contact_counts, dominant_partner, facet_free_contacts
+from spineps_like.masks import (
+    check_mask, check_spacing, contact_counts, dominant_partner, facet_free_contacts, nonzero_coords,
+)
 
 CORPUS_BONE: tuple[int, ...] = (49, 50, 51)
 ARCH_LABELS: tuple[int, ...] = (41, 42, 43, 44)
