@@ -389,7 +389,7 @@ def segment(scan: str | os.PathLike | Scan | np.ndarray, *, affine: np.ndarray |
     with timings.phase("plausibility"):
         result.flags = result_flags(result.semantic.array, result.instance.array, result.instance.spacing,
                                     complete=getattr(result.labeling, "complete", None),
-                                    measurements=result.measurements)
+                                    measurements=result.measurements, affine=result.instance.affine)
         result.advisories = advisories(result.semantic.array, result.instance.array)
         result.confidence = vertebra_confidence(result.labeling, result.measurements)
     return result

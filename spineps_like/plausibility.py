@@ -11,7 +11,10 @@ them in the summary (``"plausibility"``) and the command line prints them and ex
 - :data:`MIN_BODY_FRACTION`: at least a third of the vertebrae must hold a body (corpus);
 - :data:`MAX_VERTEBRAE`: at most 26 vertebrae; :data:`MERGED_BODY_RATIO`: no body taller than 1.9 x its neighbours;
 - a single vertebra with neither posterior elements nor a spinal canal in the image is a blob, not a spine (what a
-  model paints, if anything, into an image without a spine).
+  model paints, if anything, into an image without a spine);
+- :data:`COLUMN_END_PITCHES`: the column ends only at the sacrum: without one, the lowest structure found must reach
+  to within 2 vertebral pitches (at least 40 mm) of the bottom of the field of view, else vertebrae below were missed
+  or what was found is no spine (smooth random blobs gave four 'cervical vertebrae' in the top third of an image).
 
 :func:`vertebra_confidence` grades each vertebra's id (its anchor) and body (its height against its neighbours) for
 the summary, so that a cohort's weak results can be found.
@@ -39,6 +42,10 @@ MAX_VERTEBRAE = 26
 MERGED_BODY_RATIO = 1.9
 _BODY_LABELS = (49, 50, 52, 53, 62)
 _CANAL_LABELS = (60, 61)
+#: Without a sacrum, the lowest structure must reach within this many vertebral pitches (and at least
+#: :data:`COLUMN_END_MIN_MM`) of the bottom of the field of view.
+COLUMN_END_PITCHES = 2.0
+COLUMN_END_MIN_MM = 40.0
 _POSTERIOR_LABELS = (41, 42, 43, 44, 45, 46, 47, 48)
 
 
@@ -48,12 +55,14 @@ def _vertebra_ids(instance: np.ndarray) -> list[int]:
 
 
 def result_flags(semantic: np.ndarray, instance: np.ndarray, spacing: Sequence[float],
-                 complete: dict[int, bool] | None = None, measurements: dict[str, Any] | None = None) -> list[str]:
+                 complete: dict[int, bool] | None = None, measurements: dict[str, Any] | None = None,
+                 affine: np.ndarray | None = None) -> list[str]:
     """Plain-language flags for an implausible result (empty: nothing implausible found).
 
     ``semantic`` and ``instance`` are the final masks on one grid with voxel size ``spacing`` (mm); ``complete``
     maps vertebra id -> False where the field of view cut it (those skip the volume check); ``measurements``
-    (:func:`spineps_like.measure.measure`) adds the body-height check (:data:`MERGED_BODY_RATIO`).
+    (:func:`spineps_like.measure.measure`) adds the body-height check (:data:`MERGED_BODY_RATIO`); ``affine`` (the
+    masks' voxel-to-world matrix) adds the column-end check (:data:`COLUMN_END_PITCHES`).
     """
     sem = np.asarray(semantic)
     ins = np.asarray(instance)
@@ -89,6 +98,8 @@ def result_flags(semantic: np.ndarray, instance: np.ndarray, spacing: Sequence[f
         if rec["id"] not in (1, 2) and ratio is not None and ratio > MERGED_BODY_RATIO:  # C1 has no body, C2 a dens
             flags.append(f"{rec['name']}: body {ratio:.1f} x as tall as its neighbours: several vertebral bodies in "
                          "one instance")
+    if affine is not None and SACRUM_ID not in ids:
+        flags += _column_end(ins, affine, vertebrae)
     if len(vertebrae) > 1:
         from spineps_like.labeling import centroids
 
@@ -100,6 +111,30 @@ def result_flags(semantic: np.ndarray, instance: np.ndarray, spacing: Sequence[f
                 flags.append(f"{instance_name(u)} and {instance_name(w)}: centroids {d:.0f} mm apart, outside "
                              f"{NEIGHBOUR_MM[0]:g}-{NEIGHBOUR_MM[1]:g} mm")
     return flags
+
+
+def _column_end(instance: np.ndarray, affine: np.ndarray, vertebrae: list[int]) -> list[str]:
+    """The column-end flag (see :data:`COLUMN_END_PITCHES`); empty when the lowest structure is near the bottom."""
+    from spineps_like.geometry import oriented_view, reoriented_grid
+
+    ins = oriented_view(instance, affine, "PIR")  # axis 1 runs inferior
+    _, aff = reoriented_grid(instance.shape, affine, "PIR")
+    sp_i = float(np.linalg.norm(aff[:3, 1]))
+    rows = np.flatnonzero(ins.any(axis=(0, 2)))
+    if not len(rows):
+        return []
+    gap_mm = (ins.shape[1] - 1 - int(rows[-1])) * sp_i
+    tops = []  # each vertebra's centre row, for the pitch
+    for v in vertebrae:
+        r = np.flatnonzero((ins == v).any(axis=(0, 2)))
+        if len(r):
+            tops.append(float(r.mean()))
+    pitch_mm = float(np.median(np.diff(sorted(tops)))) * sp_i if len(tops) > 1 else 0.0
+    limit = max(COLUMN_END_PITCHES * pitch_mm, COLUMN_END_MIN_MM)
+    if gap_mm <= limit:
+        return []
+    return [f"the column ends {gap_mm:.0f} mm above the bottom of the field of view without a sacrum (more than "
+            f"{limit:.0f} mm): vertebrae below were missed, or what was found is no spine"]
 
 
 def advisories(semantic: np.ndarray, instance: np.ndarray) -> list[str]:

@@ -18,7 +18,8 @@ FAST = (1.3, 1.3, 3.9)
 def test_ground_truth_spines_pass(fov, variant):
     ph = make_phantom(5, fov=fov, variant=variant, spacing=FAST)
     complete = {v["id"]: not v["cut"] for v in ph.meta["vertebrae"]}
-    assert result_flags(ph.semantic.array, ph.instance.array, ph.semantic.spacing, complete) == []
+    assert result_flags(ph.semantic.array, ph.instance.array, ph.semantic.spacing, complete,
+                        affine=ph.semantic.affine) == []
 
 
 def test_garbage_is_flagged():
@@ -41,6 +42,12 @@ def test_garbage_is_flagged():
     with_arch = ins == v
     assert not any("not a spine" in f for f in result_flags(np.where(with_arch, sem, 0), np.where(with_arch, ins, 0),
                                                              sp))
+    # the column ends far above the bottom of the field of view without a sacrum (L3 down and the sacrum lost):
+    # flagged when the affine tells where the bottom is; the whole phantom passes (test above)
+    lost = np.isin(ins % 100, (22, 23, 24, 25, 26)) & (ins > 0)
+    top_sem, top_ins = np.where(lost, 0, sem), np.where(lost, 0, ins)
+    assert any("column ends" in f for f in result_flags(top_sem, top_ins, sp, affine=ph.semantic.affine))
+    assert not any("column ends" in f for f in result_flags(top_sem, top_ins, sp))
     # nothing found: nothing to flag (the empty result speaks for itself)
     assert result_flags(np.zeros_like(sem), np.zeros_like(ins), sp) == []
     with pytest.raises(ValueError, match="differ in shape"):
