@@ -411,11 +411,11 @@ def load_scan(path: str | os.PathLike, *, kind: str = "image", assume_orientatio
     """
     p = Path(path)
     source = None
-    dicom = p.is_dir() and _suffix(p) not in NIFTI_SUFFIXES + MHA_SUFFIXES  # a folder: a DICOM series
+    dicom = p.is_dir() and is_dicom_input(p)  # a folder: a DICOM series
     if not dicom:
-        size = _check_file(p)
+        size = _check_file(p)  # a clear error for a missing or unreadable file before any sniffing
         suffix = _suffix(p)
-        dicom = suffix not in NIFTI_SUFFIXES + MHA_SUFFIXES and (suffix == ".dcm" or _has_dicom_preamble(p))
+        dicom = is_dicom_input(p)
     if series is not None and not dicom:
         raise ScanError(f"{p}: --series (series=) picks a series of a DICOM folder; this is not one")
     try:

@@ -361,7 +361,7 @@ def segment(scan: str | os.PathLike | Scan | np.ndarray, *, affine: np.ndarray |
         sem_timings: dict[str, float] = {}
         tell("semantic")
         with timings.phase("semantic"):
-            sem = predict_semantic(image, semantic_model or DEFAULT_SEMANTIC_MODEL, step_size=step_size,
+            sem = predict_semantic(image, semantic_model, step_size=step_size,
                                    mirroring=mirroring, n4=n4, device=device, amp=amp, restore=restore,
                                    timings=sem_timings)
         settings["semantic"] = str(getattr(getattr(semantic_model, "folder", None), "path", semantic_model

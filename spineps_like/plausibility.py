@@ -116,6 +116,7 @@ def result_flags(semantic: np.ndarray, instance: np.ndarray, spacing: Sequence[f
 def _column_end(instance: np.ndarray, affine: np.ndarray, vertebrae: list[int]) -> list[str]:
     """The column-end flag (see :data:`COLUMN_END_PITCHES`); empty when the lowest structure is near the bottom."""
     from spineps_like.geometry import oriented_view, reoriented_grid
+    from spineps_like.masks import nonzero_coords, unique_ints
 
     ins = oriented_view(instance, affine, "PIR")  # axis 1 runs inferior
     _, aff = reoriented_grid(instance.shape, affine, "PIR")
@@ -124,12 +125,13 @@ def _column_end(instance: np.ndarray, affine: np.ndarray, vertebrae: list[int]) 
     if not len(rows):
         return []
     gap_mm = (ins.shape[1] - 1 - int(rows[-1])) * sp_i
-    tops = []  # each vertebra's centre row, for the pitch
-    for v in vertebrae:
-        r = np.flatnonzero((ins == v).any(axis=(0, 2)))
-        if len(r):
-            tops.append(float(r.mean()))
-    pitch_mm = float(np.median(np.diff(sorted(tops)))) * sp_i if len(tops) > 1 else 0.0
+    # each vertebra's centre row (the mean of the rows it occupies), for the pitch: one pass over its voxels
+    _, row, _ = coords = nonzero_coords(np.isin(ins, vertebrae))
+    keys = unique_ints(ins[coords].astype(np.int64) * ins.shape[1] + row)
+    labels, occupied = np.divmod(keys, ins.shape[1])
+    n_rows = np.bincount(labels)
+    tops = np.bincount(labels, weights=occupied)[n_rows > 0] / n_rows[n_rows > 0]
+    pitch_mm = float(np.median(np.diff(np.sort(tops)))) * sp_i if len(tops) > 1 else 0.0
     limit = max(COLUMN_END_PITCHES * pitch_mm, COLUMN_END_MIN_MM)
     if gap_mm <= limit:
         return []
