@@ -92,7 +92,8 @@ class Cohort:
     modalities : keep only scans with these BIDS suffixes (e.g. ``['T2w']``).
     verify : how done scans are checked on resume: 'checksum' (sha256), 'size' or 'none'.
     snapshot : write PNG snapshots (the per-scan QC pictures).
-    report : write the cohort's HTML report (``out_dir/cohort_report.html``) at the end of each run.
+    report : write the cohort's HTML report (``out_dir/cohort_report.html``) and measurement table
+        (``out_dir/cohort_measurements.csv``, :mod:`spineps_like.cohort.table`) at the end of each run.
     segment_fn : per-scan function instead of :func:`spineps_like.pipeline.segment` (same signature).
     **segment_settings : keyword arguments of :func:`~spineps_like.pipeline.segment` (semantic_model,
         instance_model, instance_method, semantic_only, device, amp, mirroring, step_size, n4, restore, batch_size,
@@ -199,7 +200,19 @@ class Cohort:
         summary["run"] = stats
         if self.report:
             summary["report"] = self._write_report()
+            summary["measurements"] = self._write_table()
         return summary
+
+    def _write_table(self) -> str | None:
+        """The cohort's measurement table (:mod:`spineps_like.cohort.table`); like the report, a table that cannot
+        be written is a warning."""
+        from spineps_like.cohort.table import write_table
+
+        try:
+            return str(write_table(self.out_dir)[1][0])
+        except Exception as e:  # noqa: BLE001 - the scans are done and recorded whatever happens here
+            log.warning("%s: the measurement table could not be written: %s", self.out_dir, " ".join(str(e).split()))
+            return None
 
     def _write_report(self) -> str | None:
         """The cohort's HTML report (:mod:`spineps_like.cohort.report`); a report that cannot be written is a
@@ -327,9 +340,11 @@ def add_segment_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_cohort_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``cohort run``, ``cohort status`` and ``cohort report`` on the CLI's subparsers."""
-    co = sub.add_parser("cohort", help="process a cohort with a resumable manifest (run | status | report)")
-    csub = co.add_subparsers(dest="cohort_command", metavar="run|status|report", required=True)
+    """Register ``cohort run``, ``cohort status``, ``cohort report`` and ``cohort measurements`` on the CLI's
+    subparsers."""
+    co = sub.add_parser("cohort", help="process a cohort with a resumable manifest (run | status | report | "
+                        "measurements)")
+    csub = co.add_subparsers(dest="cohort_command", metavar="run|status|report|measurements", required=True)
     r = csub.add_parser("run", help="segment every scan of a folder, BIDS dataset, glob or CSV list")
     r.add_argument("inputs", nargs="+", help="folder, BIDS dataset, glob ('data/**/*_T2w.nii.gz'), CSV/TSV list "
                                              "(column path, optional semantic_mask) or scan files")
@@ -357,6 +372,12 @@ def add_cohort_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
     rp.add_argument("--output", type=Path, default=None,
                     help="HTML file to write (default OUT/cohort_report.html; thumbnails link relative to it)")
     rp.set_defaults(func=cohort_main)
+    mt = csub.add_parser("measurements", help="gather every scan's measurements into one table (one row per scan "
+                         "and structure; scans without measurements listed with the reason)")
+    mt.add_argument("out", type=Path, help="cohort output folder (holding cohort.sqlite)")
+    mt.add_argument("--csv", type=Path, default=None, help="CSV file to write (default OUT/cohort_measurements.csv)")
+    mt.add_argument("--parquet", type=Path, default=None, help="also write the table as Parquet (needs pyarrow)")
+    mt.set_defaults(func=cohort_main)
     co.set_defaults(func=cohort_main)
     return co
 
@@ -384,6 +405,8 @@ def _cohort_main(args: argparse.Namespace) -> int:
 
         print(write_report(args.out, args.output))
         return 0
+    if args.cohort_command == "measurements":
+        return _measurements_main(args)
     if args.quiet:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     settings = {k: getattr(args, k) for k in SEGMENT_SETTINGS + LOAD_SETTINGS if getattr(args, k, None) is not None}
@@ -402,7 +425,27 @@ def _cohort_main(args: argparse.Namespace) -> int:
     print(format_summary(summary))
     if summary.get("report"):
         print(f"report: {summary['report']}")
+    if summary.get("measurements"):
+        print(f"measurements: {summary['measurements']}")
     return 1 if summary["counts"]["failed"] else 0
+
+
+def _measurements_main(args: argparse.Namespace, max_listed: int = 20) -> int:
+    """``cohort measurements``: write the table, print its path(s) and a count; each scan without measurements is
+    a warning line on stderr (the first ``max_listed``; the table lists all). Exit 0 when written."""
+    from spineps_like.cohort.table import write_table
+
+    table, paths = write_table(args.out, args.csv, args.parquet)
+    for p in paths:
+        print(p)
+    print(f"{table.scans} scans, {table.scans - len(table.missing)} measured, {len(table.rows)} rows; "
+          f"{len(table.missing)} without measurements")
+    for key, why in table.missing[:max_listed]:
+        print(f"spineps-like: warning: {key}: no measurements ({why})", file=sys.stderr)
+    if len(table.missing) > max_listed:
+        print(f"spineps-like: warning: ... and {len(table.missing) - max_listed} more scans without measurements "
+              "(column 'problem' of the table)", file=sys.stderr)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
