@@ -20,7 +20,8 @@ import pytest
 
 from spineps_like.cli import main as cli_main
 from spineps_like.cohort import Manifest, ScanEntry
-from spineps_like.cohort.report import REPORT_NAME, render_report, scan_rows, tukey_outliers, write_report
+from spineps_like.cohort.report import (REPORT_NAME, level_plots, render_report, scan_rows, tukey_outliers,
+                                        write_report)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -35,13 +36,16 @@ class _Page(HTMLParser):
         self.attr_values: list[str] = []
         self.outlier_links: list[str] = []
         self._in_body = False
+        self._in_scans = False
         self._cell: list[str] | None = None
         self._a: str | None = None
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
         self.attr_values.extend(v for v in a.values() if v)
-        if tag == "tbody":
+        if tag == "table":
+            self._in_scans = a.get("id") == "scans"
+        elif tag == "tbody" and self._in_scans:
             self._in_body = True
         elif tag == "tr" and self._in_body:
             self.rows.append({"id": a.get("id"), "state": a.get("data-state"), "cells": []})
@@ -138,6 +142,56 @@ def test_report_rows_flags_errors_and_outliers_linked_to_rows(tmp_path):
     assert "http://" not in text and "https://" not in text and "//" not in "".join(page.images)
 
 
+def _measurements(l3_height: float, *, grade: int, hu: float | None, l2_cut_height: float | None = None) -> dict:
+    """A scan's measurements JSON (the fields the report plots): L2 (cut when ``l2_cut_height``), L3, IVD L3, canal."""
+    l2 = {"name": "L2", "complete": l2_cut_height is None, "body_height_middle_mm": l2_cut_height or 25.0,
+          "genant_grade": None if l2_cut_height else 0, "shape": None, "trabecular_hu_mean": hu}
+    l3 = {"name": "L3", "complete": True, "body_height_middle_mm": l3_height, "genant_grade": grade,
+          "shape": "crush" if grade else "normal", "trabecular_hu_mean": hu}
+    return {"vertebrae": [l2, l3], "discs": [{"name": "IVD L3", "height_mean_mm": 10.0}],
+            "canal": [{"level": "L3", "kind": "body", "ap_diameter_mm": 15.0},
+                      {"level": "IVD L3", "kind": "disc", "ap_diameter_mm": 14.0}], "spine": [{}]}
+
+
+def test_report_plots_measurements_with_outliers_and_genant_grades_linked(tmp_path):
+    heights = [24.0, 24.5, 25.0, 25.5, 26.0, 26.5, 27.0, 12.0]  # scan 7: a crushed L3
+    hus = [150.0, 140.0, 130.0, 160.0, 155.0, -20.0, None, None]  # six CT scans, one far below the others
+    keys = _synthetic_cohort(tmp_path, [40.0] * 8)
+    with Manifest(tmp_path / "cohort.sqlite") as m:
+        for i, (h, hu) in enumerate(zip(heights, hus)):
+            path = tmp_path / f"s{i}" / "measurements.json"
+            path.write_text(json.dumps(_measurements(h, grade=3 if i == 7 else 0, hu=hu,
+                                                     l2_cut_height=5.0 if i == 0 else None)))
+            outputs = json.loads(m.get(keys[i])["outputs"])
+            m.mark_done(keys[i], outputs={**outputs, "measurements": {"path": str(path), "sha256": "", "bytes": 0}})
+    with Manifest(tmp_path / "cohort.sqlite", readonly=True) as m:
+        rows = scan_rows(m.rows())
+    plots = {p.title: p for p in level_plots(rows)}
+    assert set(plots) == {"Vertebra volume", "Body middle height", "Disc mean height", "Canal AP diameter (bodies)",
+                          "Canal AP diameter (discs)", "CT trabecular attenuation"}
+    body = plots["Body middle height"]
+    assert [v for _, v in body.values["L3"]] == heights and body.outliers == {"L3": [(7, 12.0)]}
+    assert [i for i, _ in body.values["L2"]] == list(range(1, 8))  # scan 0's L2 is cut: not plotted
+    assert plots["CT trabecular attenuation"].outliers == {"L2": [(5, -20.0)], "L3": [(5, -20.0)]}
+    assert not plots["Disc mean height"].outliers and list(plots["Canal AP diameter (discs)"].values) == ["IVD L3"]
+    text = write_report(tmp_path).read_text()
+    page = _parse(text)
+    assert sorted(set(page.outlier_links)) == ["#scan-5", "#scan-7"]
+    flags7, flags5 = page.rows[7]["cells"][5], page.rows[5]["cells"][5]
+    assert "outlier: L3 body middle height 12.0 mm" in flags7 and "Genant 3 L3 (crush)" in flags7
+    assert "outlier: L3 trabecular attenuation -20.0 HU" in flags5 and "Genant" not in flags5
+    # the Genant table: L3 graded in 8 scans, one grade 3 linked to its row; L2 graded in the 7 uncut scans
+    genant = text[text.index('<table class="genant">'):]
+    genant = genant[:genant.index("</table>")]
+    assert ('<td>L3</td><td class="num">8</td><td class="num">7</td><td class="num">0</td><td class="num">0</td>'
+            '<td class="num">1</td>') in genant and f'<a href="#scan-7">{keys[7]}</a> (3, crush)' in genant
+    assert '<td>L2</td><td class="num">7</td><td class="num">7</td>' in genant
+    # a negative value stays inside the plot (the axis reaches below zero)
+    for svg in text.split("<svg")[1:]:
+        height = float(svg.split('height="')[1].split('"')[0])
+        assert all(0 <= float(c.split('"')[0]) <= height for c in svg.split(' cy="')[1:])
+
+
 def test_report_links_thumbnails_relative_to_the_report(tmp_path):
     from spineps_like.cohort.report import ScanRow
 
@@ -198,6 +252,19 @@ def test_cohort_run_writes_the_report_and_report_rewrites_it(cohort_out, capsys)
     assert all(not src.startswith("/") and (report.parent / src).is_file() for src in page.images)
     done = [r for r in page.rows if r["state"] == "done"]
     assert all(r["cells"][4] == "sacrum" and r["cells"][3].endswith("S1") for r in done)
+    # the measurement plots hold each done scan's own measurements (complete vertebrae only)
+    rows = scan_rows(cohort_out["rows"])
+    plots = {p.title: p for p in level_plots(rows)}
+    assert {"Body middle height", "Disc mean height", "Canal AP diameter (discs)"} <= set(plots)
+    assert "CT trabecular attenuation" not in plots  # T2w phantoms only
+    for i, r in enumerate(cohort_out["rows"]):
+        if r["state"] != "done":
+            continue
+        m = json.loads(Path(json.loads(r["outputs"])["measurements"]["path"]).read_text())
+        want = {v["name"]: v["body_height_middle_mm"] for v in m["vertebrae"]
+                if v["complete"] and v["body_height_middle_mm"] is not None}
+        got = {lv: v for lv, pts in plots["Body middle height"].values.items() for j, v in pts if j == i}
+        assert got == want and len(want) >= 4
     report.unlink()
     assert cli_main(["cohort", "report", str(cohort_out["out"])]) == 0
     assert capsys.readouterr().out.strip() == str(report) and report.is_file()

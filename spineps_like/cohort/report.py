@@ -9,9 +9,12 @@ move or copy the report together with ``derivatives_seg/``.
 Content: counts by state; one row per scan (thumbnail, state, vertebrae found, anchor, flags, seconds with the
 phases in a tooltip, the one-line error of a failed scan), sortable by clicking a column head and filtered by
 text, state and "flagged only" in plain JavaScript; per-level volume plots of vertebrae (complete ones only: a
-vertebra the field of view cuts is small by nature) and discs, with a box over the quartiles, and outliers outside
-:data:`OUTLIER_IQR` x the interquartile range (Tukey's fences, levels with at least :data:`MIN_FOR_OUTLIERS` scans)
-drawn in red and linked to their scan rows, whose flags name them in turn.
+vertebra the field of view cuts is small by nature) and discs, and the same plots of the main measurements
+(:data:`MEASURE_PLOTS`: body middle height, disc mean height, canal antero-posterior diameter at bodies and discs, CT
+trabecular attenuation where a scan has it; from each scan's ``..._seg-spine_measurements.json``), each with a box
+over the quartiles, and outliers outside :data:`OUTLIER_IQR` x the interquartile range (Tukey's fences, levels with
+at least :data:`MIN_FOR_OUTLIERS` scans) drawn in red and linked to their scan rows, whose flags name them in turn;
+a table of Genant grades per level links the graded fractures (grade >= 1) to their scans.
 """
 
 from __future__ import annotations
@@ -22,11 +25,12 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
 from spineps_like.cohort.manifest import MANIFEST_NAME, STATES, Manifest
+from spineps_like.cohort.table import load_measurements
 from spineps_like.labels import ANATOMICAL_ORDER, IVD_OFFSET, VERTEBRA_NAME_TO_ID
 
 REPORT_NAME = "cohort_report.html"
@@ -36,6 +40,18 @@ OUTLIER_IQR = 1.5
 MIN_FOR_OUTLIERS = 5
 #: Thumbnails of the first rows load with the page; the others when scrolled near (``loading="lazy"``).
 EAGER_THUMBNAILS = 40
+#: Measurement plots: (key, title, what an outlier flag calls it, unit, records, field, complete vertebrae only).
+MEASURE_PLOTS = (
+    ("body_height", "Body middle height", "body middle height", "mm", "vertebrae",
+     "body_height_middle_mm", True),
+    ("disc_height", "Disc mean height", "disc height", "mm", "discs", "height_mean_mm", False),
+    ("canal_body", "Canal AP diameter (bodies)", "canal AP diameter", "mm", "canal:body", "ap_diameter_mm",
+     False),
+    ("canal_disc", "Canal AP diameter (discs)", "canal AP diameter", "mm", "canal:disc", "ap_diameter_mm",
+     False),
+    ("trabecular_hu", "CT trabecular attenuation", "trabecular attenuation", "HU", "vertebrae",
+     "trabecular_hu_mean", True),
+)
 
 
 @dataclass
@@ -56,6 +72,10 @@ class ScanRow:
     flags: list[str] = field(default_factory=list)
     #: level name ('L3', 'IVD L3') -> volume in cm3 (vertebrae the field of view cuts are left out)
     volumes: dict[str, float] = field(default_factory=dict)
+    #: :data:`MEASURE_PLOTS` key -> {level name: value} from the scan's measurements
+    measures: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: graded vertebra -> (Genant grade, shape)
+    grades: dict[str, tuple[int, str]] = field(default_factory=dict)
 
 
 def summary_flags(summary: dict[str, Any]) -> list[str]:
@@ -95,6 +115,26 @@ def summary_volumes(summary: dict[str, Any]) -> dict[str, float]:
            if r.get("complete") is not False and "volume_mm3" in r}
     out.update({r["name"]: r["volume_mm3"] / 1000.0 for r in summary.get("ivds") or [] if "volume_mm3" in r})
     return out
+
+
+def level_measures(m: dict[str, Any]) -> tuple[dict[str, dict[str, float]], dict[str, tuple[int, str]]]:
+    """The :data:`MEASURE_PLOTS` values of one scan's measurements ({key: {level: value}}; None values and, where
+    the plot says so, vertebrae the field of view cuts are left out) and its Genant grades {vertebra: (grade,
+    shape)}."""
+    out: dict[str, dict[str, float]] = {}
+    for key, _, _, _, where, name, complete_only in MEASURE_PLOTS:
+        records, _, kind = where.partition(":")
+        vals = {}
+        for r in m.get(records) or []:
+            level = r.get("name") or r.get("level")
+            if r.get(name) is None or (kind and r.get("kind") != kind) or (complete_only and r.get("complete") is False):
+                continue
+            vals[level] = float(r[name])
+        if vals:
+            out[key] = vals
+    grades = {r["name"]: (int(r["genant_grade"]), str(r.get("shape") or "")) for r in m.get("vertebrae") or []
+              if r.get("genant_grade") is not None}
+    return out, grades
 
 
 def tukey_outliers(values: Sequence[float], k: float = OUTLIER_IQR, min_n: int = MIN_FOR_OUTLIERS) -> np.ndarray:
@@ -146,6 +186,9 @@ def scan_rows(rows: Iterable[Any]) -> list[ScanRow]:
                 row.anchor = (summary.get("labeling") or {}).get("anchor")
                 row.flags = summary_flags(summary)
                 row.volumes = summary_volumes(summary)
+            m, _ = load_measurements(r)  # none: the measurement table says why
+            if m is not None:
+                row.measures, row.grades = level_measures(m)
         out.append(row)
     return out
 
@@ -158,26 +201,53 @@ class LevelPlot:
     unit: str
     values: dict[str, list[tuple[int, float]]]
     outliers: dict[str, list[tuple[int, float]]]
+    #: what an outlier's flag calls the quantity ("outlier: L3 volume 90.0 cm³")
+    label: str = "volume"
+    #: which section of the page: "volumes" or "measurements"
+    group: str = "volumes"
+
+
+def _level_plot(rows: Sequence[ScanRow], get: Callable[[ScanRow], dict[str, float]], title: str, unit: str,
+                label: str, group: str) -> LevelPlot | None:
+    """One plot: each row's {level: value} from ``get``, levels in anatomical order, outliers per level."""
+    values: dict[str, list[tuple[int, float]]] = {}
+    for row in rows:
+        for name, v in get(row).items():
+            values.setdefault(name, []).append((row.index, float(v)))
+    if not values:
+        return None
+    values = dict(sorted(values.items(), key=lambda kv: _level_rank(kv[0])))
+    outliers = {}
+    for name, pts in values.items():
+        mask = tukey_outliers([v for _, v in pts])
+        if mask.any():
+            outliers[name] = [p for p, m in zip(pts, mask) if m]
+    return LevelPlot(title, unit, values, outliers, label, group)
 
 
 def level_plots(rows: Sequence[ScanRow]) -> list[LevelPlot]:
-    """Vertebra and disc volume plots over the done scans; outliers (:func:`tukey_outliers`) per level."""
-    plots = []
-    for title, is_disc in (("Vertebra volume", False), ("Disc volume", True)):
-        values: dict[str, list[tuple[int, float]]] = {}
-        for row in rows:
-            for name, v in row.volumes.items():
-                if name.startswith("IVD ") == is_disc:
-                    values.setdefault(name, []).append((row.index, float(v)))
-        values = dict(sorted(values.items(), key=lambda kv: _level_rank(kv[0])))
-        outliers = {}
-        for name, pts in values.items():
-            mask = tukey_outliers([v for _, v in pts])
-            if mask.any():
-                outliers[name] = [p for p, m in zip(pts, mask) if m]
-        if values:
-            plots.append(LevelPlot(title, "cm³", values, outliers))
-    return plots
+    """Vertebra and disc volume plots, then the :data:`MEASURE_PLOTS`, over the done scans (a plot without any
+    value is left out); outliers (:func:`tukey_outliers`) per level."""
+    specs: list[tuple[Callable[[ScanRow], dict[str, float]], str, str, str, str]] = [
+        (lambda r, disc=disc: {n: v for n, v in r.volumes.items() if n.startswith("IVD ") == disc}, title, "cm³",
+         "volume", "volumes") for title, disc in (("Vertebra volume", False), ("Disc volume", True))]
+    specs += [(lambda r, key=key: r.measures.get(key, {}), title, unit, label, "measurements")
+              for key, title, label, unit, *_ in MEASURE_PLOTS]
+    return [p for p in (_level_plot(rows, *spec) for spec in specs) if p is not None]
+
+
+def genant_counts(rows: Sequence[ScanRow]) -> dict[str, dict[str, Any]]:
+    """{vertebra: {"graded": n, "counts": [n of grade 0, 1, 2, 3], "fractures": [(row index, grade, shape)]}}
+    over the done scans, vertebrae in anatomical order."""
+    out: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        for level, (grade, shape) in row.grades.items():
+            entry = out.setdefault(level, {"graded": 0, "counts": [0, 0, 0, 0], "fractures": []})
+            entry["graded"] += 1
+            entry["counts"][min(max(grade, 0), 3)] += 1
+            if grade >= 1:
+                entry["fractures"].append((row.index, grade, shape))
+    return dict(sorted(out.items(), key=lambda kv: _level_rank(kv[0])))
 
 
 # ------------------------------------------------------------------------------------------------ HTML
@@ -201,7 +271,7 @@ tr:target td{background:#fff8e1}tr:target{outline:2px solid #ef6c00}.num{text-al
 svg{background:#fff;border:1px solid #e0e0e0;margin:4px 8px 4px 0}svg .in{stroke:#37474f;stroke-width:4;
 stroke-linecap:round;opacity:.6}svg .box{fill:#e3f2fd;stroke:#1e88e5}svg .med{stroke:#0d47a1;stroke-width:2}
 svg .out{fill:#d50000;stroke:#fff}svg a:hover .out{r:6}svg text{font-size:11px;fill:#444}svg .axis{stroke:#999}
-.plots{display:flex;flex-wrap:wrap;gap:8px 24px}.outliers{font-size:12px;color:#555;max-width:40em}.outliers a{color:#b71c1c}
+.plots{display:flex;flex-wrap:wrap;gap:8px 24px}table.genant{width:auto;margin:4px 0}.outliers{font-size:12px;color:#555;max-width:40em}.outliers a{color:#b71c1c}
 """
 
 _JS = r"""
@@ -296,17 +366,18 @@ def _svg_plot(plot: LevelPlot, rows: Sequence[ScanRow]) -> str:
     step, left, top, h = 56, 48, 14, 200
     width = left + step * len(levels) + 12
     height = top + h + 34
-    vmax = max(v for pts in plot.values.values() for _, v in pts)
-    vmax = vmax * 1.05 if vmax > 0 else 1.0
+    every = [v for pts in plot.values.values() for _, v in pts]
+    lo, hi = min(0.0, min(every)), max(0.0, max(every))  # zero on the axis; HU may be negative
+    hi = hi + 0.05 * (hi - lo) if hi > lo else lo + 1.0
 
     def y(v: float) -> float:
-        return top + h - h * v / vmax
+        return top + h - h * (v - lo) / (hi - lo)
 
     parts = [f'<svg width="{width}" height="{height}" role="img" '
              f'aria-label="{_e(plot.title)} per level">',
              f'<line class="axis" x1="{left}" y1="{top}" x2="{left}" y2="{top + h}"/>',
              f'<line class="axis" x1="{left}" y1="{top + h}" x2="{width - 6}" y2="{top + h}"/>']
-    for t in np.linspace(0, vmax / 1.05, 5):
+    for t in np.linspace(lo, max(every) if max(every) > lo else hi, 5):
         parts.append(f'<text x="{left - 4}" y="{y(t) + 4:.1f}" text-anchor="end">{t:.3g}</text>')
     parts.append(f'<text x="4" y="{top - 3}">{_e(plot.unit)}</text>')
     for j, level in enumerate(levels):
@@ -331,27 +402,49 @@ def _svg_plot(plot: LevelPlot, rows: Sequence[ScanRow]) -> str:
     return "".join(parts)
 
 
+def _genant_html(grades: dict[str, dict[str, Any]], rows: Sequence[ScanRow]) -> str:
+    """The Genant grade counts per level, each graded fracture linked to its scan row."""
+    body = []
+    for level, entry in grades.items():
+        links = ", ".join(f'<a href="#scan-{i}">{_e(rows[i].key)}</a> ({g}, {_e(shape)})'
+                          for i, g, shape in entry["fractures"])
+        counts = "".join(f'<td class="num">{n}</td>' for n in entry["counts"])
+        body.append(f'<tr><td>{_e(level)}</td><td class="num">{entry["graded"]}</td>{counts}'
+                    f'<td class="outliers">{links}</td></tr>')
+    return ('<div><h3>Genant grade per level (graded vertebrae)</h3><table class="genant"><thead><tr><th>level</th>'
+            '<th>graded</th><th>0</th><th>1</th><th>2</th><th>3</th><th>grade ≥ 1</th></tr></thead><tbody>'
+            + "".join(body) + "</tbody></table></div>")
+
+
 def render_report(rows: Sequence[ScanRow], counts: dict[str, int], *, base: Path, title: str = "Cohort report",
                   manifest: str = "") -> str:
     """The report's HTML for ``rows``; thumbnails are linked relative to ``base`` (the report's folder)."""
     plots = level_plots(rows)
-    extra: dict[int, list[str]] = {}  # outliers named in their rows' flags too
+    grades = genant_counts(rows)
+    extra: dict[int, list[str]] = {}  # outliers and graded fractures named in their rows' flags too
     for plot in plots:
         for level, pts in plot.outliers.items():
             for i, v in pts:
-                extra.setdefault(i, []).append(f"outlier: {level} volume {v:.1f} {plot.unit}")
+                extra.setdefault(i, []).append(f"outlier: {level} {plot.label} {v:.1f} {plot.unit}")
+    for level, entry in grades.items():
+        for i, grade, shape in entry["fractures"]:
+            extra.setdefault(i, []).append(f"Genant {grade} {level} ({shape})")
     total = sum(counts.values())
     state_buttons = "".join(
         f'<button class="count st-{s}" data-state="{s}"><b>{counts.get(s, 0)}</b>{s}</button>' for s in STATES)
     options = "".join(f'<option value="{s}">{s}</option>' for s in STATES)
-    plot_html = []
+    plot_html: dict[str, list[str]] = {"volumes": [], "measurements": []}
     for plot in plots:
         n_out = sum(len(v) for v in plot.outliers.values())
         links = ", ".join(f'<a href="#scan-{i}">{_e(rows[i].key)}</a> ({_e(level)} {v:.1f})'
                           for level, pts in plot.outliers.items() for i, v in pts)
-        plot_html.append(f'<div><h3>{_e(plot.title)} per level ({_e(plot.unit)})</h3>{_svg_plot(plot, rows)}'
-                         f'<p class="outliers">{n_out} outlier(s) outside {OUTLIER_IQR:g} × IQR'
-                         f'{": " + links if links else ""}</p></div>')
+        plot_html[plot.group].append(
+            f'<div><h3>{_e(plot.title)} per level ({_e(plot.unit)})</h3>{_svg_plot(plot, rows)}'
+            f'<p class="outliers">{n_out} outlier(s) outside {OUTLIER_IQR:g} × IQR'
+            f'{": " + links if links else ""}</p></div>')
+    if grades:
+        plot_html["measurements"].append(_genant_html(grades, rows))
+    volumes_html, measures_html = ("".join(plot_html[g]) for g in ("volumes", "measurements"))
     body_rows = "".join(_row_html(r, base, extra.get(r.index, ())) for r in rows)
     generated = time.strftime("%Y-%m-%d %H:%M:%S")
     return f"""<!DOCTYPE html>
@@ -360,7 +453,8 @@ def render_report(rows: Sequence[ScanRow], counts: dict[str, int], *, base: Path
 <title>{_e(title)}</title><style>{_CSS}</style></head><body>
 <h1>{_e(title)}</h1><div class="meta">{total} scans · manifest {_e(manifest)} · written {generated}</div>
 <div class="counts"><button class="count st-all" data-state=""><b>{total}</b>all</button>{state_buttons}</div>
-<h2>Per-level volumes</h2><div class="plots">{"".join(plot_html)}</div>{"" if plot_html else '<p class="meta">no done scan with vertebrae yet</p>'}
+<h2>Per-level volumes</h2><div class="plots">{volumes_html}</div>{"" if volumes_html else '<p class="meta">no done scan with vertebrae yet</p>'}
+<h2>Per-level measurements</h2><div class="plots">{measures_html}</div>{"" if measures_html else '<p class="meta">no done scan with measurements yet</p>'}
 <h2>Scans</h2>
 <div class="controls"><input id="q" type="search" placeholder="filter: key, flag, error…" size="32">
 <select id="state"><option value="">every state</option>{options}</select>
