@@ -252,9 +252,22 @@ def _network_vertebrae(sem_pir: Scan, model: Any, box: tuple[slice, ...], *, dev
     return back
 
 
-def _modality(semantic_model: Any, image: Scan) -> str | None:
-    """'ct' or 'mr' where the pipeline knows it: a loaded semantic model trained on one kind only, else the scan's
-    BIDS suffix (``_ct``; ``_T1w``, ``_T2w``, ...); None otherwise (the density step then decides from the image)."""
+def _modality(semantic_model: Any, image: Scan, requested: str | None = None) -> str | None:
+    """'ct' or 'mr' for the measurements: ``requested`` (the user's) first, then a DICOM series' Modality tag (CT or
+    MR; a conflict with ``requested`` is a one-line warning), a loaded semantic model trained on one kind only, the
+    scan's BIDS suffix (``_ct``; ``_T1w``, ``_T2w``, ...); None otherwise (the density step then decides from the
+    image)."""
+    series = getattr(getattr(image, "source", None), "series", None)
+    tag = {"CT": "ct", "MR": "mr"}.get(str(getattr(series, "modality", "") or "").strip().upper())
+    if requested is not None:
+        if tag is not None and tag != requested.lower():
+            import warnings
+
+            warnings.warn(f"{image.path}: modality {requested} asked for, but the DICOM series says "
+                          f"{series.modality}; measuring as {requested}", stacklevel=2)
+        return requested.lower()
+    if tag is not None:
+        return tag
     mods = getattr(getattr(semantic_model, "config", None), "modalities", None)
     if mods:
         kinds = {"ct" if str(m).upper() == "CT" else "mr" for m in mods}
