@@ -149,6 +149,21 @@ def check_instance_model(name: Any) -> Any:
 _DEVICE = re.compile(r"(cpu|cuda|mps)(?::(\d+))?")
 
 
+def _torch_version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("torch")
+    except PackageNotFoundError:
+        return None
+
+
+def _cpu_only_torch_wheel() -> bool:
+    """PyTorch's CPU-only wheels carry the local version tag '+cpu' (e.g. 2.13.0+cpu)."""
+    v = _torch_version()
+    return v is not None and v.endswith("+cpu")
+
+
 def check_device(device: str, what: str = "--device") -> None:
     """The device is one torch knows and it is there: 'cpu', 'cuda', 'cuda:N' or 'mps'."""
     m = _DEVICE.fullmatch(str(device))
@@ -157,6 +172,9 @@ def check_device(device: str, what: str = "--device") -> None:
     kind, index = m.group(1), m.group(2)
     if kind == "cpu":
         return
+    if kind == "cuda" and _cpu_only_torch_wheel():  # answered from the wheel's version, without importing torch (~3 s)
+        raise PreflightError(f"{what} {device}: CUDA is not available here (a CPU-only build of torch, torch "
+                             f"{_torch_version()}); use --device cpu")
     import torch
 
     if kind == "cuda":

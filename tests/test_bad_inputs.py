@@ -200,7 +200,7 @@ def _run(argv, capsys):
     t0 = time.perf_counter()
     rc = main([str(a) for a in argv])
     cap = capsys.readouterr()
-    return rc, cap.out, cap.err, time.perf_counter() - t0
+    return rc, cap.out, cap.err, time.perf_counter() - t0  # seconds: reported by benchmarks, never asserted
 
 
 def _assert_one_line_error(rc, out, err, *words):
@@ -219,18 +219,18 @@ def _files_under(folder):
 
 
 @pytest.mark.parametrize("kind", list(CASES))
-def test_bad_scan_is_refused_in_one_line(tmp_path, capsys, kind):
+def test_bad_scan_is_refused_in_one_line(tmp_path, capsys, monkeypatch, kind):
     build, words = CASES[kind]
+    _forbid_phases(monkeypatch)  # refused on reading, before any phase
     data = tmp_path / "data"
     data.mkdir()
     scan = build(data)
     before = _files_under(data)
     out = tmp_path / "out"
-    rc, stdout, err, seconds = _run(["segment", scan, "--out", out, "--instance-method", "geometric"], capsys)
+    rc, stdout, err, _ = _run(["segment", scan, "--out", out, "--instance-method", "geometric"], capsys)
     _assert_one_line_error(rc, stdout, err, str(scan), words)
     assert not out.exists(), _files_under(out)
     assert _files_under(data) == before  # no derivatives_seg, no partial file beside the scan
-    assert seconds < 10
 
 
 def test_permission_denied_is_said_so(tmp_path, capsys, monkeypatch):
@@ -316,8 +316,19 @@ SETTINGS = {
 }
 
 
+def _forbid_phases(monkeypatch):
+    """Make the semantic phase raise: a check that passes only if it runs before any phase (how fast that is, is
+    measured by benchmarks/check_before_work.py, not asserted here)."""
+    import spineps_like.semantic
+
+    def no_phase(*a, **k):
+        raise AssertionError("the semantic phase ran before the settings were checked")
+
+    monkeypatch.setattr(spineps_like.semantic, "predict_semantic", no_phase)
+
+
 @pytest.mark.parametrize("kind", list(SETTINGS))
-def test_bad_settings_fail_before_work(tmp_path, capsys, kind):
+def test_bad_settings_fail_before_work(tmp_path, capsys, monkeypatch, kind):
     if kind == "cuda without CUDA":
         import torch
 
@@ -329,9 +340,10 @@ def test_bad_settings_fail_before_work(tmp_path, capsys, kind):
     make, words = SETTINGS[kind]
     extra = make(tmp_path)
     before = _files_under(tmp_path)
-    rc, out, err, seconds = _run(["segment", scan, *extra], capsys)
+    _forbid_phases(monkeypatch)
+    rc, out, err, _ = _run(["segment", scan, *extra], capsys)
     _assert_one_line_error(rc, out, err, words)
-    assert seconds < 2.0, f"{kind}: {seconds:.2f} s, not before the work"
+    assert "phase ran" not in err
     assert _files_under(tmp_path) == before
 
 
@@ -430,17 +442,18 @@ def test_cohort_status_on_a_file_that_is_not_a_database(tmp_path, capsys):
         sqlite3.connect(tmp_path / "cohort.sqlite").execute("select * from sqlite_master").fetchall()
 
 
-def test_cohort_run_with_out_a_file_or_a_bad_model_fails_before_work(tmp_path, capsys):
+def test_cohort_run_with_out_a_file_or_a_bad_model_fails_before_work(tmp_path, capsys, monkeypatch):
+    _forbid_phases(monkeypatch)
     data = tmp_path / "data"
     data.mkdir()
     _nifti(data / "sub-01_T2w.nii.gz")
     (tmp_path / "out.txt").write_text("x")
-    rc, out, err, seconds = _run(["cohort", "run", data, "--out", tmp_path / "out.txt", "-q"], capsys)
+    rc, out, err, _ = _run(["cohort", "run", data, "--out", tmp_path / "out.txt", "-q"], capsys)
     _assert_one_line_error(rc, out, err, "is a file, not a folder")
-    rc, out, err, seconds = _run(["cohort", "run", data, "--out", tmp_path / "o", "-q", "--instance-model",
+    rc, out, err, _ = _run(["cohort", "run", data, "--out", tmp_path / "o", "-q", "--instance-model",
                                   tmp_path / "nowhere"], capsys)
     _assert_one_line_error(rc, out, err, "no such model folder")
-    assert seconds < 2.0
+    assert "phase ran" not in err
     assert not (tmp_path / "o").exists()
 
 
