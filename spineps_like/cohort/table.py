@@ -82,10 +82,10 @@ class CohortTable:
     @property
     def columns(self) -> list[str]:
         """Lead columns, then the measurements' in first-seen order, then the tail columns."""
-        cols = list(LEAD_COLUMNS)
+        cols = dict.fromkeys(LEAD_COLUMNS)
         for r in self.rows:
-            cols += [k for k in r if k not in cols and k not in TAIL_COLUMNS]
-        return cols + list(TAIL_COLUMNS)
+            cols.update((k, None) for k in r if k not in TAIL_COLUMNS)
+        return [*cols, *TAIL_COLUMNS]
 
 
 def cohort_table(manifest_rows: Iterable[Mapping[str, Any]]) -> CohortTable:
@@ -104,11 +104,11 @@ def _csv_text(table: CohortTable) -> str:
     import csv
     import io
 
+    cols = table.columns
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=table.columns, lineterminator="\n")
-    w.writeheader()
-    for r in table.rows:
-        w.writerow({k: "" if r.get(k) is None else r.get(k) for k in table.columns})
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(cols)
+    w.writerows([r.get(k) for k in cols] for r in table.rows)  # None is written as an empty field
     return buf.getvalue()
 
 
