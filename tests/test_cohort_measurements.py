@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import importlib.util
 import io
 import json
 from pathlib import Path
@@ -16,11 +17,7 @@ from spineps_like.cohort import Manifest, ScanEntry
 from spineps_like.cohort.report import summary_flags
 from spineps_like.cohort.table import TABLE_NAME, write_table
 
-try:
-    import pyarrow  # noqa: F401
-    HAVE_PYARROW = True
-except ImportError:
-    HAVE_PYARROW = False
+HAVE_PYARROW = importlib.util.find_spec("pyarrow") is not None
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
@@ -139,8 +136,9 @@ def test_scans_without_measurements_are_listed_with_the_reason(tmp_path, cohort)
     done = next(r for r in cohort["rows"].values() if r["state"] == "done")
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    keys = _manifest(tmp_path, [{"measurements": _outputs(done)["measurements"]}, {"measurements": tmp_path / "gone.json"},
-                                {"measurements": bad}, {"summary": _outputs(done)["summary"]}])
+    keys = _manifest(tmp_path, [{"measurements": _outputs(done)["measurements"]},
+                                {"measurements": tmp_path / "gone.json"}, {"measurements": bad},
+                                {"summary": _outputs(done)["summary"]}])
     table, _ = write_table(tmp_path)
     reasons = dict(table.missing)
     assert list(reasons) == keys[1:]

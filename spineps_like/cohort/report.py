@@ -127,7 +127,8 @@ def level_measures(m: dict[str, Any]) -> tuple[dict[str, dict[str, float]], dict
         vals = {}
         for r in m.get(records) or []:
             level = r.get("name") or r.get("level")
-            if r.get(name) is None or (kind and r.get("kind") != kind) or (complete_only and r.get("complete") is False):
+            skip = (kind and r.get("kind") != kind) or (complete_only and r.get("complete") is False)
+            if r.get(name) is None or skip:
                 continue
             vals[level] = float(r[name])
         if vals:
@@ -271,7 +272,8 @@ tr:target td{background:#fff8e1}tr:target{outline:2px solid #ef6c00}.num{text-al
 svg{background:#fff;border:1px solid #e0e0e0;margin:4px 8px 4px 0}svg .in{stroke:#37474f;stroke-width:4;
 stroke-linecap:round;opacity:.6}svg .box{fill:#e3f2fd;stroke:#1e88e5}svg .med{stroke:#0d47a1;stroke-width:2}
 svg .out{fill:#d50000;stroke:#fff}svg a:hover .out{r:6}svg text{font-size:11px;fill:#444}svg .axis{stroke:#999}
-.plots{display:flex;flex-wrap:wrap;gap:8px 24px}table.genant{width:auto;margin:4px 0}.outliers{font-size:12px;color:#555;max-width:40em}.outliers a{color:#b71c1c}
+.plots{display:flex;flex-wrap:wrap;gap:8px 24px}table.genant{width:auto;margin:4px 0}
+.outliers{font-size:12px;color:#555;max-width:40em}.outliers a{color:#b71c1c}
 """
 
 _JS = r"""
