@@ -367,7 +367,8 @@ def add_cohort_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
     s.add_argument("--max-failures", type=int, default=20, help="failures to list")
     s.set_defaults(func=cohort_main)
     rp = csub.add_parser("report", help="write the cohort's static HTML report (counts, one row per scan with its "
-                         "QC picture, flags and errors, per-level volume plots with outliers); works offline")
+                         "QC picture, flags and errors, per-level volume and measurement plots with outliers, "
+                         "Genant grades); works offline")
     rp.add_argument("out", type=Path, help="cohort output folder (holding cohort.sqlite)")
     rp.add_argument("--output", type=Path, default=None,
                     help="HTML file to write (default OUT/cohort_report.html; thumbnails link relative to it)")
