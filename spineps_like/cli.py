@@ -105,7 +105,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
                      instance_method=args.instance_method, semantic_mask=args.semantic_mask,
                      semantic_only=args.semantic_only, device=args.device, amp=args.amp, mirroring=args.mirroring,
                      step_size=args.step_size, n4=args.n4, restore=args.restore, batch_size=args.batch_size,
-                     lumbar_count=args.lumbar_count, progress=phases)
+                     lumbar_count=args.lumbar_count, modality=args.modality, progress=phases)
     name_from = None
     if scan.source is not None:  # a DICOM series: outputs named after its folder (and the series, if it has several)
         from spineps_like.dicom import output_name
@@ -296,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--batch-size", type=int, default=4, help="instance cutouts per forward pass")
     sg.add_argument("--lumbar-count", type=int, default=None, choices=[4, 5, 6],
                     help="expected lumbar vertebrae when known (transitional anatomy)")
+    sg.add_argument("--modality", choices=["ct", "mr"], default=None,
+                    help="the image's modality for the measurements (default: a DICOM series' Modality tag, the "
+                         "model's training modality, the BIDS suffix, else decided from the image)")
     sg.add_argument("--no-snapshot", action="store_true")
     sg.add_argument("-q", "--quiet", action="store_true",
                     help="print nothing but warnings and errors: no output list, no progress lines (progress goes "

@@ -286,7 +286,7 @@ def segment(scan: str | os.PathLike | Scan | np.ndarray, *, affine: np.ndarray |
             device: str = "cpu", amp: bool = False, mirroring: bool | None = None, step_size: float | None = None,
             n4: bool = False, restore: str = "linear", batch_size: int = 4,
             lumbar_count: int | None = None, progress: Callable[[str], None] | None = None,
-            series: str | int | None = None) -> SegmentResult:
+            series: str | int | None = None, modality: str | None = None) -> SegmentResult:
     """Segment the spine in one scan.
 
     Parameters
@@ -294,6 +294,8 @@ def segment(scan: str | os.PathLike | Scan | np.ndarray, *, affine: np.ndarray |
     scan : a file path (NIfTI / MHA), a DICOM folder or file, a :class:`Scan`, or a 3D array with ``affine``.
     series : of a DICOM folder that holds several series, the one to segment (SeriesNumber, SeriesDescription or
         SeriesInstanceUID; :func:`spineps_like.io.load_scan`).
+    modality : 'ct' or 'mr' for the measurements (HU density on CT, signal ratios on MRI); default: a DICOM series'
+        Modality tag, the semantic model's single training modality, the BIDS suffix, else decided from the image.
     semantic_model, instance_model : model name (bundled or in ``$SPINEPS_LIKE_MODELS``), folder path, or a loaded
         model; default: the bundled phantom-trained models.
     instance_method : 'network' (cutouts + 3D UNet + fusion) or 'geometric' (weights-free baseline).
@@ -341,6 +343,8 @@ def segment(scan: str | os.PathLike | Scan | np.ndarray, *, affine: np.ndarray |
 
     if instance_method not in INSTANCE_METHODS:
         raise ValueError(f"unknown instance method {instance_method!r}: use one of {', '.join(INSTANCE_METHODS)}")
+    if modality is not None and str(modality).lower() not in ("ct", "mr"):
+        raise ValueError(f"unknown modality {modality!r}: use 'ct' or 'mr'")
     check_shape(image)
     if semantic_mask is None:
         check_signal(image)
@@ -396,7 +400,7 @@ def segment(scan: str | os.PathLike | Scan | np.ndarray, *, affine: np.ndarray |
         result.measurements = measure(result.semantic.array, result.instance.array, result.instance.affine,
                                       complete=getattr(result.labeling, "complete", None),
                                       image=image.array if on_grid else None,
-                                      modality=_modality(semantic_model, image) if on_grid else None)
+                                      modality=_modality(semantic_model, image, modality) if on_grid else None)
     from spineps_like.plausibility import advisories, result_flags, vertebra_confidence
 
     with timings.phase("plausibility"):

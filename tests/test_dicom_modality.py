@@ -88,3 +88,19 @@ def test_requested_modality_wins_and_a_conflict_with_the_tag_warns(ct_without_ai
     other = dataclasses.replace(scan.source, series=dataclasses.replace(scan.source.series, modality="OT"))
     assert _modality(None, Scan(scan.array, scan.affine, ct_without_air["root"] / "sub-01_T2w", other)) == "mr"
     assert _modality(None, Scan(scan.array, scan.affine, ct_without_air["root"] / "scan", other)) is None
+
+
+def test_modality_flag_decides_for_a_nifti(ct_without_air, tmp_path, capsys):
+    """`segment --modality ct` measures HU on a NIfTI that the image's own test takes for MRI; a bad value is refused
+    before any work."""
+    c = ct_without_air
+    rc, _, err, _ = _run(["segment", c["nifti"], "--out", tmp_path / "ct", "--semantic-mask", c["mask"], *GEOMETRIC,
+                          "--modality", "ct"], capsys)
+    assert rc == 0, err
+    m = json.loads(next((tmp_path / "ct").glob("*_seg-spine_measurements.json")).read_text())
+    hu = _complete_hu(m)
+    assert len(hu) >= 4 and all(h is not None and 50 < h < 400 for h in hu)
+    from spineps_like.pipeline import segment
+
+    with pytest.raises(ValueError, match="unknown modality"):
+        segment(c["nifti"], semantic_mask=c["mask"], instance_method="geometric", modality="pet")
