@@ -12,10 +12,11 @@ How it works (in the spirit of SPINEPS' instance phase, with the repairs made ex
 3. duplicates (pieces whose centres are less than ``duplicate_fraction`` of a vertebra height apart along the
    spine axis, e.g. a body split left/right by the erosion) are merged;
 4. merged corpora are split: at the level of an IVD whose centre lies inside a corpus' extent along the spine, and
-   where a corpus' body height exceeds ``split_ratio`` times the median of the others (n pieces from the median
-   vertebra pitch; each cut is moved to the narrowest cross-section near it, which finds the waist of a block
-   vertebra). The body height ignores slices narrower than half the widest one, so the dens of C2 does not make C2
-   look like two vertebrae.
+   where a corpus' body height exceeds ``split_ratio`` times the median of its neighbours (n bodies from the
+   vertebra pitch). Such a corpus loses its top body at the most disc-like cross-section near where the body divides
+   evenly (a disc painted as corpus bulges beyond the bodies beside it; a block vertebra's fused disc is a waist),
+   and the rest, with its own axis, is looked at again. The body height ignores slices narrower than half the widest
+   one, so the dens of C2 does not make C2 look like two vertebrae.
 
 All statistics come from one labelled array through :func:`cc3d.statistics` and ``np.bincount``; nothing loops
 over labels on the whole volume.
@@ -316,11 +317,13 @@ def corpus_centres(
     ivd = sem[box] == IVD_LABEL
     ivd_cuts = _ivd_cuts(ivd, p, sp, min_volume_mm3, ivd_fraction, reference_height_mm) if use_ivds else {}
     discs = _discs(ivd, sp, min_volume_mm3) if use_ivds else None
-    size_cuts, split = _size_cuts(p, set(ivd_cuts), discs, sp, split_ratio, reference_height_mm)
+    size_cuts, counts, split = _size_cuts(p, {i: None for i in range(len(p.counts)) if i not in ivd_cuts}, discs,
+                                         sp, split_ratio, reference_height_mm)
     repairs += split + [f"split corpus {i + 1} at {len(qs)} IVD level(s) inside it" for i, qs in ivd_cuts.items()]
     if ivd_cuts or size_cuts:
-        labels = _apply_cuts(labels, p, {**ivd_cuts, **size_cuts})
-        p = _pieces(labels, sp, shape_edge, reach=1)
+        labels, p, split = _cut_columns(labels, p, ivd_cuts, size_cuts, counts, sp, shape_edge, discs, split_ratio,
+                                        reference_height_mm)
+        repairs += split
 
     full_labels[box] = labels
     return CorpusCentres(
@@ -448,23 +451,61 @@ def _ivd_cuts(ivd: np.ndarray, p: _Pieces, sp: np.ndarray, min_volume_mm3: float
     return cuts
 
 
-def _size_cuts(p: _Pieces, skip: set[int], discs: tuple[np.ndarray, np.ndarray] | None, sp: np.ndarray,
-               split_ratio: float, reference_height_mm: float | None) -> tuple[dict[int, list[float]], list[str]]:
-    """Step 4, sizes: cut planes for every piece (not in ``skip``) whose body is over ``split_ratio`` x the
-    reference height, into n pieces from the vertebra pitch (from the discs next to it when there are discs), each cut
-    moved to the waist near it. Returns the cuts per piece index and one repair line per piece split."""
+def _cut_columns(labels: np.ndarray, p: _Pieces, ivd_cuts: dict[int, list[float]], size_cuts: dict[int, list[float]],
+                 counts: dict[int, int], sp: np.ndarray, shape_edge: tuple[int, int],
+                 discs: tuple[np.ndarray, np.ndarray] | None, split_ratio: float, reference_height_mm: float | None,
+                 max_passes: int = 8) -> tuple[np.ndarray, _Pieces, list[str]]:
+    """Step 4, applied: cut the pieces, then cut again, one body per pass, the rest of each merged column below the
+    top body cut off (it holds the column's count of bodies less one) and every piece of a corpus cut at its discs
+    that is over-tall. Each pass gives the rest its own axis: one straight axis through three or four lordotic
+    bodies slices the lower discs obliquely, where they no longer stand out from the tilted bodies beside them.
+    Returns the labels, their pieces and the repair lines of the passes after the first."""
+    repairs: list[str] = []
+    cuts = {**ivd_cuts, **size_cuts}
+    for _ in range(max_passes):
+        last = np.full(len(p.counts), np.inf)
+        for i in size_cuts:
+            last[i] = size_cuts[i][0]
+        rest_of = {i: (p.lab == i + 1) & (p.proj > last[i]) for i in size_cuts}
+        of_ivd = np.isin(p.lab - 1, list(ivd_cuts))
+        labels = _apply_cuts(labels, p, cuts)
+        p_cut, p = p, _pieces(labels, sp, shape_edge, reach=1)
+        todo: dict[int, int | None] = {j: None for j in _piece_ids(labels, p_cut, of_ivd)}
+        for i, below in rest_of.items():
+            rest = _piece_ids(labels, p_cut, below)
+            if counts[i] > 2 and rest:
+                todo[max(rest, key=lambda j: p.counts[j])] = counts[i] - 1
+        size_cuts, counts, split = _size_cuts(p, todo, discs, sp, split_ratio, reference_height_mm)
+        ivd_cuts, cuts = {}, size_cuts
+        repairs += split
+        if not cuts:
+            break
+    return labels, p, repairs
+
+
+def _piece_ids(labels: np.ndarray, p_before: _Pieces, voxels: np.ndarray) -> set[int]:
+    """Indices (0-based) of the pieces of ``labels`` holding the voxels ``voxels`` (a boolean over ``p_before``'s)."""
+    return {int(v) - 1 for v in np.unique(labels[tuple(p_before.coords[voxels].T)]) if v > 0}
+
+
+def _size_cuts(p: _Pieces, todo: dict[int, int | None], discs: tuple[np.ndarray, np.ndarray] | None,
+               sp: np.ndarray, split_ratio: float, reference_height_mm: float | None
+               ) -> tuple[dict[int, list[float]], dict[int, int], list[str]]:
+    """Step 4, sizes: the cut below the top body (:func:`_top_disc`) of every piece in ``todo`` that holds several
+    bodies: as many as ``todo`` says (the rest of a merged column), or, where it says None, a piece whose body is
+    over ``split_ratio`` x the reference height, its height over the vertebra pitch (from the discs next to it when
+    there are discs). Returns the cut and the number of bodies per piece index, and one repair line per piece cut."""
     cuts: dict[int, list[float]] = {}
+    counts: dict[int, int] = {}
     repairs: list[str] = []
     if len(p.counts) <= 1 and not reference_height_mm:
-        return cuts, repairs
+        return cuts, counts, repairs
     centres_mm = p.centres * sp
     pitch_all = np.linalg.norm(np.diff(centres_mm, axis=0), axis=1) if len(p.counts) > 1 else np.zeros(0)
-    for i in range(len(p.counts)):
-        r = reference_height_mm or _reference_height(p, exclude=i)
-        if not r or i in skip:
-            continue
+    for i, known in todo.items():
         h = p.heights[i]
-        if h <= split_ratio * r:
+        r = reference_height_mm or _reference_height(p, exclude=i) or (h / known if known else None)
+        if not r or (known is None and h <= split_ratio * r):
             continue
         others = np.delete(pitch_all, [j for j in (i - 1, i) if 0 <= j < len(pitch_all)])
         pitch = max(float(np.median(others)) if len(others) else 1.25 * r, r)
@@ -472,13 +513,15 @@ def _size_cuts(p: _Pieces, skip: set[int], discs: tuple[np.ndarray, np.ndarray] 
         disc_mm = _disc_next_to(discs, p, i, sp) if discs is not None else None
         if disc_mm:  # bodies between their neighbours' heights and discs as thick as those at its ends: the
             # neighbours' pitch may be of smaller vertebrae (T11/T12 above merged lumbar bodies)
-            r = _neighbour_height(p, i) or r
-            gap, pitch = disc_mm, r + disc_mm
-        n = max(2, int(round((h + gap) / pitch)))
-        step = (p.body_hi[i] - p.body_lo[i]) / n
-        cuts[i] = _refine_cuts(p, i, [float(p.body_lo[i] + step * j) for j in range(1, n)], window=0.25 * pitch)
-        repairs.append(f"split corpus {i + 1} ({h:.1f} mm tall, {h / r:.1f} x the median {r:.1f} mm) into {n}")
-    return cuts, repairs
+            body = _neighbour_height(p, i) or r
+            gap, pitch = disc_mm, body + disc_mm
+        n = known or _body_count(p, i, (h + gap) / pitch, pitch)
+        q, kind = _top_disc(p, i, n, pitch)
+        cuts[i], counts[i] = [q], n
+        what = "the rest of a merged corpus" if known else f"{h / r:.1f} x the median {r:.1f} mm"
+        repairs.append(f"split corpus {i + 1} ({h:.1f} mm tall, {what}: {n} bodies): the top body cut off at the "
+                       f"{kind}")
+    return cuts, counts, repairs
 
 
 def _apply_cuts(labels: np.ndarray, p: _Pieces, cuts: dict[int, list[float]]) -> np.ndarray:
@@ -499,6 +542,50 @@ def _neighbour_height(p: _Pieces, i: int) -> float | None:
     ok = ~p.touches_border & (p.counts >= 0.3 * np.median(p.counts))
     near = [j for j in (i - 1, i + 1) if 0 <= j < len(ok) and ok[j]]
     return float(np.mean(p.heights[near])) if near else None
+
+
+def _body_count(p: _Pieces, i: int, pitches: float, pitch: float, doubt: float = 0.2) -> int:
+    """Number of bodies in piece ``i``, ``pitches`` long by the pitch of its neighbours: the rounding of that, unless
+    it lies more than ``doubt`` from a whole number and the discs bulging inside it (:func:`_disc_bulges`) count one
+    of the two whole numbers around it. The pitch is only good to about a tenth (a tilted L5, concave endplates):
+    too little to tell four bodies from five."""
+    n = max(2, int(round(pitches)))
+    if abs(pitches - round(pitches)) <= doubt:
+        return n
+    seen = _disc_bulges(p, i, pitch) + 1
+    return seen if seen >= 2 and int(np.floor(pitches)) <= seen <= int(np.ceil(pitches)) else n
+
+
+def _disc_bulges(p: _Pieces, i: int, pitch: float, bulge: float = 0.08) -> int:
+    """Number of discs bulging inside piece ``i``'s body: sections that are the widest within 0.3 pitch and
+    ``bulge`` x their width wider than the narrowest section on either side within 0.6 pitch, at least half a pitch
+    from either end of the body."""
+    prof, first, last = _section_profile(p, i)
+    bm = p.bin_mm[i]
+    local, margin = max(1, int(round(0.3 * pitch / bm))), int(round(0.5 * pitch / bm))
+    peak = prof == ndi.maximum_filter1d(prof, 2 * local + 1, mode="nearest")
+    found: list[int] = []
+    for b in np.flatnonzero(peak[first + margin: last - margin + 1]) + first + margin:
+        beside = _beside(prof, b, first, last, max(1, int(round(0.6 * pitch / bm))))
+        if prof[b] - beside >= bulge * prof[b] and not (found and b - found[-1] <= local):  # a flat top: once
+            found.append(int(b))
+    return len(found)
+
+
+def _section_profile(p: _Pieces, i: int) -> tuple[np.ndarray, int, int]:
+    """Cross-section of piece ``i`` along its axis (voxels per bin, smoothed over 3 bins) and its body's first and
+    last bin."""
+    prof = ndi.uniform_filter1d(p.profile[i].astype(float), 3, mode="nearest")
+    b_of = lambda q: int(np.floor((q - p.lo[i]) / p.bin_mm[i]))  # noqa: E731
+    return prof, max(b_of(p.body_lo[i]), 0), min(b_of(p.body_hi[i]), len(prof) - 1)
+
+
+def _beside(prof: np.ndarray, b: int, first: int, last: int, reach: int) -> float:
+    """Section of the bodies beside bin ``b``: the narrowest within ``reach`` bins above it and the narrowest within
+    ``reach`` below (bins ``first``..``last``), the wider of the two; its own section at either end."""
+    if not first < b < last:
+        return float(prof[b])
+    return float(max(prof[max(first, b - reach): b].min(), prof[b + 1: min(last, b + reach) + 1].min()))
 
 
 def _discs(ivd: np.ndarray, sp: np.ndarray, min_volume_mm3: float) -> tuple[np.ndarray, np.ndarray] | None:
@@ -539,25 +626,40 @@ def _disc_next_to(discs: tuple[np.ndarray, np.ndarray], p: _Pieces, i: int, sp: 
     return float(np.mean(near)) if near else float(np.median(thickness))
 
 
-def _refine_cuts(p: _Pieces, i: int, cuts: list[float], window: float, waist: float = 0.85) -> list[float]:
-    """Move each cut (mm along piece ``i``'s axis) to the narrowest cross-section within ``window`` mm when that
-    is a waist (narrower than ``waist`` times the median cross-section there); else keep it."""
-    prof = p.profile[i].astype(float)
-    prof = ndi.uniform_filter1d(prof, 3, mode="nearest")
-    bm = p.bin_mm[i]
-    out = []
-    for q in cuts:
-        b0 = int(np.floor((q - p.lo[i]) / bm))
-        w = max(1, int(round(window / bm)))
-        last = int(np.floor((p.hi[i] - p.lo[i]) / bm))
-        lo, hi = max(1, b0 - w), min(last, b0 + w + 1)
-        if hi <= lo:
-            out.append(q)
-            continue
-        b = lo + int(np.argmin(prof[lo:hi]))
-        # only a real waist moves the cut: clearly narrower than the body around it
-        if prof[b] < waist * np.median(prof[lo:hi]):
-            out.append(float(p.lo[i] + (b + 0.5) * bm))
-        else:
-            out.append(q)
-    return out
+def _top_disc(p: _Pieces, i: int, n: int, pitch: float, window: float = 0.3, bulge: float = 0.08,
+              waist: float = 0.85) -> tuple[float, str]:
+    """The cut plane (mm along piece ``i``'s axis) below the top one of the ``n`` vertebral bodies in its body, and
+    how it was found. It is expected where the body divides evenly and moved, within ``window`` x ``pitch`` of that
+    place and at least half a pitch from either end, to the most disc-like cross-section: a disc painted as corpus
+    bulges beyond the bodies on both sides of it (the widest section there, ``bulge`` x its width above the
+    narrowest section of the body on either side, within 0.6 pitch: the middle of the bulge); without one, a waist
+    within half the window (narrower than ``waist`` x the sections around it: the fused disc of a block vertebra)."""
+    prof, first, last = _section_profile(p, i)
+    bm, lo = p.bin_mm[i], p.lo[i]
+    b_of = lambda q: int(np.floor((q - lo) / bm))  # noqa: E731
+    top, end = float(p.body_lo[i]), float(p.body_hi[i])
+    expected = top + (end - top) / n
+    w0 = max(b_of(expected - window * pitch), b_of(top + 0.5 * pitch), first + 1)
+    w1 = min(b_of(expected + window * pitch), b_of(end - 0.5 * pitch), last - 1) + 1
+    if w1 <= w0:
+        return expected, "expected place"
+    b = w0 + int(np.argmax(prof[w0:w1]))
+    beside = _beside(prof, b, first, last, max(1, int(round(0.6 * pitch / bm))))
+    if prof[b] - beside >= bulge * prof[b]:
+        return lo + (w0 + _plateau_middle(prof[w0:w1], b - w0, 0.5 * (prof[b] + beside)) + 0.5) * bm, "disc bulge"
+    half = max(1, int(round(0.5 * window * pitch / bm)))
+    h0, h1 = max(w0, b_of(expected) - half), min(w1, b_of(expected) + half + 1)
+    b = h0 + int(np.argmin(prof[h0:h1])) if h1 > h0 else -1
+    if b >= 0 and prof[b] < waist * np.median(prof[w0:w1]):
+        return lo + (b + 0.5) * bm, "waist"
+    return expected, "expected place"
+
+
+def _plateau_middle(prof: np.ndarray, b: int, level: float) -> float:
+    """Middle (fractional bin) of the run of bins around bin ``b`` whose profile is at least ``level``."""
+    a, z = b, b
+    while a > 0 and prof[a - 1] >= level:
+        a -= 1
+    while z < len(prof) - 1 and prof[z + 1] >= level:
+        z += 1
+    return 0.5 * (a + z)
