@@ -14,7 +14,9 @@ them in the summary (``"plausibility"``) and the command line prints them and ex
   model paints, if anything, into an image without a spine);
 - :data:`COLUMN_END_PITCHES`: the column ends only at the sacrum: without one, the lowest structure found must reach
   to within 2 vertebral pitches (at least 40 mm) of the bottom of the field of view, else vertebrae below were missed
-  or what was found is no spine (smooth random blobs gave four 'cervical vertebrae' in the top third of an image).
+  or what was found is no spine (smooth random blobs gave four 'cervical vertebrae' in the top third of an image);
+  likewise a sacrum without any vertebra must reach to within 40 mm of the top of the field of view (pelvic bone of a
+  CT without a spine was painted as an 11 cm3 'sacrum' 234 mm below the top).
 
 :func:`vertebra_confidence` grades each vertebra's id (its anchor) and body (its height against its neighbours) for
 the summary, so that a cohort's weak results can be found.
@@ -74,7 +76,7 @@ def result_flags(semantic: np.ndarray, instance: np.ndarray, spacing: Sequence[f
     vertebrae = [i for i in ids if i != SACRUM_ID]
     flags: list[str] = []
     if not vertebrae:
-        return flags
+        return _sacrum_alone(ins, affine) if affine is not None and SACRUM_ID in ids else flags
     body = np.isin(sem, _BODY_LABELS)
     body_counts = label_counts(np.where(body & (ins < 100), ins, 0), minlength=max(ids) + 1)
     with_body = [v for v in vertebrae if body_counts[v] > 0]
@@ -111,6 +113,21 @@ def result_flags(semantic: np.ndarray, instance: np.ndarray, spacing: Sequence[f
                 flags.append(f"{instance_name(u)} and {instance_name(w)}: centroids {d:.0f} mm apart, outside "
                              f"{NEIGHBOUR_MM[0]:g}-{NEIGHBOUR_MM[1]:g} mm")
     return flags
+
+
+def _sacrum_alone(instance: np.ndarray, affine: np.ndarray) -> list[str]:
+    """A sacrum with no vertebra above it, although the field of view reaches more than :data:`COLUMN_END_MIN_MM`
+    above its top, where L5 (or L6) would be seen: pelvic bone painted as sacrum in an image without a spine."""
+    from spineps_like.geometry import oriented_view, reoriented_grid
+
+    ins = oriented_view(instance, affine, "PIR")  # axis 1 runs inferior
+    _, aff = reoriented_grid(instance.shape, affine, "PIR")
+    rows = np.flatnonzero((ins == SACRUM_ID).any(axis=(0, 2)))
+    gap_mm = int(rows[0]) * float(np.linalg.norm(aff[:3, 1]))
+    if gap_mm <= COLUMN_END_MIN_MM:
+        return []
+    return [f"a sacrum without any vertebra above it, although the field of view reaches {gap_mm:.0f} mm above it "
+            f"(more than {COLUMN_END_MIN_MM:.0f} mm): the lumbar spine would be seen there, so this is no sacrum"]
 
 
 def _column_end(instance: np.ndarray, affine: np.ndarray, vertebrae: list[int]) -> list[str]:

@@ -48,6 +48,21 @@ def test_garbage_is_flagged():
     top_sem, top_ins = np.where(lost, 0, sem), np.where(lost, 0, ins)
     assert any("column ends" in f for f in result_flags(top_sem, top_ins, sp, affine=ph.semantic.affine))
     assert not any("column ends" in f for f in result_flags(top_sem, top_ins, sp))
+    # a sacrum alone, every vertebra above it lost, while the field of view shows the lumbar spine's place: flagged;
+    # the same sacrum in a field of view that starts at its top (a pelvis scan) passes
+    sac = ins == 26
+    sac_sem, sac_ins = np.where(sac, sem, 0), np.where(sac, ins, 0)
+    assert any("sacrum without any vertebra" in f
+               for f in result_flags(sac_sem, sac_ins, sp, affine=ph.semantic.affine))
+    from spineps_like.geometry import oriented_view, reoriented_grid
+
+    pir_sem, pir_ins = (oriented_view(a, ph.semantic.affine, "PIR") for a in (sac_sem, sac_ins))
+    _, pir_aff = reoriented_grid(sac_sem.shape, ph.semantic.affine, "PIR")
+    top = int(np.flatnonzero(pir_ins.any(axis=(0, 2)))[0])
+    shift = np.eye(4)
+    shift[1, 3] = top  # the cropped grid's first row is the sacrum's top row
+    assert result_flags(pir_sem[:, top:], pir_ins[:, top:], tuple(np.linalg.norm(pir_aff[:3, :3], axis=0)),
+                        affine=pir_aff @ shift) == []
     # nothing found: nothing to flag (the empty result speaks for itself)
     assert result_flags(np.zeros_like(sem), np.zeros_like(ins), sp) == []
     with pytest.raises(ValueError, match="differ in shape"):
