@@ -124,7 +124,8 @@ def run_negative(name: str, image: Scan, semantic_model, instance_model) -> dict
     return {"case": name, "shape": list(image.shape), "spine_voxels": int(np.count_nonzero(sem.array)),
             "corpus_voxels": int(np.count_nonzero(sem.array == 49)),
             "vertebrae": int(np.count_nonzero((ids > 0) & (ids < 100))),
-            "flags": result_flags(sem_out.array, ins.array, ins.spacing), "seconds": time.perf_counter() - t0}
+            "flags": result_flags(sem_out.array, ins.array, ins.spacing, affine=ins.affine),  # as segment does
+            "seconds": time.perf_counter() - t0}
 
 
 def _fmt(x: float) -> str:

@@ -20,7 +20,7 @@ from spineps_like.io import Scan, atomic_write_json, derivative_name, derivative
 from spineps_like.labels import VERTEBRA_LABELS, label_mask
 
 #: Bundled model names (folders in models/) used when the caller names none.
-DEFAULT_SEMANTIC_MODEL = "semantic-synth-next"
+DEFAULT_SEMANTIC_MODEL = "semantic-synth-3"
 DEFAULT_INSTANCE_MODEL = "instance-phantom"
 INSTANCE_METHODS = ("network", "geometric")
 #: Phases a ``progress`` callback of :func:`segment` is told about, in order (those that run); the command line adds
