@@ -434,7 +434,7 @@ class Report:
             L.append("")
         if d["cli"]:
             c = d["cli"]
-            L += ["## CLI on CUDA", "", f"`{c['command']}`: exit {c['rc']} in {c['seconds']:.1f} s; files: "
+            L += ["## CLI run", "", f"`{c['command']}`: exit {c['rc']} in {c['seconds']:.1f} s; files: "
                   f"{', '.join(c.get('files', [])) or 'none'}", ""]
             if c.get("stderr_tail"):
                 L += ["```", c["stderr_tail"], "```", ""]
@@ -567,12 +567,12 @@ def compare(widths: str, masks: dict, report: Report) -> None:
             + (f", instance lowest Dice {i.get('min_dice')}" if i else ""))
 
 
-def cli_run(phantom, report: Report, args, device: str) -> None:
+def cli_run(phantom, report: Report, args, device: str, ct: bool = False) -> None:
     """``segment`` as a user runs it: a fresh process, a NIfTI file in, SPINEPS-named files out, on ``device``."""
     from spineps_like.io import save_scan
 
     work = Path(tempfile.mkdtemp(prefix="gpu_check_cli_"))
-    nii = work / "sub-gpucheck_T2w.nii.gz"
+    nii = work / f"sub-gpucheck_{'ct' if ct else 'T2w'}.nii.gz"  # the BIDS suffix tells the measurements the modality
     save_scan(phantom.image, nii)
     out = work / "out"
     code = ("import sys; sys.argv[0] = 'spineps-like'; from spineps_like.cli import main; raise SystemExit(main())")
@@ -581,7 +581,7 @@ def cli_run(phantom, report: Report, args, device: str) -> None:
     tic = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.cli_timeout_s, env=_child_env())
     files = sorted(f.name for f in out.rglob("*") if f.is_file()) if out.exists() else []
-    report.data["cli"] = {"command": f"spineps-like segment sub-gpucheck_T2w.nii.gz --out out --device {device} --amp "
+    report.data["cli"] = {"command": f"spineps-like segment {nii.name} --out out --device {device} --amp "
                                      "--allow-implausible",
                           "rc": p.returncode, "seconds": round(time.perf_counter() - tic, 2), "files": files,
                           "stderr_tail": "\n".join(p.stderr.strip().splitlines()[-8:])}
@@ -645,6 +645,8 @@ def parse_args(argv=None):
                     help="keep this fraction of every phantom's inferior-superior extent (default: all; --quick 0.4)")
     ap.add_argument("--no-tests", action="store_true", help="skip the pytest step")
     ap.add_argument("--no-cli", action="store_true", help="skip the CLI run")
+    ap.add_argument("--cli-device", default=None,
+                    help="device of the CLI run (default: the first CUDA device; none without one or with --quick)")
     ap.add_argument("--budget-s", type=float, default=300.0,
                     help="seconds after which the remaining runs are skipped (each said so); default 300")
     ap.add_argument("--tests-timeout-s", type=float, default=150.0)
@@ -693,13 +695,18 @@ def main(argv=None) -> int:
     report.write()
     if "bundled" in widths:
         run_set("bundled", ["pipeline"], configs, phantoms, {}, report, masks, args)
-    if cuda_devices and not args.quick and not args.no_cli:
+    cli_device = args.cli_device or (cuda_devices[0] if cuda_devices and not args.quick else None)
+    if cli_device and not args.no_cli and time.perf_counter() - T0 > args.budget_s:
+        report.skip(f"CLI run: time budget ({args.budget_s} s) spent")
+    elif cli_device and not args.no_cli:
         try:
-            cli_run(phantoms[names[0]], report, args, cuda_devices[0])
+            cli_run(phantoms[names[0]], report, args, cli_device, ct=CASES[names[0]]["mode"] == "ct")
         except Exception as e:  # noqa: BLE001
             report.error("CLI run", e)
         report.write()
-    if not args.no_tests:
+    if not args.no_tests and time.perf_counter() - T0 > args.budget_s:
+        report.skip(f"device tests: time budget ({args.budget_s} s) spent")
+    elif not args.no_tests:
         run_tests(report, args)
         report.write()
     if "spineps" in widths:
