@@ -1,19 +1,20 @@
 """Anatomy: the vertebral column laid out and rasterised into label volumes (the first stage of a phantom).
 
-A chain of vertebrae C2..L5 (+ T13/L6 variants) and a five-segment sacrum along a curved line (:func:`_layout`); each
-part painted on a fine grid (:class:`_Canvas`) as a semantic label, an instance id and a tissue class
-(:data:`TISSUES`), evaluated only inside its own bounding box.
+A chain of vertebrae C2..L5 (+ T13/L6 variants) and a five-segment sacrum along a curved line (:func:`_layout`; the
+other variants' changes in :mod:`.variants`); each part painted on a fine grid (:class:`_Canvas`) as a semantic label,
+an instance id and a tissue class (:data:`TISSUES`), evaluated only inside its own bounding box.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
-from spineps_like.labels import SACRUM_ID, VERTEBRA_NAME_TO_ID, ivd_id
+from spineps_like.labels import SACRUM_ID, VERTEBRA_NAME_TO_ID
+from spineps_like.phantom.variants import apply_variant
 
 # ============================================================================================ anatomy tables
 # Adult dimensions in mm, C2..L5 (23 levels). H corpus height, D AP depth, W LR width, disc = height of the disc below
@@ -166,89 +167,47 @@ def _layout(rng: np.random.Generator, variant: str | None, fov_names: tuple[str,
     """Vertebra chain with dimensions, curvature and variant changes (all in canonical mm: p, i, r)."""
     names = _vertebra_names(variant)
     scale = rng.uniform(0.9, 1.1)
-    verts: list[_Vert] = []
-    for n in names:
-        p = _std_params(n)
-        jit = rng.uniform(0.96, 1.04, size=4)
-        v = _Vert(vid=VERTEBRA_NAME_TO_ID[n], name=n, region=n[0],
-                  H=p["H"] * scale * jit[0], D=p["D"] * scale * jit[1], W=p["W"] * scale * jit[2],
-                  disc=p["disc"] * scale * jit[3], cap=p["cap"] * scale, clr=p["clr"] * scale, t=p["t"] * scale,
-                  sp_len=p["sp_len"] * scale * rng.uniform(0.9, 1.1), sp_ang=p["sp_ang"] + rng.uniform(-5, 5),
-                  sp_h=p["sp_h"] * scale, sp_w=p["sp_w"] * scale, co_len=p["co_len"] * scale * rng.uniform(0.9, 1.1),
-                  co_r=p["co_r"] * scale, fa_len=p["fa_len"] * scale, fa_r=p["fa_r"] * scale)
-        v.conc_top = v.conc_bot = {"C": 0.5, "T": 0.8, "L": 1.3}[v.region] * rng.uniform(0.7, 1.3)
-        v.rim = {"C": 0.5, "T": 0.7, "L": 1.0}[v.region]
-        v.ep_top = v.ep_bot = rng.uniform(1.2, 2.0)
-        v.waist = rng.uniform(0.03, 0.07)
-        v.post_conc = 0.08 if v.region == "L" else 0.0
-        v.lamina_drop = {"C": 2.0, "T": 5.0, "L": 5.0}[v.region] * scale
-        v.cleft = v.region in "TL" and rng.random() < 0.6
-        verts.append(v)
-    c2 = verts[0]
-    c2.ep_top = 0.0  # no disc above C2 (the dens articulates with C1)
+    verts = [_vertebra(rng, n, scale) for n in names]
+    verts[0].ep_top = 0.0  # no disc above C2 (the dens articulates with C1)
     verts[-1].disc = verts[-1].disc * 0.95  # lumbosacral disc
-    # ------------------------------------------------------------------ variants
-    info: dict = {}
-    in_fov = _names_fully_in_fov(names, fov_names)
-    cand = [v for v in verts if v.name in in_fov and v.name != "C2"]
-    if variant == "block":
-        pairs = [(u, w) for u, w in zip(verts[:-1], verts[1:]) if u in cand and w in cand]
-        if not pairs:
-            raise ValueError(f"variant 'block' needs two vertebrae inside the {fov} field of view")
-        u, w = pairs[rng.integers(len(pairs))]
-        u.fused_below, w.fused_above = True, True
-        u.disc *= rng.uniform(0.4, 0.7)
-        u.ext_bot = w.ext_top = u.disc / 2
-        u.conc_bot = w.conc_top = 0.0
-        u.ep_bot = w.ep_top = 0.0
-        info["block"] = [u.vid, w.vid]
-    if variant == "collapsed":
-        pref = [v for v in cand if v.name in ("T11", "T12", "L1", "L2", "L3", "T8", "T9", "T10", "C5", "C6", "C7")]
-        pool = pref or cand
-        v = pool[rng.integers(len(pool))]
-        f = rng.uniform(0.4, 0.6)
-        v.H *= 1 - f
-        v.k_wedge = rng.uniform(0.15, 0.35) * v.H / v.D  # anterior wedge: posterior higher than anterior
-        v.collapsed = True
-        v.conc_top *= 0.5
-        v.conc_bot *= 0.5
-        info["collapsed"] = {"id": v.vid, "height_loss": round(float(f), 3)}
-    if variant == "narrow_discs":
-        pool = [v for v in cand if not v.fused_below]
-        k = int(min(len(pool), rng.integers(2, 5)))
-        chosen = rng.choice(len(pool), size=k, replace=False) if k else []
-        info["narrow_discs"] = []
-        for j in sorted(int(c) for c in chosen):
-            v = pool[j]
-            f = rng.uniform(0.3, 0.5)
-            v.disc *= f
-            v.narrow_disc_below = v.degenerated_disc_below = True
-            info["narrow_discs"].append(ivd_id(v.vid))
-    if variant == "listhesis":
-        # degenerative (L4/L5, C4/C5) or isthmic (L5/S1) anterolisthesis, Meyerding grade 1-2 (slip / depth below)
-        pool = [v for v in cand if v.name in ("C3", "C4", "C5", "L3", "L4", "L5", "L6") and not v.fused_below]
-        if not pool:
-            raise ValueError(f"variant 'listhesis' needs a mid-cervical or lower lumbar vertebra inside the {fov} "
-                             "field of view")
-        v = pool[rng.integers(len(pool))]
-        f = rng.uniform(0.08, 0.45)
-        depth_below = verts[verts.index(v) + 1].D if v is not verts[-1] else v.D
-        v.slip_below = f * depth_below
-        v.disc *= rng.uniform(0.6, 0.9)
-        info["listhesis"] = {"id": v.vid, "slip_mm": round(float(v.slip_below), 1), "slip_fraction": round(float(f), 3),
-                             "meyerding_grade": 1 if f < 0.25 else 2}
-    if variant == "sacralised_l5":
-        l5 = verts[-1]
-        l5.sacralised = True
-        l5.disc *= rng.uniform(0.3, 0.5)
-        l5.narrow_disc_below = l5.degenerated_disc_below = True
-        info["sacralised"] = l5.vid
-    # random degenerated (dark) discs in the lumbar / cervical spine, common in adults
+    info = apply_variant(rng, variant, verts, _names_fully_in_fov(names, fov_names), fov)
+    _degenerate_discs(rng, verts)
+    sacrum = _sacrum_segments(rng, verts[-1], scale)
+    info.update(_curvature(rng, verts + sacrum))
+    conus_i, conus_info = _conus(rng, verts)
+    info.update(conus_info)
+    return _Layout(verts=verts, sacrum=sacrum, conus_i=conus_i, info=info)
+
+
+def _vertebra(rng: np.random.Generator, name: str, scale: float) -> _Vert:
+    """One vertebra: its table row x ``scale``, jittered, with its region's endplate, waist and lamina shape."""
+    p = _std_params(name)
+    jit = rng.uniform(0.96, 1.04, size=4)
+    v = _Vert(vid=VERTEBRA_NAME_TO_ID[name], name=name, region=name[0],
+              H=p["H"] * scale * jit[0], D=p["D"] * scale * jit[1], W=p["W"] * scale * jit[2],
+              disc=p["disc"] * scale * jit[3], cap=p["cap"] * scale, clr=p["clr"] * scale, t=p["t"] * scale,
+              sp_len=p["sp_len"] * scale * rng.uniform(0.9, 1.1), sp_ang=p["sp_ang"] + rng.uniform(-5, 5),
+              sp_h=p["sp_h"] * scale, sp_w=p["sp_w"] * scale, co_len=p["co_len"] * scale * rng.uniform(0.9, 1.1),
+              co_r=p["co_r"] * scale, fa_len=p["fa_len"] * scale, fa_r=p["fa_r"] * scale)
+    v.conc_top = v.conc_bot = {"C": 0.5, "T": 0.8, "L": 1.3}[v.region] * rng.uniform(0.7, 1.3)
+    v.rim = {"C": 0.5, "T": 0.7, "L": 1.0}[v.region]
+    v.ep_top = v.ep_bot = rng.uniform(1.2, 2.0)
+    v.waist = rng.uniform(0.03, 0.07)
+    v.post_conc = 0.08 if v.region == "L" else 0.0
+    v.lamina_drop = {"C": 2.0, "T": 5.0, "L": 5.0}[v.region] * scale
+    v.cleft = v.region in "TL" and rng.random() < 0.6
+    return v
+
+
+def _degenerate_discs(rng: np.random.Generator, verts: list[_Vert]) -> None:
+    """In place: random degenerated (dark) discs in the lumbar / cervical spine, common in adults."""
     for v in verts:
         if v.region in "CL" and not v.fused_below and rng.random() < 0.2:
             v.degenerated_disc_below = True
-    # ------------------------------------------------------------------ sacrum segments
-    l_last = verts[-1]
+
+
+def _sacrum_segments(rng: np.random.Generator, l_last: _Vert, scale: float) -> list[_Vert]:
+    """S1..S5, sized after the last lumbar vertebra ``l_last``: shrinking, S2-S5 wedged (sacral kyphosis)."""
     sacrum = []
     s_h = np.array([28, 24, 20, 16, 12]) * scale
     s_d = np.array([1.0, 0.85, 0.7, 0.55, 0.45]) * l_last.D * 1.02
@@ -266,8 +225,41 @@ def _layout(rng: np.random.Generator, variant: str | None, fov_names: tuple[str,
         s.rim = 0.8 if k == 0 else 0.0
         s.ep_top, s.ep_bot = (1.5 if k == 0 else 0.0), 0.0  # S1 top: endplate look, still label 26
         sacrum.append(s)
-    chain = verts + sacrum
-    # ------------------------------------------------------------------ curvature profile
+    return sacrum
+
+
+class _Curvature(NamedTuple):
+    """The drawn shape of the column: sagittal angles (rad) at anchors along the arc length, coronal and axial angles
+    per element, and the balance to solve the thoracic kyphosis and cervical lordosis for."""
+
+    s_mid: np.ndarray  # arc length (mm) of each element's centre
+    anchors_s: list  # arc lengths of C2, C7, the thoracolumbar junction, L4 and the S1 top
+    th_s1: float  # sacral slope
+    th_tl: float  # thoracolumbar junction
+    ll_low: float  # share of the lordosis between L4 and S1
+    sva_target: float  # C7 anterior of the S1 corner (mm)
+    csva_target: float  # C2 anterior of C7 (mm)
+    prof_phi: np.ndarray  # coronal angle per element (scoliosis)
+    prof_psi: np.ndarray  # axial rotation per element
+
+
+def _curvature(rng: np.random.Generator, chain: list[_Vert]) -> dict:
+    """Place ``chain`` (the vertebrae, then the sacrum) along a drawn curvature (sets O and Rm); returns the angles
+    and balances for the anatomy record."""
+    curv, amp, scol = _draw_curvature(rng, chain)
+    # sagittal balance: the thoracic kyphosis puts C7 above the sacrum, then the cervical lordosis C2 above C7
+    cl0 = rng.uniform(12, 30)
+    tk = _bisect(lambda t: _place(chain, curv, t, cl0)[0], 20.0, 60.0, curv.sva_target)
+    cl = _bisect(lambda c: _place(chain, curv, tk, c)[1], -10.0, 40.0, curv.csva_target)
+    sva, csva = _place(chain, curv, tk, cl)
+    return {"lordosis_cervical_deg": round(cl, 1), "kyphosis_thoracic_deg": round(tk, 1),
+            "lordosis_lumbar_deg": round(math.degrees(curv.th_s1 - curv.th_tl), 1),
+            "sacral_slope_deg": round(math.degrees(curv.th_s1), 1), "sva_mm": round(sva, 1),
+            "cervical_sva_mm": round(csva, 1), "scoliosis_deg": round(math.degrees(2 * amp), 1) if scol else 0.0}
+
+
+def _draw_curvature(rng: np.random.Generator, chain: list[_Vert]) -> tuple[_Curvature, float, bool]:
+    """The curvature drawn for ``chain``, with the scoliosis amplitude (rad) and whether it is a scoliosis."""
     lengths = np.array([v.H + v.disc for v in chain])
     s_top = np.concatenate([[0.0], np.cumsum(lengths)[:-1]])
     s_mid = s_top + np.array([v.H for v in chain]) / 2
@@ -279,7 +271,7 @@ def _layout(rng: np.random.Generator, variant: str | None, fov_names: tuple[str,
     th_tl = -deg(rng.uniform(8, 25))  # lumbar lordosis ~ sacral slope + 8..25 degrees
     sva_target, csva_target = rng.uniform(-10.0, 50.0), rng.uniform(0.0, 25.0)
     ll_low = rng.uniform(0.55, 0.75)  # share of the lordosis between L4 and S1
-    l4 = [v for v in verts if v.region == "L"][-2]
+    l4 = [v for v in chain if v.region == "L"][-2]
     anchors_s = [s_mid[idx["C2"]], s_mid[idx["C7"]], s_mid[idx["T12" if "T13" not in idx else "T13"]] + 8,
                  s_mid[idx[l4.name]], s_top[idx["S1"]]]
     # coronal: mild scoliosis on some seeds
@@ -291,45 +283,44 @@ def _layout(rng: np.random.Generator, variant: str | None, fov_names: tuple[str,
     win = np.clip((s_mid - s_t1 + 60) / 120, 0, 1) * np.clip((s_top[idx["S1"]] - s_mid) / 80, 0, 1)
     prof_phi = amp * np.sin(2 * math.pi * (s_mid - s_t1) / lam + ph0) * win
     prof_psi = np.deg2rad(rng.normal(0, 1.5, size=len(chain))) + 0.6 * prof_phi
-    c7, s1 = chain[idx["C7"]], chain[idx["S1"]]
+    curv = _Curvature(s_mid, anchors_s, th_s1, th_tl, ll_low, sva_target, csva_target, prof_phi, prof_psi)
+    return curv, amp, scol
 
-    def build(tk: float, cl: float) -> tuple[float, float]:
-        th_ct = th_tl + deg(tk)
-        th_l4 = th_s1 - ll_low * (th_s1 - th_tl)
-        prof_theta = np.interp(s_mid, anchors_s, [th_ct - deg(cl), th_ct, th_tl, th_l4, th_s1])
-        _chain(chain, prof_theta, prof_phi, prof_psi)
-        sva = float(s1.world((s1.a, -s1.H / 2, 0.0))[0] - c7.O[0])  # > 0: C7 anterior of the S1 corner
-        return sva, float(c7.O[0] - chain[0].O[0])  # > 0: C2 anterior of C7
 
-    def solve(fun, lo: float, hi: float, target: float) -> float:
-        f_lo, f_hi = fun(lo) - target, fun(hi) - target
-        if f_lo * f_hi > 0:
-            return lo if abs(f_lo) < abs(f_hi) else hi
-        for _ in range(14):
-            mid = 0.5 * (lo + hi)
-            f_mid = fun(mid) - target
-            if f_mid * f_lo > 0:
-                lo, f_lo = mid, f_mid
-            else:
-                hi = mid
-        return 0.5 * (lo + hi)
+def _place(chain: list[_Vert], curv: _Curvature, tk: float, cl: float) -> tuple[float, float]:
+    """Place ``chain`` (:func:`_chain`) with thoracic kyphosis ``tk`` and cervical lordosis ``cl`` (degrees); returns
+    how far C7 lies anterior of the S1 corner and C2 anterior of C7 (mm)."""
+    deg = math.radians
+    th_ct = curv.th_tl + deg(tk)
+    th_l4 = curv.th_s1 - curv.ll_low * (curv.th_s1 - curv.th_tl)
+    prof_theta = np.interp(curv.s_mid, curv.anchors_s, [th_ct - deg(cl), th_ct, curv.th_tl, th_l4, curv.th_s1])
+    _chain(chain, prof_theta, curv.prof_phi, curv.prof_psi)
+    c7, s1 = next(v for v in chain if v.name == "C7"), next(v for v in chain if v.name == "S1")
+    sva = float(s1.world((s1.a, -s1.H / 2, 0.0))[0] - c7.O[0])  # > 0: C7 anterior of the S1 corner
+    return sva, float(c7.O[0] - chain[0].O[0])  # > 0: C2 anterior of C7
 
-    cl0 = rng.uniform(12, 30)
-    tk = solve(lambda t: build(t, cl0)[0], 20.0, 60.0, sva_target)
-    cl = solve(lambda c: build(tk, c)[1], -10.0, 40.0, csva_target)
-    sva, csva = build(tk, cl)
-    info["lordosis_cervical_deg"] = round(cl, 1)
-    info["kyphosis_thoracic_deg"] = round(tk, 1)
-    info["lordosis_lumbar_deg"] = round(math.degrees(th_s1 - th_tl), 1)
-    info["sacral_slope_deg"] = round(math.degrees(th_s1), 1)
-    info["sva_mm"] = round(sva, 1)
-    info["cervical_sva_mm"] = round(csva, 1)
-    info["scoliosis_deg"] = round(math.degrees(2 * amp), 1) if scol else 0.0
-    # conus medullaris tip: between the T12/L1 disc and the L2 top (lower end of normal)
+
+def _bisect(fun: Callable[[float], float], lo: float, hi: float, target: float) -> float:
+    """Where ``fun`` meets ``target`` in [lo, hi] (14 bisections); the nearer end when it does not cross it there."""
+    f_lo, f_hi = fun(lo) - target, fun(hi) - target
+    if f_lo * f_hi > 0:
+        return lo if abs(f_lo) < abs(f_hi) else hi
+    for _ in range(14):
+        mid = 0.5 * (lo + hi)
+        f_mid = fun(mid) - target
+        if f_mid * f_lo > 0:
+            lo, f_lo = mid, f_mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+def _conus(rng: np.random.Generator, verts: list[_Vert]) -> tuple[float, dict]:
+    """Canonical i (mm) of the conus medullaris tip, between the T12/L1 disc and the L2 top (lower end of normal),
+    and its record."""
     l1 = next(v for v in verts if v.name == "L1")
     conus_i = float(l1.O[1] + rng.uniform(-0.9, 0.9) * (l1.H / 2 + l1.disc))
-    info["conus_level_mm_from_L1_centre"] = round(conus_i - float(l1.O[1]), 1)
-    return _Layout(verts=verts, sacrum=sacrum, conus_i=conus_i, info=info)
+    return conus_i, {"conus_level_mm_from_L1_centre": round(conus_i - float(l1.O[1]), 1)}
 
 
 def _chain(chain: list[_Vert], prof_theta: np.ndarray, prof_phi: np.ndarray, prof_psi: np.ndarray) -> None:
