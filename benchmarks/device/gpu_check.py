@@ -375,13 +375,15 @@ class Report:
         if d["models"]:
             m = d["models"]
             L += ["## Networks", "",
-                  "- bundled: semantic `semantic-synth-next` (PlainConvUNet 8..64), instance `instance-phantom` "
-                  "(Unet3D dim=8).",
-                  f"- SPINEPS widths (random weights, built by this script): semantic PlainConvUNet features "
+                  f"- bundled: semantic `{m.get('bundled_semantic')}` (PlainConvUNet 8..64), instance "
+                  f"`{m.get('bundled_instance')}` (Unet3D dim=8)."]
+            if m.get("semantic_features"):
+                L += [f"- SPINEPS widths (random weights, built by this script): semantic PlainConvUNet features "
                   f"{m.get('semantic_features')}, 2 convolutions per stage both sides, {m.get('semantic_parameters'):,} "
                   f"parameters, on the bundled model's tile geometry and labels; instance Unet3D(dim=16), "
                   f"{m.get('instance_parameters'):,} parameters. At these widths the semantic phase runs alone and "
-                  "the instance phase from the phantom's true semantic mask.", ""]
+                  "the instance phase from the phantom's true semantic mask."]
+            L.append("")
         if d["phantoms"]:
             L += ["## Phantoms", "", "| case | seed | fov | mode | shape | spacing mm | orientation |", "|---|---|---|---|---|---|---|"]
             for name, p in d["phantoms"].items():
@@ -669,6 +671,9 @@ def main(argv=None) -> int:
     env = environment(sitk)
     devices = [d.strip() for d in args.devices.split(",") if d.strip()]
     report = Report(args, env)
+    from spineps_like.pipeline import DEFAULT_INSTANCE_MODEL, DEFAULT_SEMANTIC_MODEL
+
+    report.data["models"] = {"bundled_semantic": DEFAULT_SEMANTIC_MODEL, "bundled_instance": DEFAULT_INSTANCE_MODEL}
     say(f"python {env['python']}, torch {env['torch']}, CUDA available: {env['cuda_available']}"
         + (f", GPU {env['gpu']}" if env.get("gpu") else "") + f"; SimpleITK: {sitk}")
     want_cuda = any(d.startswith("cuda") for d in devices)
@@ -713,7 +718,7 @@ def main(argv=None) -> int:
         tmp = Path(tempfile.mkdtemp(prefix="gpu_check_models_"))
         try:
             paths = spineps_width_models(tmp)
-            report.data["models"] = {k: v for k, v in paths.items() if k not in ("semantic", "instance")}
+            report.data["models"].update({k: v for k, v in paths.items() if k not in ("semantic", "instance")})
             # the CUDA runs first, the CPU reference (the costliest) last, so that the budget cuts the CPU cases
             order = [c for c in configs if c[0] != "cpu"] + [c for c in configs if c[0] == "cpu"]
             cpu_cases = names[:args.spineps_cpu_cases] if args.spineps_cpu_cases is not None else None
