@@ -155,11 +155,7 @@ def confirm_sacrum(
     -------
     semantic, instance, report : new arrays (inputs untouched) and a :class:`SacrumReport`.
     """
-    sem = check_mask(semantic).copy()
-    inst = check_mask(instance, "instance mask").copy()
-    if sem.shape != inst.shape:
-        raise ValueError(f"instance mask shape {inst.shape} differs from the semantic mask {sem.shape}")
-    sp = check_spacing(spacing)
+    sem, inst, sp = _checked(semantic, instance, spacing)
     rep = SacrumReport()
     vox_mm3 = float(np.prod(sp))
     sacrum_label = sem == SACRUM_ID
@@ -168,52 +164,15 @@ def confirm_sacrum(
         return sem, inst, rep
     cc = cc3d.connected_components(sacrum_label, connectivity=26).astype(np.int32)
     st = cc3d.statistics(cc)
-    counts = st["voxel_counts"][1:]
-    cen = st["centroids"][1:]
     vert = vertebra_ids(inst)
     ids, vcen, axes = vertebra_order(vert, sem, sp)
-    keep = np.zeros(0, np.int64)
     if len(ids) == 0:
-        big = counts * vox_mm3 >= min_alone_mm3
-        keep = np.flatnonzero(big) + 1
-        if big.any():
-            rep.notes.append(f"sacrum kept without a vertebra to compare it with: {counts[big].sum() * vox_mm3:.0f} mm3")
-        if (~big).any():
-            rep.notes.append(f"sacrum label without a vertebra and under {min_alone_mm3:g} mm3 "
-                             f"({counts[~big].sum() * vox_mm3:.0f} mm3 in {int((~big).sum())} component(s)): not the "
-                             "sacrum")
+        keep, notes = _sacrum_alone(st["voxel_counts"][1:], vox_mm3, min_alone_mm3)
     else:
-        bodies = _corpus_voxels(vert, sem, ids)
-        ref = float(np.median(bodies[bodies > 0])) if (bodies > 0).any() else 0.0
-        axis = axes[-1] / max(np.linalg.norm(axes[-1]), 1e-9)
-        low = vcen[-1]
-        # how far below the lowest body's centre each sacrum component reaches, along the spine axis (mm)
-        lowest_body = np.argwhere((vert == ids[-1]) & (sem == 49))
-        body_reach = float((((lowest_body - low) * sp) @ axis).max()) if len(lowest_body) else 0.0
-        reach = np.zeros(len(counts))
-        for c in range(len(counts)):  # few components: a pass over each one's own voxels
-            sl = st["bounding_boxes"][c + 1]
-            pts = np.argwhere(cc[sl] == c + 1) + [s.start for s in sl]
-            reach[c] = float((((pts - low) * sp) @ axis).max())
-        q_centre = ((cen - low) * sp) @ axis
-        above_second = np.zeros(len(counts), bool)
-        if len(ids) > 1:
-            above_second = ((cen - vcen[-2]) * sp) @ axis < 0
-        at_bottom = (reach > body_reach) & ~above_second
-        big = counts >= min_volume_fraction * ref
-        if (at_bottom & big).any():
-            keep = np.flatnonzero(at_bottom) + 1
-            rep.notes.append(f"sacrum kept: {counts[at_bottom].sum() * vox_mm3:.0f} mm3 at the bottom of the column "
-                             f"(median vertebral body {ref * vox_mm3:.0f} mm3)")
-        elif at_bottom.any():
-            rep.notes.append(f"sacrum label at the bottom of the column too small to be the sacrum "
-                             f"({counts[at_bottom].max() * vox_mm3:.0f} mm3, under {min_volume_fraction:g} x the "
-                             f"median vertebral body {ref * vox_mm3:.0f} mm3)")
-        away = ~np.isin(np.arange(1, len(counts) + 1), keep)
-        if away.any() and (~at_bottom & away).any():
-            rep.notes.append(f"sacrum label away from the bottom of the column ({int((~at_bottom).sum())} "
-                             f"component(s), {counts[~at_bottom].sum() * vox_mm3:.0f} mm3, centre up to "
-                             f"{-q_centre[~at_bottom].min():.0f} mm above the lowest body): not the sacrum")
+        at_bottom, below_mm = _at_bottom(cc, st, vert, sem, ids, vcen, axes[-1], sp)
+        keep, notes = _sacrum_at_bottom(st["voxel_counts"][1:], at_bottom, below_mm,
+                                        _median_body(vert, sem, ids), vox_mm3, min_volume_fraction)
+    rep.notes.extend(notes)
     n_rejected = _stray_sacrum(sem, inst, cc, keep, sp, reach_mm)
     rep.rejected_mm3 = round(n_rejected * vox_mm3, 1)
     if n_rejected:
@@ -224,6 +183,90 @@ def confirm_sacrum(
         _take_sacral_segments(sem, inst, sp, rep, flank_fraction, posterior_share, max_segments)
     rep.volume_mm3 = round(float(np.count_nonzero(sem == SACRUM_ID)) * vox_mm3, 1)
     return sem, inst, rep
+
+
+def _checked(semantic: np.ndarray, instance: np.ndarray, spacing: Sequence[float]
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Copies of the two masks (checked, same shape) and the checked spacing."""
+    sem = check_mask(semantic).copy()
+    inst = check_mask(instance, "instance mask").copy()
+    if sem.shape != inst.shape:
+        raise ValueError(f"instance mask shape {inst.shape} differs from the semantic mask {sem.shape}")
+    return sem, inst, check_spacing(spacing)
+
+
+def _sacrum_alone(counts: np.ndarray, vox_mm3: float, min_alone_mm3: float) -> tuple[np.ndarray, list[str]]:
+    """Without a vertebra to compare with: the sacrum components (voxel ``counts``) kept, those of at least
+    ``min_alone_mm3`` (ids 1..n), and the notes."""
+    notes = []
+    big = counts * vox_mm3 >= min_alone_mm3
+    keep = np.flatnonzero(big) + 1
+    if big.any():
+        notes.append(f"sacrum kept without a vertebra to compare it with: {counts[big].sum() * vox_mm3:.0f} mm3")
+    if (~big).any():
+        notes.append(f"sacrum label without a vertebra and under {min_alone_mm3:g} mm3 "
+                     f"({counts[~big].sum() * vox_mm3:.0f} mm3 in {int((~big).sum())} component(s)): not the "
+                     "sacrum")
+    return keep, notes
+
+
+def _median_body(vert: np.ndarray, sem: np.ndarray, ids: np.ndarray) -> float:
+    """Median corpus voxel count of the vertebrae ``ids`` that have a corpus (0 when none has)."""
+    bodies = _corpus_voxels(vert, sem, ids)
+    return float(np.median(bodies[bodies > 0])) if (bodies > 0).any() else 0.0
+
+
+def _at_bottom(cc: np.ndarray, st: dict, vert: np.ndarray, sem: np.ndarray, ids: np.ndarray, vcen: np.ndarray,
+               lowest_axis: np.ndarray, sp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per sacrum component of ``cc`` (statistics ``st``): whether it lies at the bottom of the column (it reaches
+    below the lowest vertebral body and its centre is not above the second-lowest vertebra's), and how far its centre
+    lies below the lowest body's centre along the spine axis (mm; negative above)."""
+    cen = st["centroids"][1:]
+    axis = lowest_axis / max(np.linalg.norm(lowest_axis), 1e-9)
+    low = vcen[-1]
+    lowest_body = np.argwhere((vert == ids[-1]) & (sem == 49))
+    body_reach = float((((lowest_body - low) * sp) @ axis).max()) if len(lowest_body) else 0.0
+    reach = _reach_below(cc, st["bounding_boxes"], len(cen), low, axis, sp)
+    above_second = np.zeros(len(cen), bool)
+    if len(ids) > 1:
+        above_second = ((cen - vcen[-2]) * sp) @ axis < 0
+    return (reach > body_reach) & ~above_second, ((cen - low) * sp) @ axis
+
+
+def _reach_below(cc: np.ndarray, boxes: Sequence, n: int, low: np.ndarray, axis: np.ndarray, sp: np.ndarray
+                 ) -> np.ndarray:
+    """How far below ``low`` each component 1..n of ``cc`` reaches along ``axis`` (mm): a pass over each one's own
+    voxels, in its bounding box (a sacrum label has few components)."""
+    reach = np.zeros(n)
+    for c in range(n):
+        sl = boxes[c + 1]
+        pts = np.argwhere(cc[sl] == c + 1) + [s.start for s in sl]
+        reach[c] = float((((pts - low) * sp) @ axis).max())
+    return reach
+
+
+def _sacrum_at_bottom(counts: np.ndarray, at_bottom: np.ndarray, below_mm: np.ndarray, ref: float, vox_mm3: float,
+                      min_volume_fraction: float) -> tuple[np.ndarray, list[str]]:
+    """The sacrum components kept (ids 1..n): all those ``at_bottom`` when one of them holds at least
+    ``min_volume_fraction`` x the median vertebral body ``ref`` (voxels); and the notes. ``below_mm``: how far each
+    component's centre lies below the lowest body's (for the note on the rest)."""
+    notes = []
+    keep = np.zeros(0, np.int64)
+    big = counts >= min_volume_fraction * ref
+    if (at_bottom & big).any():
+        keep = np.flatnonzero(at_bottom) + 1
+        notes.append(f"sacrum kept: {counts[at_bottom].sum() * vox_mm3:.0f} mm3 at the bottom of the column "
+                     f"(median vertebral body {ref * vox_mm3:.0f} mm3)")
+    elif at_bottom.any():
+        notes.append(f"sacrum label at the bottom of the column too small to be the sacrum "
+                     f"({counts[at_bottom].max() * vox_mm3:.0f} mm3, under {min_volume_fraction:g} x the "
+                     f"median vertebral body {ref * vox_mm3:.0f} mm3)")
+    away = ~np.isin(np.arange(1, len(counts) + 1), keep)
+    if away.any() and (~at_bottom & away).any():
+        notes.append(f"sacrum label away from the bottom of the column ({int((~at_bottom).sum())} "
+                     f"component(s), {counts[~at_bottom].sum() * vox_mm3:.0f} mm3, centre up to "
+                     f"{-below_mm[~at_bottom].min():.0f} mm above the lowest body): not the sacrum")
+    return keep, notes
 
 
 def _take_sacral_segments(sem: np.ndarray, inst: np.ndarray, sp: np.ndarray, rep: SacrumReport,
