@@ -380,12 +380,7 @@ def clean_semantic(
     >>> int(clean_semantic(m, (1, 1, 1))[0, 0, 0])
     0
     """
-    mask = np.asarray(mask)
-    if mask.ndim != 3:
-        raise ValueError(f"clean_semantic: expected a 3D mask, got shape {mask.shape}")
-    if len(spacing) != 3 or min(spacing) <= 0:
-        raise ValueError(f"clean_semantic: spacing must be three positive numbers, got {spacing}")
-    out = mask.copy()
+    out = _checked_mask(mask, spacing).copy()
     box = bbox(out > 0)
     info = {"small_removed": 0, "canal_removed": 0, "column_removed": 0, "arch_removed": 0, "region_removed": 0,
             "holes_filled": 0}
@@ -395,20 +390,37 @@ def clean_semantic(
         info["small_removed"] = _remove_small_components(sub, small_labels, min_voxels)
         if canal_gap_mm is not None:
             info["canal_removed"] = _canal_tube(sub, spacing, canal_gap_mm)
-        rules = [(key, labels, mm, gap) for key, labels, mm, gap in (
-            ("column_removed", COLUMN_LABELS, column_canal_mm, COLUMN_GAP_MM),
-            ("arch_removed", ARCH_LABELS, arch_canal_mm, ARCH_GAP_MM)) if mm is not None]
-        # both rules read the canal and clear only their own labels: with two threads they run side by side
-        canal = _canal_voxels(sub) if rules else None
-        with ThreadPoolExecutor(max(1, min(int(threads), len(rules)))) as pool:
-            removed = pool.map(lambda r: _near_canal(sub, r[1], spacing, r[2], r[3], canal), rules)
-            info.update((r[0], n) for r, n in zip(rules, removed))
+        info.update(_near_canal_rules(sub, spacing, column_canal_mm, arch_canal_mm, threads))
         if keep_spine_region:
             info["region_removed"] = _spine_region(sub, spacing, margin_mm, inferior_axis)
         info["holes_filled"] = _fill_holes(sub, fill_labels)
     if stats is not None:
         stats.update(info)
     return out
+
+
+def _checked_mask(mask: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+    """``mask`` as an array, refused unless it is 3D with three positive voxel sizes."""
+    mask = np.asarray(mask)
+    if mask.ndim != 3:
+        raise ValueError(f"clean_semantic: expected a 3D mask, got shape {mask.shape}")
+    if len(spacing) != 3 or min(spacing) <= 0:
+        raise ValueError(f"clean_semantic: spacing must be three positive numbers, got {spacing}")
+    return mask
+
+
+def _near_canal_rules(mask: np.ndarray, spacing: Sequence[float], column_canal_mm: float | None,
+                      arch_canal_mm: float | None, threads: int) -> dict[str, int]:
+    """In place: the anterior column and the vertebral arch near the canal (:func:`_near_canal`), each rule whose
+    distance is not None. Both read the canal and clear only their own labels: with two ``threads`` they run side by
+    side (same result). Returns the voxels each rule removed ('column_removed', 'arch_removed')."""
+    rules = [(key, labels, mm, gap) for key, labels, mm, gap in (
+        ("column_removed", COLUMN_LABELS, column_canal_mm, COLUMN_GAP_MM),
+        ("arch_removed", ARCH_LABELS, arch_canal_mm, ARCH_GAP_MM)) if mm is not None]
+    canal = _canal_voxels(mask) if rules else None
+    with ThreadPoolExecutor(max(1, min(int(threads), len(rules)))) as pool:
+        removed = pool.map(lambda r: _near_canal(mask, r[1], spacing, r[2], r[3], canal), rules)
+        return {r[0]: n for r, n in zip(rules, removed)}
 
 
 # ---------------------------------------------------------------- back to the input grid
