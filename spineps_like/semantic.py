@@ -20,8 +20,9 @@ import os
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import cc3d
 import fill_voids
@@ -806,15 +807,70 @@ def predict_semantic(
     """
     t0 = time.perf_counter()
     t: dict[str, float] = {}
+    given = model
+    model = _semantic_model(given, device)
+    if model is not given:
+        t["load"] = time.perf_counter() - t0
+    arr = _checked_image(scan, restore)
+    cfg = model.config
+    do_norm = (not cfg.is_ct) if normalize is None else normalize
+    with _timed(t, "prepare"):
+        image = _normalized(arr.astype(np.float32, copy=False), do_norm)
+    if n4:
+        with _timed(t, "n4"):
+            image = _normalized(n4_bias_correction(image, scan.spacing), do_norm)
+    with _timed(t, "resample"):
+        import torch  # its CPU thread budget (a cohort worker sets it) also bounds the resampling threads
+
+        threads = torch.get_num_threads()
+        grid = to_model_grid(Scan(image, scan.affine), cfg.orientation, cfg.resolution_range, order=3, threads=threads)
+    with _timed(t, "predict"):
+        # 'linear' stops on nnU-Net's own grid when the scan was resampled: one interpolation to the input grid
+        resampled = not same_grid(*reoriented_grid(scan.shape, scan.affine, cfg.orientation), grid.shape, grid.affine)
+        labels, probabilities, label_affine = _network_output(model, grid, restore == "linear" and resampled,
+                                                              folds=folds, step_size=step_size, mirroring=mirroring,
+                                                              amp=amp)
+    if not labels.any():
+        warnings.warn("predict_semantic: the model found no spine in this scan (empty mask)", stacklevel=2)
+    # the probabilities' per-label argmax, when no two channels share a label (clean_semantic returns a copy)
+    network_labels = labels if len(np.unique(model.lut)) == len(model.lut) else None
+    if clean:
+        with _timed(t, "clean"):
+            labels = clean_semantic(labels, Scan(labels, label_affine).spacing,
+                                    inferior_axis=_inferior_axis(cfg.orientation), threads=threads)
+    with _timed(t, "restore"):
+        out = _on_input_grid(labels, probabilities, label_affine, grid, scan, model, network_labels, threads)
+        del probabilities
+    t["total"] = time.perf_counter() - t0
+    if timings is not None:
+        timings.update(t)
+    return Scan(out.array.astype(np.uint8, copy=False), scan.affine.copy(), scan.path)
+
+
+@contextmanager
+def _timed(t: dict[str, float], step: str) -> Iterator[None]:
+    """Seconds the block takes, as ``t[step]`` (not when it raises)."""
+    tic = time.perf_counter()
+    yield
+    t[step] = time.perf_counter() - tic
+
+
+def _semantic_model(model, device: str | None):
+    """``model`` when it is a :class:`~spineps_like.models.SemanticModel` (on ``device``, when one is named), or the
+    model that a name or folder names, loaded on ``device`` (default 'cpu')."""
     from spineps_like.models import ModelFolder, SemanticModel, load_semantic_model
 
     if isinstance(model, (str, os.PathLike, ModelFolder)):
-        model = load_semantic_model(model, device=device or "cpu")
-        t["load"] = time.perf_counter() - t0
-    elif not isinstance(model, SemanticModel):
+        return load_semantic_model(model, device=device or "cpu")
+    if not isinstance(model, SemanticModel):
         raise ValueError(f"model must be a SemanticModel, a model name or a folder, got {type(model).__name__}")
-    elif device is not None and str(device).split(":")[0] != model.nnunet.device.type:
+    if device is not None and str(device).split(":")[0] != model.nnunet.device.type:
         raise ValueError(f"model {model.name!r} is loaded on {model.nnunet.device}, not {device}; load it with device=")
+    return model
+
+
+def _checked_image(scan: Scan, restore: str) -> np.ndarray:
+    """The scan's array, refused unless it is a non-empty finite 3D image (and ``restore`` a known way back)."""
     arr = np.asarray(scan.array)
     if arr.ndim != 3 or 0 in arr.shape:
         raise ValueError(f"predict_semantic: expected a non-empty 3D image, got shape {arr.shape}")
@@ -822,62 +878,33 @@ def predict_semantic(
         raise ValueError("predict_semantic: the image holds non-finite (NaN/inf) or non-numeric values")
     if restore not in ("linear", "nearest"):
         raise ValueError(f"predict_semantic: restore must be 'linear' or 'nearest', got {restore!r}")
-    cfg = model.config
+    return arr
 
-    tic = time.perf_counter()
-    image = arr.astype(np.float32, copy=False)
-    do_norm = (not cfg.is_ct) if normalize is None else normalize
-    if do_norm:
-        image = normalize_intensity(image)
-    t["prepare"] = time.perf_counter() - tic
-    if n4:
-        tic = time.perf_counter()
-        image = n4_bias_correction(image, scan.spacing)
-        if do_norm:
-            image = normalize_intensity(image)
-        t["n4"] = time.perf_counter() - tic
 
-    tic = time.perf_counter()
-    import torch  # its CPU thread budget (a cohort worker sets it) also bounds the resampling threads
+def _normalized(image: np.ndarray, normalize: bool) -> np.ndarray:
+    """SPINEPS' MRI intensity normalisation when ``normalize``, else ``image`` itself."""
+    return normalize_intensity(image) if normalize else image
 
-    grid = to_model_grid(Scan(image, scan.affine), cfg.orientation, cfg.resolution_range, order=3,
-                         threads=torch.get_num_threads())
-    t["resample"] = time.perf_counter() - tic
 
-    tic = time.perf_counter()
-    resampled = not same_grid(*reoriented_grid(scan.shape, scan.affine, cfg.orientation), grid.shape, grid.affine)
-    kw = dict(folds=folds, step_size=step_size, mirroring=mirroring, amp=amp)
-    probabilities = None
-    if restore == "linear" and resampled:
-        # stop on nnU-Net's own grid: one interpolation (of the probabilities, below) straight to the input grid
-        labels, probabilities, label_affine = model.predict_network_grid(grid.array, grid.spacing, grid.affine, **kw)
-    else:
-        labels, label_affine = model.predict_labels(grid.array, grid.spacing, **kw), grid.affine
-    t["predict"] = time.perf_counter() - tic
-    if not labels.any():
-        warnings.warn("predict_semantic: the model found no spine in this scan (empty mask)", stacklevel=2)
+def _network_output(model, grid: Scan, on_network_grid: bool, **kw
+                    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """The network's labels, its probabilities and the labels' affine: on nnU-Net's own grid with the probabilities
+    when ``on_network_grid``, else on the model grid ``grid`` without them. ``kw``: folds, step size, mirroring,
+    amp."""
+    if on_network_grid:
+        return model.predict_network_grid(grid.array, grid.spacing, grid.affine, **kw)
+    return model.predict_labels(grid.array, grid.spacing, **kw), None, grid.affine
 
-    # the probabilities' per-label argmax, when no two channels share a label (clean_semantic returns a copy)
-    network_labels = labels if len(np.unique(model.lut)) == len(model.lut) else None
-    if clean:
-        tic = time.perf_counter()
-        labels = clean_semantic(labels, Scan(labels, label_affine).spacing,
-                                inferior_axis=_inferior_axis(cfg.orientation), threads=torch.get_num_threads())
-        t["clean"] = time.perf_counter() - tic
 
-    tic = time.perf_counter()
-    if probabilities is not None:
-        out = Scan(labels_from_probabilities(probabilities, model.lut, label_affine, scan, override=labels,
-                                             argmax=network_labels, threads=torch.get_num_threads(),
-                                             normalized=not model.nnunet.label_manager.has_regions), scan.affine)
-        del probabilities
-    else:
-        out = to_input_grid(Scan(labels, grid.affine), scan)
-    t["restore"] = time.perf_counter() - tic
-    t["total"] = time.perf_counter() - t0
-    if timings is not None:
-        timings.update(t)
-    return Scan(out.array.astype(np.uint8, copy=False), scan.affine.copy(), scan.path)
+def _on_input_grid(labels: np.ndarray, probabilities: np.ndarray | None, label_affine: np.ndarray, grid: Scan,
+                   scan: Scan, model, network_labels: np.ndarray | None, threads: int) -> Scan:
+    """The labels moved onto ``scan``'s grid: from the probabilities when there are any (the labels override them
+    where the clean-up changed the network's argmax ``network_labels``), else by nearest neighbour from ``grid``."""
+    if probabilities is None:
+        return to_input_grid(Scan(labels, grid.affine), scan)
+    return Scan(labels_from_probabilities(probabilities, model.lut, label_affine, scan, override=labels,
+                                          argmax=network_labels, threads=threads,
+                                          normalized=not model.nnunet.label_manager.has_regions), scan.affine)
 
 
 __all__ = [
