@@ -280,10 +280,12 @@ def _reconcile_corpora(ins: np.ndarray, s: np.ndarray, crumb_share: float = 0.2,
     order = np.lexsort((-counts, comp))
     first = np.r_[True, comp[order][1:] != comp[order][:-1]]
     owner_of = dict(zip(comp[order][first].tolist(), inst[order][first].tolist()))
-    owners = set(owner_of.values())
     # a crumb is small against one vertebral body: in a body over twice the median (bodies merged across discs and
     # split again upstream), a share of a median body's size is a vertebra's body, whatever its share of the whole
     typical = float(np.median(totals[np.unique(comp)]))
+    # owning a crumb of body is owning no body: else a vertebra of a merged column that also holds most of a stray
+    # 5-voxel fragment would hand its whole share of the column to the column's owner
+    owners = {w for c, w in owner_of.items() if totals[c] >= crumb_share * typical}
     ref = np.where(totals > merged_ratio * typical, typical, totals)
     moves: dict[tuple[int, int], int] = {}
     for c, v, n in zip(comp.tolist(), inst.tolist(), counts.tolist()):

@@ -299,3 +299,27 @@ def test_sacrum_endplate_names_the_sacrum_and_a_disc_below_it_names_nothing(monk
     s, i, rep = postprocess(sem, bad, sp)
     assert calls and not (i == 126).any() and set(np.unique(i.reshape(-1)[disc]).tolist()) <= {120, 121}
     _assert_invariants(s, i)
+
+
+def test_a_crumb_of_body_owns_no_body():
+    """Bodies merged across a lost disc stay two vertebrae when one of them also holds most of a stray crumb of body
+    elsewhere: owning a crumb is not owning a body (before, the crumb made it an 'owner' and its whole share of the
+    merged column went to the column's other vertebra: degraded-mask suite, bodies merged across 2-3 discs)."""
+    from spineps_like.postprocess import _reconcile_corpora
+
+    s = np.zeros((60, 16, 16), np.uint8)
+    ins = np.zeros(s.shape, np.int32)
+    s[2:12, 3:13, 3:13], ins[2:12, 3:13, 3:13] = 49, 18  # two ordinary bodies above
+    s[14:24, 3:13, 3:13], ins[14:24, 3:13, 3:13] = 49, 19
+    s[26:50, 3:13, 3:13] = 49  # L1 and L2 run together (their disc lost), L2 holding the larger share
+    ins[26:37, 3:13, 3:13], ins[37:50, 3:13, 3:13] = 20, 21
+    s[55:57, 1:3, 1:3], ins[55:57, 1:3, 1:3] = 49, 20  # an 8-voxel crumb of body that L1 holds
+    before = {v: int((ins == v).sum()) for v in (18, 19, 20, 21)}
+    _reconcile_corpora(ins, s)
+    assert {v: int((ins == v).sum()) for v in (18, 19, 20, 21)} == before
+    # a vertebra whose only body is its share of another's body is still absorbed when that share is a crumb
+    ins2 = ins.copy()
+    ins2[26:37, 3:13, 3:13] = 21
+    ins2[26:27, 3:5, 3:5] = 20  # 4 voxels of L1 inside L2's body
+    _reconcile_corpora(ins2, s)
+    assert int((ins2[26:50] == 20).sum()) == 0
