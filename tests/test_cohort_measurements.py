@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+from test_cohort_report import cohort_list
 
 from spineps_like.cli import main as cli_main
 from spineps_like.cohort import Manifest, ScanEntry
@@ -38,13 +39,7 @@ def cohort(tmp_path_factory) -> dict:
                              orientation="LPS", snapshot=False)
     corrupt = root / "broken_T2w.nii.gz"
     corrupt.write_bytes(b"this is not a NIfTI file")
-    lst = root / "list.csv"
-    with open(lst, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "semantic_mask"])
-        for p in images:
-            w.writerow([p, next((root / "ds" / "derivatives_gt" / p.parent.parent.name).glob("*_seg-spine_msk*"))])
-        w.writerow([corrupt, ""])
+    lst = cohort_list(root, images, corrupt)
     out = root / "out"
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):

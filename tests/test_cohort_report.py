@@ -215,6 +215,19 @@ def test_cohort_report_cli_errors_are_one_line(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------------ real cohort
+
+def cohort_list(root: Path, images: list[Path], corrupt: Path) -> Path:
+    """``root/list.csv`` for `cohort run`: each phantom image with its ground-truth semantic mask (written by
+    ``write_phantoms`` under ``root/ds/derivatives_gt``), then ``corrupt`` without one."""
+    lst = root / "list.csv"
+    with open(lst, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "semantic_mask"])
+        for p in images:
+            w.writerow([p, next((root / "ds" / "derivatives_gt" / p.parent.parent.name).glob("*_seg-spine_msk*"))])
+        w.writerow([corrupt, ""])
+    return lst
+
 @pytest.fixture(scope="module")
 def cohort_out(tmp_path_factory) -> dict:
     """`cohort run` on three phantoms (ground-truth semantic masks, geometric instances, QC pictures) and a corrupt
@@ -226,13 +239,7 @@ def cohort_out(tmp_path_factory) -> dict:
                             snapshot=False)
     corrupt = root / "broken_T2w.nii.gz"
     corrupt.write_bytes(b"this is not a NIfTI file")
-    lst = root / "list.csv"
-    with open(lst, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "semantic_mask"])
-        for p in images:
-            w.writerow([p, next((root / "ds" / "derivatives_gt" / p.parent.parent.name).glob("*_seg-spine_msk*"))])
-        w.writerow([corrupt, ""])
+    lst = cohort_list(root, images, corrupt)
     out = root / "out"
     rc = cli_main(["cohort", "run", str(lst), "--out", str(out), "--instance-method", "geometric", "-q"])
     assert rc == 1  # the corrupt scan failed
