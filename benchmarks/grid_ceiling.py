@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from accuracy import CASES, label_dice, panoptic  # noqa: E402
 
-from spineps_like.geometry import clamp_spacing, reorient, rescale, to_input_grid  # noqa: E402
+from spineps_like.geometry import to_input_grid, to_model_grid  # noqa: E402
 from spineps_like.io import Scan  # noqa: E402
 
 
@@ -40,13 +40,13 @@ def round_trip(semantic: Scan, in_plane_mm: tuple[float, float], how: str) -> Sc
     """``semantic`` taken to a PIR model grid of ``in_plane_mm`` (P, I; R kept within 2-4 mm) and back."""
     from spineps_like.semantic import labels_from_probabilities
 
-    pir = reorient(semantic, "PIR")
-    target = clamp_spacing(pir.spacing, [[in_plane_mm[0], in_plane_mm[1], 2.0], [in_plane_mm[0], in_plane_mm[1], 4.0]])
+    rr = [[in_plane_mm[0], in_plane_mm[1], 2.0], [in_plane_mm[0], in_plane_mm[1], 4.0]]
     if how == "nearest":
-        grid = rescale(pir, target, order=0)
+        grid = to_model_grid(semantic, "PIR", rr, order=0)
         return to_input_grid(Scan(grid.array.astype(np.int32), grid.affine), semantic)
-    labels = [0] + [int(v) for v in np.unique(pir.array) if v]
-    channels = [rescale(Scan((pir.array == v).astype(np.float32), pir.affine), target, order=1) for v in labels]
+    labels = [0] + [int(v) for v in np.unique(semantic.array) if v]
+    channels = [to_model_grid(Scan((semantic.array == v).astype(np.float32), semantic.affine), "PIR", rr, order=1)
+                for v in labels]
     probs = np.stack([c.array for c in channels])
     return Scan(labels_from_probabilities(probs, labels, channels[0].affine, semantic), semantic.affine)
 
