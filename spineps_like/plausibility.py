@@ -115,15 +115,20 @@ def result_flags(semantic: np.ndarray, instance: np.ndarray, spacing: Sequence[f
     return flags
 
 
+def _inferior_view(instance: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, float]:
+    """The mask viewed in PIR (axis 1 runs inferior) and the voxel size (mm) along that axis."""
+    from spineps_like.geometry import oriented_view, reoriented_grid
+
+    _, aff = reoriented_grid(instance.shape, affine, "PIR")
+    return oriented_view(instance, affine, "PIR"), float(np.linalg.norm(aff[:3, 1]))
+
+
 def _sacrum_alone(instance: np.ndarray, affine: np.ndarray) -> list[str]:
     """A sacrum with no vertebra above it, although the field of view reaches more than :data:`COLUMN_END_MIN_MM`
     above its top, where L5 (or L6) would be seen: pelvic bone painted as sacrum in an image without a spine."""
-    from spineps_like.geometry import oriented_view, reoriented_grid
-
-    ins = oriented_view(instance, affine, "PIR")  # axis 1 runs inferior
-    _, aff = reoriented_grid(instance.shape, affine, "PIR")
+    ins, sp_i = _inferior_view(instance, affine)
     rows = np.flatnonzero((ins == SACRUM_ID).any(axis=(0, 2)))
-    gap_mm = int(rows[0]) * float(np.linalg.norm(aff[:3, 1]))
+    gap_mm = int(rows[0]) * sp_i
     if gap_mm <= COLUMN_END_MIN_MM:
         return []
     return [f"a sacrum without any vertebra above it, although the field of view reaches {gap_mm:.0f} mm above it "
@@ -132,12 +137,9 @@ def _sacrum_alone(instance: np.ndarray, affine: np.ndarray) -> list[str]:
 
 def _column_end(instance: np.ndarray, affine: np.ndarray, vertebrae: list[int]) -> list[str]:
     """The column-end flag (see :data:`COLUMN_END_PITCHES`); empty when the lowest structure is near the bottom."""
-    from spineps_like.geometry import oriented_view, reoriented_grid
     from spineps_like.masks import nonzero_coords, unique_ints
 
-    ins = oriented_view(instance, affine, "PIR")  # axis 1 runs inferior
-    _, aff = reoriented_grid(instance.shape, affine, "PIR")
-    sp_i = float(np.linalg.norm(aff[:3, 1]))
+    ins, sp_i = _inferior_view(instance, affine)
     rows = np.flatnonzero(ins.any(axis=(0, 2)))
     if not len(rows):
         return []
